@@ -1,0 +1,236 @@
+"""The durable job queue: one job per received SOP Instance, with retry and dead-letter.
+
+States: ``pending`` -> ``running`` -> ``done``; a failed attempt goes back to ``pending`` with a delay until
+``max_attempts`` is reached, then to ``dead`` with a row in ``dead_letters``. A job left ``running`` by a
+process that died is put back to ``pending`` by :meth:`JobQueue.recover` at start-up; the attempt it was on
+counts, so an input that crashes the process cannot loop forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dermnode.db import connect
+from dermnode.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+JOB_STATES = ("pending", "running", "done", "dead")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    path: Path
+    calling_aet: str
+    attempts: int
+
+
+class JobQueue:
+    """SQLite-backed job queue. Thread-safe: each thread gets its own connection.
+
+    Parameters
+    ----------
+    db_path:
+        The state database file.
+    max_attempts:
+        Attempts before a job is dead-lettered.
+    retry_delay_s:
+        Base delay before a failed job is retried (doubles with each attempt).
+    """
+
+    def __init__(self, db_path: Path, max_attempts: int = 3, retry_delay_s: float = 5.0) -> None:
+        self.db_path = db_path
+        self.max_attempts = max_attempts
+        self.retry_delay_s = retry_delay_s
+        self._local = threading.local()
+        self._conn()  # create the schema now, fail early
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- producer side (the SCP) --------------------------------------------------------------------------
+    def contains(self, sop_instance_uid: str) -> bool:
+        row = self._conn().execute(
+            "SELECT 1 FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return row is not None
+
+    def enqueue(
+        self,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        path: Path,
+        *,
+        study_instance_uid: str = "",
+        calling_aet: str = "",
+        peer: str = "",
+    ) -> bool:
+        """Record a spooled instance as a pending job (durably committed on return).
+
+        Returns
+        -------
+        bool
+            ``True`` if a new job was created, ``False`` if the SOP Instance UID was already known.
+
+        Raises
+        ------
+        StorageError
+            When the job cannot be committed.
+        """
+        now = time.time()
+        try:
+            cur = self._conn().execute(
+                "INSERT OR IGNORE INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, path,"
+                " calling_aet, peer, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_instance_uid, sop_class_uid, study_instance_uid, str(path), calling_aet, peer, now, now),
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot record job for an instance: {exc}") from exc
+        return cur.rowcount == 1
+
+    # -- consumer side (the workers) ----------------------------------------------------------------------
+    def claim(self, owner: str) -> Job | None:
+        """Atomically take the oldest due pending job, mark it running and count the attempt."""
+        now = time.time()
+        try:
+            row = self._conn().execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?, updated_at = ?"
+                " WHERE id = (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY id LIMIT 1) RETURNING id, sop_instance_uid, sop_class_uid, study_instance_uid,"
+                " path, calling_aet, attempts",
+                (owner, now, now),
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            logger.warning("job claim failed, will retry: %s", exc)
+            return None
+        if row is None:
+            return None
+        return Job(
+            id=row["id"],
+            sop_instance_uid=row["sop_instance_uid"],
+            sop_class_uid=row["sop_class_uid"],
+            study_instance_uid=row["study_instance_uid"],
+            path=Path(row["path"]),
+            calling_aet=row["calling_aet"],
+            attempts=row["attempts"],
+        )
+
+    def complete(self, job: Job, outcome: str) -> None:
+        self._conn().execute(
+            "UPDATE jobs SET state = 'done', outcome = ?, last_error = NULL, owner = NULL, updated_at = ?"
+            " WHERE id = ?",
+            (outcome, time.time(), job.id),
+        )
+
+    def fail(self, job: Job, error: str, *, permanent: bool = False) -> bool:
+        """Record a failed attempt. Returns ``True`` when the job was dead-lettered."""
+        now = time.time()
+        conn = self._conn()
+        if permanent or job.attempts >= self.max_attempts:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "UPDATE jobs SET state = 'dead', last_error = ?, owner = NULL, updated_at = ? WHERE id = ?",
+                    (error, now, job.id),
+                )
+                conn.execute(
+                    "INSERT INTO dead_letters (kind, ref_id, sop_instance_uid, attempts, error, created_at)"
+                    " VALUES ('job', ?, ?, ?, ?, ?)",
+                    (job.id, job.sop_instance_uid, job.attempts, error, now),
+                )
+            return True
+        delay = self.retry_delay_s * 2 ** (job.attempts - 1)
+        conn.execute(
+            "UPDATE jobs SET state = 'pending', last_error = ?, owner = NULL, next_attempt_at = ?,"
+            " updated_at = ? WHERE id = ?",
+            (error, now + delay, now, job.id),
+        )
+        return False
+
+    def release(self, job: Job) -> None:
+        """Give a claimed job back untouched (shutdown before it ran); the attempt is not counted."""
+        self._conn().execute(
+            "UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), owner = NULL, updated_at = ?"
+            " WHERE id = ? AND state = 'running'",
+            (time.time(), job.id),
+        )
+
+    def recover(self) -> int:
+        """Put jobs left ``running`` by a dead process back to ``pending``; returns how many."""
+        cur = self._conn().execute(
+            "UPDATE jobs SET state = 'pending', owner = NULL, next_attempt_at = 0, updated_at = ?"
+            " WHERE state = 'running'",
+            (time.time(),),
+        )
+        if cur.rowcount:
+            logger.warning("re-queued %d job(s) interrupted by a previous shutdown or crash", cur.rowcount)
+        return cur.rowcount
+
+    def replay(self, job_id: int | None = None) -> int:
+        """Put dead-lettered jobs (one, or all) back into the queue with a fresh attempt count."""
+        conn = self._conn()
+        now = time.time()
+        where, args = ("AND id = ?", (job_id,)) if job_id is not None else ("", ())
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
+                f" WHERE state = 'dead' {where}",
+                (now, *args),
+            )
+            conn.execute(
+                "UPDATE dead_letters SET replayed_at = ? WHERE kind = 'job' AND replayed_at IS NULL"
+                + (" AND ref_id = ?" if job_id is not None else ""),
+                (now, *args),
+            )
+        return cur.rowcount
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Jobs by state plus ``failed`` (pending jobs that already failed at least once)."""
+        conn = self._conn()
+        out = dict.fromkeys(JOB_STATES, 0)
+        for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            out[row["state"]] = row["n"]
+        failed = conn.execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND last_error IS NOT NULL"
+        ).fetchone()[0]
+        out["failed"] = failed
+        out["dead_letter"] = out.pop("dead")
+        return out
+
+    def get(self, sop_instance_uid: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._conn().execute(
+            "SELECT * FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        ).fetchone()
+        return row
+
+    def dead_letters(self, kind: str | None = None) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM dead_letters"
+        args: tuple[str, ...] = ()
+        if kind:
+            sql += " WHERE kind = ?"
+            args = (kind,)
+        return list(self._conn().execute(sql + " ORDER BY id", args))
+
+    def known_paths(self) -> set[str]:
+        return {row[0] for row in self._conn().execute("SELECT path FROM jobs")}

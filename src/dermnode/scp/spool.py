@@ -1,0 +1,112 @@
+"""The durable spool: every received instance is written here, atomically, before it is acknowledged.
+
+A file is written to a temporary name in its final directory, flushed and ``fsync``-ed, renamed into place and
+the directory is ``fsync``-ed, so after a crash a spool file is either complete or absent. Files and folders are
+created owner-only (they hold PHI).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from dermnode.errors import InsufficientSpaceError, StorageError
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, directory fsync).
+
+    Raises
+    ------
+    StorageError
+        When any step fails; no partial file is left behind.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        if fsync:
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            logger.warning("could not remove temporary file %s", tmp)
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+class Spool:
+    """Durable storage of received DICOM files under ``<root>/spool``.
+
+    Parameters
+    ----------
+    root:
+        ``storage.root``.
+    min_free_mb:
+        Refuse new files when less than this much disk is free.
+    fsync:
+        Whether to fsync (always on in production; tests may turn it off for speed).
+    """
+
+    def __init__(self, root: Path, min_free_mb: int, *, fsync: bool = True) -> None:
+        self.directory = root / "spool"
+        self.min_free_mb = min_free_mb
+        self.fsync = fsync
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path_for(self, sop_instance_uid: str) -> Path:
+        """Deterministic spool path of an instance (two-level fan-out by hash)."""
+        digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
+        return self.directory / digest[:2] / f"{sop_instance_uid}.dcm"
+
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.directory).free / 1_048_576
+
+    def check_space(self) -> None:
+        """Raise :class:`InsufficientSpaceError` when free space is below the configured minimum."""
+        free = self.free_mb()
+        if free < self.min_free_mb:
+            raise InsufficientSpaceError(
+                f"free disk space {free:.0f} MB is below storage.min_free_mb={self.min_free_mb}"
+            )
+
+    def store(self, sop_instance_uid: str, encoded: bytes) -> Path:
+        """Durably store one encoded DICOM file (preamble, file meta and dataset).
+
+        Raises
+        ------
+        InsufficientSpaceError
+            When free disk space is below the minimum.
+        StorageError
+            When the file cannot be written.
+        """
+        self.check_space()
+        path = self.path_for(sop_instance_uid)
+        atomic_write(path, encoded, fsync=self.fsync)
+        return path
+
+    def files(self) -> Iterator[Path]:
+        """All complete spool files (temporary files excluded)."""
+        for path in self.directory.glob("*/*.dcm"):
+            if not path.name.startswith("."):
+                yield path

@@ -1,0 +1,336 @@
+"""Configuration: embedded defaults, an optional TOML file, and environment overrides.
+
+Settings are built once at start-up (:func:`load_settings`) and passed down explicitly; nothing in dermnode
+reads configuration at import time.
+
+Precedence (lowest to highest): the dataclass defaults below, the TOML file given by ``--config`` or
+``DERMNODE_CONFIG``, then environment variables ``DERMNODE_<SECTION>__<KEY>`` (e.g.
+``DERMNODE_SCP__PORT=11113``). Every value is type-checked and range-checked; an error names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dermnode.errors import ConfigError
+
+ENV_PREFIX = "DERMNODE_"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """DICOM TLS for the SCP or for an outgoing association."""
+
+    enabled: bool = False
+    certificate: str = ""  # PEM file of our certificate (server side) or client certificate
+    private_key: str = ""
+    ca_certificates: str = ""  # PEM bundle used to verify the peer
+    require_client_certificate: bool = False  # server side: mutual TLS
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    ae_title: str = "DERMNODE"
+    bind: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: tuple[str, ...] = ()  # empty: any calling AE title
+    max_associations: int = 10
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_pdu: int = 65536
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    root: str = "var"
+    min_free_mb: int = 500
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    count: int = 1
+    max_attempts: int = 3
+    retry_delay_s: float = 5.0
+    poll_interval_s: float = 0.5
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class DeviceCalibration:
+    """Pixel size of a dermoscope that does not write Pixel Spacing, keyed by Manufacturer + Model."""
+
+    manufacturer: str = ""
+    model: str = ""
+    pixel_spacing_mm: float = 0.0
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    models_dir: str = ""  # empty: the models/ folder shipped with dermnode
+    band_benign_below: float = 0.15
+    band_malignant_above: float = 0.85
+    hair_removal: str = "blackhat"  # "none" | "blackhat" | "multiscale"
+    clahe: bool = False
+    calibrations: tuple[DeviceCalibration, ...] = ()
+    torch_threads: int = 0  # 0: torch's default
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    manufacturer: str = "dermnode project"
+    institution_name: str = ""
+    seg_series_number: int = 9001
+    seg_series_description: str = "dermnode lesion segmentation"
+    sr_series_number: int = 9002
+    sr_series_description: str = "dermnode dermoscopy AI report"
+    fractional_seg: bool = False
+
+
+@dataclass(frozen=True)
+class PacsDestination:
+    name: str = "pacs"
+    ae_title: str = "ORTHANC"
+    host: str = "127.0.0.1"
+    port: int = 4242
+    calling_ae_title: str = ""  # empty: scp.ae_title
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    max_attempts: int = 8
+    backoff_initial_s: float = 5.0
+    backoff_max_s: float = 600.0
+    poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class FhirSettings:
+    base_url: str = ""  # empty: bundles are written as files under storage.root
+    version: str = "R4"  # "R4" | "R5"
+    bearer_token: str = ""
+    verify_tls: bool = True
+    ca_bundle: str = ""
+    timeout_s: float = 30.0
+    patient_identifier_system: str = ""  # used when Issuer of Patient ID is absent
+    preliminary_when_indeterminate: bool = True
+    include_overlay: bool = True
+    imaging_study_resource: bool = True  # False: reference the study by identifier only
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 8081
+
+
+@dataclass(frozen=True)
+class Settings:
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    workers: WorkerSettings = field(default_factory=WorkerSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    pacs: tuple[PacsDestination, ...] = ()
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    fhir: FhirSettings = field(default_factory=FhirSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+
+    @property
+    def storage_root(self) -> Path:
+        return Path(self.storage.root)
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "scp.port": (0, 65535),
+    "scp.max_associations": (1, 1000),
+    "scp.max_pdu": (0, 2**32 - 1),
+    "storage.min_free_mb": (0, 10**9),
+    "workers.count": (0, 64),
+    "workers.max_attempts": (1, 100),
+    "analysis.band_benign_below": (0.0, 1.0),
+    "analysis.band_malignant_above": (0.0, 1.0),
+    "pacs.port": (1, 65535),
+    "delivery.max_attempts": (1, 1000),
+    "http.port": (0, 65535),
+    "output.seg_series_number": (1, 2**31 - 1),
+    "output.sr_series_number": (1, 2**31 - 1),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "analysis.hair_removal": ("none", "blackhat", "multiscale"),
+    "fhir.version": ("R4", "R5"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise :class:`ConfigError` naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported setting type {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown setting {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "DERMNODE_CONFIG":
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another override")
+        node[path[-1]] = value
+    return tree
+
+
+def _validate(settings: Settings) -> None:
+    flat: dict[str, Any] = {}
+    for section in dataclasses.fields(settings):
+        value = getattr(settings, section.name)
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if dataclasses.is_dataclass(item):
+                for f in dataclasses.fields(item):
+                    flat.setdefault(f"{section.name}.{f.name}", []).append(getattr(item, f.name))
+    for key, (lo, hi) in _RANGES.items():
+        for v in flat.get(key, []):
+            if not lo <= v <= hi:
+                raise ConfigError(f"{key}: {v} is outside [{lo}, {hi}]")
+    for key, choices in _CHOICES.items():
+        for v in flat.get(key, []):
+            if v not in choices:
+                raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
+    aets = [settings.scp.ae_title, *settings.scp.allowed_calling_aets, *(p.ae_title for p in settings.pacs)]
+    for aet in aets:
+        if not aet or len(aet) > 16 or "\\" in aet or not aet.isprintable():
+            raise ConfigError(f"AE title {aet!r} is invalid (1-16 printable characters, no backslash)")
+    a = settings.analysis
+    if a.band_benign_below > a.band_malignant_above:
+        raise ConfigError("analysis.band_benign_below must not exceed analysis.band_malignant_above")
+    tls = settings.scp.tls
+    if tls.enabled and not (tls.certificate and tls.private_key):
+        raise ConfigError("scp.tls.enabled needs scp.tls.certificate and scp.tls.private_key")
+    if tls.require_client_certificate and not tls.ca_certificates:
+        raise ConfigError("scp.tls.require_client_certificate needs scp.tls.ca_certificates")
+    if settings.fhir.base_url and not settings.fhir.base_url.startswith(("http://", "https://")):
+        raise ConfigError("fhir.base_url must start with http:// or https://")
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from defaults, an optional TOML file and the environment.
+
+    Parameters
+    ----------
+    path:
+        TOML file; when ``None``, ``DERMNODE_CONFIG`` is used if set, else only the defaults apply.
+    environ:
+        Environment to read overrides from (default: ``os.environ``).
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+
+    Raises
+    ------
+    ConfigError
+        When the file cannot be read or parsed, or a key is unknown, mistyped or out of range.
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path is None and env.get("DERMNODE_CONFIG"):
+        path = env["DERMNODE_CONFIG"]
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    data = _merge(data, _env_overrides(env))
+    settings: Settings = _build(Settings, data, "")
+    _validate(settings)
+    return settings
+
+
