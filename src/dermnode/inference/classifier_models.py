@@ -1,0 +1,478 @@
+"""Lesion classifier: architecture, the shared crop/pre-processing, and the model bundle (save/load).
+
+Architecture ``dermnet-s`` (default): a small MobileNet-like CNN trained from scratch.
+
+* stem: 3x3 conv stride 2 -> BN -> SiLU
+* stages of depthwise-separable residual blocks (3x3 depthwise conv -> BN -> SiLU -> 1x1 pointwise conv -> BN
+  [-> SiLU]); a block with stride 2 or a channel change has no identity shortcut
+* global average pooling -> dropout -> two linear heads: ``melanoma`` (1 logit) and ``diagnosis``
+  (9 logits over :data:`DIAGNOSIS_CLASSES`).
+
+Pre-processing (identical at training and inference time, see :func:`lesion_crop_box`, :func:`warp_crop` and
+:func:`preprocess_crop`):
+
+1. crop box = bounding box of the lesion mask, enlarged by ``margin`` (20%) of its size on every side, then
+   squared around its centre (side = the longer side); pixels outside the image are reflected; an empty or
+   missing mask gives the largest centred square of the image;
+2. resize to ``input_size`` (area interpolation when shrinking, linear when enlarging);
+3. Shades-of-Gray colour constancy (Minkowski p = 6): every channel is scaled so that its p-norm mean equals
+   the grey value, which removes most device/illumination colour casts;
+4. scale to [0, 1] and normalise with fixed mean/std (:data:`MEAN`, :data:`STD`).
+
+Model bundle: stored with the project's generic registry (:mod:`dermnode.inference.registry`):
+``<models_dir>/classifier.pt`` (float16 ``state_dict``) and ``<models_dir>/classifier.json`` (manifest: name,
+version, ``arch = "dermnet"`` with ``arch_kwargs.variant``, input_size, normalisation, sha256 of the ``.pt`` file;
+``extra`` holds the temperatures, the class list, the crop margin and validation metrics).
+:func:`load_classifier` verifies the sha256 before loading and raises :class:`~dermnode.errors.ModelError` when a
+file is missing, corrupt or inconsistent.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from dermnode.errors import ModelError
+from dermnode.inference.registry import load_model_bundle, register_architecture, save_model_bundle
+from dermnode.inference.types import ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+DIAGNOSIS_CLASSES: tuple[str, ...] = ("AK", "BCC", "DF", "MEL", "NV", "BKL", "SK", "SCC", "VASC")
+MEAN = np.array([0.60, 0.50, 0.45], dtype=np.float32)
+STD = np.array([0.20, 0.20, 0.20], dtype=np.float32)
+DEFAULT_MARGIN = 0.2
+
+# arch name -> (stem channels, [(out_channels, stride, repeats), ...])
+ARCHS: dict[str, tuple[int, list[tuple[int, int, int]]]] = {
+    "dermnet-xs": (16, [(24, 2, 1), (48, 2, 2), (96, 2, 2), (160, 2, 2)]),
+    "dermnet-s": (24, [(32, 2, 1), (64, 2, 2), (128, 2, 3), (192, 2, 2)]),
+    "dermnet-m": (32, [(48, 2, 2), (96, 2, 3), (160, 2, 3), (256, 2, 2)]),
+}
+
+
+class _DSBlock(nn.Module):
+    """Depthwise-separable residual block."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.SiLU(inplace=True)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn1(self.dw(x)))
+        y = self.bn2(self.pw(y))
+        if self.residual:
+            y = y + x
+        return self.act(y)
+
+
+class DermNet(nn.Module):
+    """Small two-headed dermoscopy classifier.
+
+    Parameters
+    ----------
+    arch : str
+        One of :data:`ARCHS`.
+    n_classes : int
+        Number of diagnosis classes.
+    dropout : float
+        Dropout before the heads.
+
+    Raises
+    ------
+    ValueError
+        When ``arch`` is unknown.
+    """
+
+    def __init__(self, arch: str = "dermnet-s", n_classes: int = len(DIAGNOSIS_CLASSES), dropout: float = 0.2) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"unknown classifier architecture {arch!r} (known: {', '.join(ARCHS)})")
+        stem, stages = ARCHS[arch]
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, stem, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.SiLU(inplace=True),
+        ]
+        cin = stem
+        for cout, stride, repeats in stages:
+            for r in range(repeats):
+                layers.append(_DSBlock(cin, cout, stride if r == 0 else 1))
+                cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.melanoma_head = nn.Linear(cin, 1)
+        self.diagnosis_head = nn.Linear(cin, n_classes)
+        self.n_features = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(melanoma_logit (N,), diagnosis_logits (N, K))``."""
+        f = self.dropout(torch.flatten(self.pool(self.features(x)), 1))
+        return self.melanoma_head(f).squeeze(1), self.diagnosis_head(f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pre-processing shared by training and inference
+
+
+def lesion_crop_box(
+    mask: npt.NDArray[np.bool_] | None, shape: tuple[int, int], margin: float = DEFAULT_MARGIN
+) -> tuple[float, float, float]:
+    """Square crop box around the lesion.
+
+    Parameters
+    ----------
+    mask : ndarray or None
+        Boolean lesion mask (H, W); ``None`` or empty gives the largest centred square.
+    shape : tuple of int
+        ``(H, W)`` of the image.
+    margin : float
+        Fraction of the bounding-box size added on every side.
+
+    Returns
+    -------
+    tuple of float
+        ``(centre_x, centre_y, side)`` in pixels.
+    """
+    h, w = shape
+    if mask is None or not mask.any():
+        return (w - 1) / 2.0, (h - 1) / 2.0, float(min(h, w))
+    ys, xs = np.nonzero(mask)
+    y0, y1 = float(ys.min()), float(ys.max() + 1)
+    x0, x1 = float(xs.min()), float(xs.max() + 1)
+    side = max(y1 - y0, x1 - x0) * (1.0 + 2.0 * margin)
+    side = max(side, 8.0)
+    return (x0 + x1) / 2.0 - 0.5, (y0 + y1) / 2.0 - 0.5, side
+
+
+def warp_crop(
+    rgb: npt.NDArray[np.uint8],
+    box: tuple[float, float, float],
+    out_size: int,
+    *,
+    angle_deg: float = 0.0,
+    scale_x: float = 1.0,
+    scale_y: float = 1.0,
+) -> npt.NDArray[np.uint8]:
+    """Extract the (optionally rotated / anisotropically scaled) square ``box`` resized to ``out_size``.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    box : tuple of float
+        ``(centre_x, centre_y, side)`` from :func:`lesion_crop_box`.
+    out_size : int
+        Output side in pixels.
+    angle_deg : float
+        Rotation of the sampling grid (augmentation only).
+    scale_x, scale_y : float
+        Extra zoom along the output axes (augmentation only; > 1 zooms in).
+
+    Returns
+    -------
+    ndarray
+        uint8 crop (out_size, out_size, 3); outside pixels are reflected.
+    """
+    cx, cy, side = box
+    s = out_size / side
+    if angle_deg == 0.0 and scale_x == 1.0 and scale_y == 1.0:
+        # plain crop + resize (area interpolation when shrinking gives an anti-aliased crop)
+        half = side / 2.0
+        x0 = int(np.floor(cx + 0.5 - half))
+        y0 = int(np.floor(cy + 0.5 - half))
+        n = round(side)
+        h, w = rgb.shape[:2]
+        pad_l, pad_t = max(0, -x0), max(0, -y0)
+        pad_r, pad_b = max(0, x0 + n - w), max(0, y0 + n - h)
+        if pad_l or pad_t or pad_r or pad_b:
+            big = max(pad_l, pad_t, pad_r, pad_b)
+            if big >= min(h, w):
+                src = cv2.copyMakeBorder(rgb, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE)
+            else:
+                src = cv2.copyMakeBorder(rgb, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REFLECT_101)
+            region = src[y0 + pad_t : y0 + pad_t + n, x0 + pad_l : x0 + pad_l + n]
+        else:
+            region = rgb[y0 : y0 + n, x0 : x0 + n]
+        interp = cv2.INTER_AREA if n > out_size else cv2.INTER_LINEAR
+        return np.ascontiguousarray(cv2.resize(region, (out_size, out_size), interpolation=interp))
+    a = np.deg2rad(angle_deg)
+    cos, sin = np.cos(a), np.sin(a)
+    # output -> source: p_src = c + R @ diag(1/(s*sx), 1/(s*sy)) @ (p_out - o)
+    o = (out_size - 1) / 2.0
+    m_inv = np.array([[cos, -sin], [sin, cos]]) @ np.diag([1.0 / (s * scale_x), 1.0 / (s * scale_y)])
+    t = np.array([cx, cy]) - m_inv @ np.array([o, o])
+    m = np.hstack([m_inv, t[:, None]]).astype(np.float64)
+    if s * min(scale_x, scale_y) < 0.5:
+        # strong shrink: pre-blur to limit aliasing
+        k = int(2 * round(0.5 / (s * min(scale_x, scale_y))) + 1)
+        rgb = np.asarray(cv2.GaussianBlur(rgb, (k, k), 0), dtype=np.uint8)
+    out = cv2.warpAffine(
+        rgb,
+        m,
+        (out_size, out_size),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+    return np.ascontiguousarray(out)
+
+
+def shades_of_gray(rgb: npt.NDArray[np.uint8], p: float = 6.0) -> npt.NDArray[np.float32]:
+    """Shades-of-Gray colour constancy.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    p : float
+        Minkowski norm order.
+
+    Returns
+    -------
+    ndarray
+        float32 image in [0, 1] with the illuminant estimate mapped to grey.
+    """
+    x = rgb.astype(np.float32) / 255.0
+    illum = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p) + 1e-6
+    gain = illum.mean() / illum
+    gain = np.clip(gain, 0.5, 2.0)
+    return np.clip(x * gain[None, None, :], 0.0, 1.0).astype(np.float32)
+
+
+def preprocess_crop(crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Colour-normalise a crop and return the CHW float32 network input.
+
+    Parameters
+    ----------
+    crop : ndarray
+        uint8 crop (S, S, 3).
+
+    Returns
+    -------
+    ndarray
+        float32 (3, S, S).
+    """
+    x = shades_of_gray(crop)
+    x = (x - MEAN) / STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bundle (stored with the project's generic model registry, see dermnode.inference.registry)
+
+
+@register_architecture("dermnet")
+def build_dermnet(variant: str = "dermnet-s", n_classes: int = len(DIAGNOSIS_CLASSES)) -> DermNet:
+    """Registry constructor of :class:`DermNet`.
+
+    Parameters
+    ----------
+    variant : str
+        One of :data:`ARCHS`.
+    n_classes : int
+        Number of diagnosis classes.
+
+    Returns
+    -------
+    DermNet
+        A freshly initialised network.
+
+    Raises
+    ------
+    ValueError
+        When ``variant`` is unknown.
+    """
+    return DermNet(variant, n_classes=n_classes)
+
+
+@dataclass
+class ClassifierBundle:
+    """A loaded classifier and its calibration/pre-processing parameters."""
+
+    model: DermNet
+    identity: ModelIdentity
+    input_size: int
+    margin: float
+    temperature_melanoma: float
+    temperature_diagnosis: float
+    classes: tuple[str, ...] = field(default=DIAGNOSIS_CLASSES)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_classifier(
+    model: DermNet,
+    models_dir: Path,
+    *,
+    variant: str,
+    input_size: int,
+    temperatures: tuple[float, float],
+    version: str,
+    extra: dict[str, Any] | None = None,
+    name: str = "classifier",
+) -> Path:
+    """Write ``<name>.pt`` (float16 state_dict) and ``<name>.json`` (manifest with sha256).
+
+    Parameters
+    ----------
+    model : DermNet
+        Trained model.
+    models_dir : Path
+        Output folder (created).
+    variant : str
+        Architecture variant (``dermnet-s`` ...).
+    input_size : int
+        Input crop side.
+    temperatures : tuple of float
+        ``(melanoma, diagnosis)`` temperatures.
+    version : str
+        Model version.
+    extra : dict, optional
+        Further manifest values (validation metrics ...), stored under ``extra``.
+    name : str
+        Bundle name.
+
+    Returns
+    -------
+    Path
+        The manifest path.
+
+    Raises
+    ------
+    ModelError
+        When the files cannot be written.
+    """
+    ex: dict[str, Any] = dict(extra or {})
+    ex.update(
+        {
+            "temperatures": {"melanoma": float(temperatures[0]), "diagnosis": float(temperatures[1])},
+            "classes": list(DIAGNOSIS_CLASSES),
+            "margin": DEFAULT_MARGIN,
+            "colour_constancy": "shades_of_gray_p6",
+            "tta": "mean logits over 4 flips",
+        }
+    )
+    save_model_bundle(
+        model,
+        Path(models_dir),
+        name=name,
+        version=version,
+        arch="dermnet",
+        arch_kwargs={"variant": variant, "n_classes": len(DIAGNOSIS_CLASSES)},
+        input_size=(input_size, input_size),
+        mean=(float(MEAN[0]), float(MEAN[1]), float(MEAN[2])),
+        std=(float(STD[0]), float(STD[1]), float(STD[2])),
+        extra=ex,
+        arch_module="dermnode.inference.classifier_models",
+    )
+    return Path(models_dir) / f"{name}.json"
+
+
+def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBundle:
+    """Load and verify the classifier bundle ``<models_dir>/<name>.{pt,json}``.
+
+    Parameters
+    ----------
+    models_dir : Path
+        Folder holding the bundle.
+    name : str
+        Bundle name.
+
+    Returns
+    -------
+    ClassifierBundle
+        The model in eval mode (float32) with its calibration parameters.
+
+    Raises
+    ------
+    ModelError
+        When a file is missing, the manifest is invalid, the sha256 does not match, or the weights do not
+        fit the declared architecture.
+    """
+    bundle = load_model_bundle(Path(models_dir), name)
+    if not isinstance(bundle.module, DermNet):
+        raise ModelError(f"model {name} is a {type(bundle.module).__name__}, not a DermNet classifier")
+    ex = bundle.manifest.extra
+    try:
+        temps = ex.get("temperatures", {})
+        t_mel = float(temps.get("melanoma", 1.0))
+        t_diag = float(temps.get("diagnosis", 1.0))
+        classes = tuple(str(c) for c in ex.get("classes", DIAGNOSIS_CLASSES))
+        margin = float(ex.get("margin", DEFAULT_MARGIN))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"classifier manifest of {name} has invalid calibration values: {exc}") from exc
+    if not (t_mel > 0 and t_diag > 0):
+        raise ModelError(f"classifier {name}: temperatures must be positive")
+    if len(classes) != bundle.module.diagnosis_head.out_features:
+        raise ModelError(f"classifier {name}: {len(classes)} classes but the head has a different size")
+    h, w = bundle.manifest.input_size
+    if h != w:
+        raise ModelError(f"classifier {name}: input_size must be square, got {h}x{w}")
+    return ClassifierBundle(
+        model=bundle.module,
+        identity=bundle.identity,
+        input_size=int(h),
+        margin=margin,
+        temperature_melanoma=t_mel,
+        temperature_diagnosis=t_diag,
+        classes=classes,
+        extra=dict(ex),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference helpers shared by training (calibration), evaluation and the Classifier
+
+
+def predict_logits(
+    model: DermNet, batch: npt.NDArray[np.float32], *, tta: bool = True
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Raw (uncalibrated) logits for a batch of pre-processed crops.
+
+    With ``tta`` the logits are averaged over the four flips (identity, horizontal, vertical, both).
+
+    Parameters
+    ----------
+    model : DermNet
+        Model in eval mode.
+    batch : ndarray
+        float32 (N, 3, S, S) from :func:`preprocess_crop`.
+    tta : bool
+        Average over flips.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(melanoma_logits (N,), diagnosis_logits (N, K))`` as float64.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(batch))
+    views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
+    mel = torch.zeros(x.shape[0])
+    diag: torch.Tensor | None = None
+    with torch.inference_mode():
+        for v in views:
+            m, d = model(v)
+            mel = mel + m
+            diag = d if diag is None else diag + d
+    assert diag is not None
+    n = float(len(views))
+    return (mel / n).double().numpy(), (diag / n).double().numpy()

@@ -1,0 +1,755 @@
+"""Training of the two-headed lesion classifier (melanoma logit + 9-class diagnosis).
+
+Data (``data_dirs`` may name the shared data root or the dataset folders themselves):
+
+* ``isic2017`` — official train split for training, official val split (150 images, 30 melanomas) for model
+  selection (melanoma AUC) and the melanoma temperature. Images were stretched to 256x256 upstream; they are
+  resized back to their original aspect ratio (``orig_width``/``orig_height``) before anything else, so the
+  network never sees stretched lesions. Melanoma label = ``melanoma_isic2017``; diagnosis = ``MEL`` for
+  melanomas, ``diagnosis_isic2019`` where present, else unknown (masked). Input crop = ground-truth mask
+  bounding box + 20% margin, squared (:func:`~dermnode.inference.classifier_models.lesion_crop_box`).
+* ``isic-9class`` — label cleaning: a row flagged ``duplicate_id_in_other_folder`` or ``conflicts_isic2019`` keeps
+  its ``diagnosis_isic2019`` label when ISIC 2019 has one and is dropped otherwise; rows are deduplicated by
+  ISIC id; ids that are also in ``isic2017`` are dropped here (their clean diagnosis is copied to the isic2017
+  row when that row has none). The ``train`` rows are split (seeded, stratified by class) into 85% training and
+  15% ``val`` (diagnosis temperature, 9-class validation); ``test`` rows are kept for evaluation only.
+  Melanoma label = (diagnosis == MEL). The whole (lesion-centred) image is the input crop.
+
+Recipe: AdamW, cosine learning rate with warm-up, EMA of the weights (evaluated and exported), masked losses
+(binary cross-entropy on the melanoma logit with ``pos_weight = sqrt(n_neg / n_pos)``; cross-entropy with
+label smoothing 0.05 and class weights ``~ 1 / sqrt(frequency)`` on the diagnosis logits, weight 0.5),
+augmentations (crop-box scale/shift jitter, rotation, aspect jitter, flips, brightness/contrast/saturation/
+gamma/channel-gain jitter, blur/sharpen, down-up sampling). Temperature scaling of both heads on the
+validation logits (with the same flip test-time augmentation as inference); ECE (10 bins) before/after is
+stored in ``history.json`` and the manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from dermnode.errors import PipelineError
+from dermnode.inference.classifier_models import (
+    DIAGNOSIS_CLASSES,
+    DermNet,
+    lesion_crop_box,
+    predict_logits,
+    preprocess_crop,
+    save_classifier,
+    warp_crop,
+)
+from dermnode.inference.cls_metrics import (
+    balanced_accuracy,
+    expected_calibration_error,
+    fit_temperature,
+    roc_auc,
+)
+
+logger = logging.getLogger(__name__)
+
+CLASS_INDEX = {c: i for i, c in enumerate(DIAGNOSIS_CLASSES)}
+NINE_CLASS_VAL_FRACTION = 0.15
+
+
+@dataclass
+class Sample:
+    """One training/evaluation image held in memory."""
+
+    image_id: str
+    source: str  # "isic2017" | "isic-9class"
+    split: str  # "train" | "val" | "test"
+    rgb: npt.NDArray[np.uint8]
+    box: tuple[float, float, float]
+    melanoma: int  # 1, 0 or -1 (unknown)
+    diagnosis: int  # class index or -1 (unknown)
+    whole_image: bool
+
+
+def _find_dataset(data_dirs: list[Path], name: str) -> Path | None:
+    for d in data_dirs:
+        d = Path(d)
+        if d.name == name and (d / "labels.csv").is_file():
+            return d
+        if (d / name / "labels.csv").is_file():
+            return d / name
+    return None
+
+
+def _read_rgb(path: Path) -> npt.NDArray[np.uint8]:
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise PipelineError(f"cannot read image {path}")
+    return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+
+def unstretch(
+    rgb: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_] | None, orig_w: int, orig_h: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_] | None]:
+    """Resize an aspect-stretched image (and mask) back to the original aspect ratio (enlarging one side).
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 (H, W, 3) stretched image.
+    mask : ndarray or None
+        Boolean mask of the same size.
+    orig_w, orig_h : int
+        Original image size.
+
+    Returns
+    -------
+    tuple
+        ``(rgb, mask)`` with ``W / H == orig_w / orig_h`` (to the pixel).
+    """
+    h, w = rgb.shape[:2]
+    if orig_w <= 0 or orig_h <= 0:
+        return rgb, mask
+    ratio = orig_w / orig_h
+    if abs(ratio - w / h) < 0.02:
+        return rgb, mask
+    if ratio > w / h:
+        nw, nh = round(h * ratio), h
+    else:
+        nw, nh = w, round(w / ratio)
+    out = np.asarray(cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    m = None
+    if mask is not None:
+        m = cv2.resize(mask.astype(np.uint8) * 255, (nw, nh), interpolation=cv2.INTER_LINEAR) >= 128
+    return out, m
+
+
+def _clean_nine_class(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    """ISIC id -> row with a clean ``label`` key (see module docstring)."""
+    out: dict[str, dict[str, str]] = {}
+    for r in rows:
+        noisy = r.get("duplicate_id_in_other_folder") == "1" or r.get("conflicts_isic2019") == "1"
+        label = r["diagnosis"]
+        if noisy:
+            label = r.get("diagnosis_isic2019", "")
+        if label not in CLASS_INDEX:
+            continue
+        iid = r.get("isic_id") or r["image_id"].split("__")[0]
+        if iid in out:
+            if out[iid]["label"] != label:
+                # two different clean labels for one id: unreliable, drop both
+                out[iid]["label"] = "?"
+            continue
+        out[iid] = {**r, "label": label}
+    return {k: v for k, v in out.items() if v["label"] in CLASS_INDEX}
+
+
+def load_samples(data_dirs: list[Path], *, seed: int = 0, splits: tuple[str, ...] | None = None) -> list[Sample]:
+    """Load, clean and split the classification data (see the module docstring).
+
+    Parameters
+    ----------
+    data_dirs : list of Path
+        Data root(s) or dataset folders.
+    seed : int
+        Seed of the isic-9class train/val split.
+    splits : tuple of str, optional
+        Keep only these splits (``train``, ``val``, ``test``).
+
+    Returns
+    -------
+    list of Sample
+        Samples with their crop boxes.
+
+    Raises
+    ------
+    PipelineError
+        When no dataset is found or an image cannot be read.
+    """
+    d17 = _find_dataset(data_dirs, "isic2017")
+    d9 = _find_dataset(data_dirs, "isic-9class")
+    if d17 is None and d9 is None:
+        raise PipelineError(f"no isic2017 or isic-9class dataset under {', '.join(map(str, data_dirs))}")
+    samples: list[Sample] = []
+    rows17: list[dict[str, str]] = []
+    if d17 is not None:
+        with open(d17 / "labels.csv", newline="") as fh:
+            rows17 = list(csv.DictReader(fh))
+    ids17 = {r["image_id"] for r in rows17}
+    clean9: dict[str, dict[str, str]] = {}
+    if d9 is not None:
+        with open(d9 / "labels.csv", newline="") as fh:
+            clean9 = _clean_nine_class(list(csv.DictReader(fh)))
+    for r in rows17:
+        assert d17 is not None
+        split = r["split"]
+        if splits is not None and split not in splits:
+            continue
+        mel = int(r["melanoma_isic2017"])
+        diag_code = "MEL" if mel == 1 else r.get("diagnosis_isic2019", "")
+        if not diag_code and r["image_id"] in clean9:
+            diag_code = clean9[r["image_id"]]["label"]
+        if mel == 0 and diag_code == "MEL":
+            diag_code = ""  # contradictory labels: keep the melanoma label only
+        diag = CLASS_INDEX.get(diag_code, -1)
+        rgb = _read_rgb(d17 / "images" / f"{r['image_id']}.jpg")
+        mpath = d17 / "masks" / f"{r['image_id']}.png"
+        mask = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise PipelineError(f"cannot read mask {mpath}")
+        rgb, m = unstretch(rgb, mask >= 128, int(r["orig_width"] or 0), int(r["orig_height"] or 0))
+        box = lesion_crop_box(m, rgb.shape[:2])
+        samples.append(Sample(r["image_id"], "isic2017", split, rgb, box, mel, diag, False))
+    if d9 is not None:
+        rng = random.Random(seed)
+        by_class: dict[str, list[str]] = {}
+        for iid, r in sorted(clean9.items()):
+            if r["split"] == "train" and iid not in ids17:
+                by_class.setdefault(r["label"], []).append(iid)
+        val_ids: set[str] = set()
+        for ids in by_class.values():
+            rng.shuffle(ids)
+            val_ids.update(ids[: max(1, round(len(ids) * NINE_CLASS_VAL_FRACTION))])
+        for iid, r in sorted(clean9.items()):
+            if iid in ids17:
+                continue  # same image as an isic2017 row (train): avoid duplicates and leakage
+            split = "test" if r["split"] == "test" else ("val" if iid in val_ids else "train")
+            if splits is not None and split not in splits:
+                continue
+            assert d9 is not None
+            rgb = _read_rgb(d9 / "images" / f"{r['image_id']}.jpg")
+            diag = CLASS_INDEX[r["label"]]
+            box = lesion_crop_box(None, rgb.shape[:2])
+            samples.append(Sample(iid, "isic-9class", split, rgb, box, int(r["label"] == "MEL"), diag, True))
+    logger.info("loaded %d classification samples", len(samples))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# augmentation
+
+
+def augment_crop(sample: Sample, size: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    """Random training crop of ``sample`` (geometry only).
+
+    Parameters
+    ----------
+    sample : Sample
+        The sample.
+    size : int
+        Output side.
+    rng : numpy.random.Generator
+        Random source.
+
+    Returns
+    -------
+    ndarray
+        uint8 (size, size, 3).
+    """
+    cx, cy, side = sample.box
+    if sample.whole_image:
+        side *= float(np.exp(rng.uniform(np.log(0.75), np.log(1.1))))
+    else:
+        side *= float(np.exp(rng.uniform(np.log(0.8), np.log(1.35))))
+    cx += rng.uniform(-0.08, 0.08) * side
+    cy += rng.uniform(-0.08, 0.08) * side
+    a = float(np.exp(rng.uniform(-0.15, 0.15)))
+    crop = warp_crop(
+        sample.rgb, (cx, cy, side), size, angle_deg=float(rng.uniform(-180, 180)), scale_x=a, scale_y=1.0 / a
+    )
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    r = rng.random()
+    if r < 0.15:
+        crop = np.asarray(cv2.GaussianBlur(crop, (0, 0), float(rng.uniform(0.5, 1.3))), dtype=np.uint8)
+    elif r < 0.3:
+        blur = cv2.GaussianBlur(crop, (0, 0), 1.0)
+        crop = np.asarray(cv2.addWeighted(crop, 1.6, blur, -0.6, 0), dtype=np.uint8)
+    elif r < 0.45:
+        f = float(rng.uniform(0.4, 0.8))
+        small = cv2.resize(crop, (max(8, int(size * f)),) * 2, interpolation=cv2.INTER_AREA)
+        crop = np.asarray(cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    return np.ascontiguousarray(crop)
+
+
+def colour_jitter(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    """Photometric jitter on a normalised CHW input (applied after colour constancy).
+
+    Parameters
+    ----------
+    x : ndarray
+        float32 (3, S, S) from :func:`preprocess_crop`.
+    rng : numpy.random.Generator
+        Random source.
+
+    Returns
+    -------
+    ndarray
+        Jittered input.
+    """
+    from dermnode.inference.classifier_models import MEAN, STD
+
+    img = x * STD[:, None, None] + MEAN[:, None, None]
+    img = img * float(rng.uniform(0.8, 1.2))  # brightness
+    mean = img.mean()
+    img = (img - mean) * float(rng.uniform(0.8, 1.25)) + mean  # contrast
+    grey = img.mean(axis=0, keepdims=True)
+    img = (img - grey) * float(rng.uniform(0.75, 1.3)) + grey  # saturation
+    img = img * rng.uniform(0.93, 1.07, size=(3, 1, 1)).astype(np.float32)  # residual colour cast
+    img = np.clip(img, 0.0, 1.0) ** float(np.exp(rng.uniform(-0.2, 0.2)))  # gamma
+    return ((img - MEAN[:, None, None]) / STD[:, None, None]).astype(np.float32)
+
+
+class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    def __init__(self, samples: list[Sample], size: int, seed: int) -> None:
+        self.samples = samples
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        s = self.samples[i]
+        x = colour_jitter(preprocess_crop(augment_crop(s, self.size, rng)), rng)
+        return (
+            torch.from_numpy(x),
+            torch.tensor(float(s.melanoma)),
+            torch.tensor(s.diagnosis, dtype=torch.long),
+        )
+
+
+def eval_batch(samples: list[Sample], size: int) -> npt.NDArray[np.float32]:
+    """Deterministic inference-time inputs (crop box, no augmentation) for ``samples``.
+
+    Parameters
+    ----------
+    samples : list of Sample
+        Samples.
+    size : int
+        Input side.
+
+    Returns
+    -------
+    ndarray
+        float32 (N, 3, size, size).
+    """
+    if not samples:
+        return np.zeros((0, 3, size, size), dtype=np.float32)
+    return np.stack([preprocess_crop(warp_crop(s.rgb, s.box, size)) for s in samples])
+
+
+def batched_logits(
+    model: DermNet, inputs: npt.NDArray[np.float32], *, tta: bool, batch: int = 64
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """:func:`predict_logits` over a large array in chunks.
+
+    Parameters
+    ----------
+    model : DermNet
+        Model in eval mode.
+    inputs : ndarray
+        float32 (N, 3, S, S).
+    tta : bool
+        Flip test-time augmentation.
+    batch : int
+        Chunk size.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(melanoma_logits (N,), diagnosis_logits (N, K))``.
+    """
+    mels, diags = [], []
+    for i in range(0, len(inputs), batch):
+        m, d = predict_logits(model, inputs[i : i + batch], tta=tta)
+        mels.append(m)
+        diags.append(d)
+    if not mels:
+        return np.zeros(0), np.zeros((0, len(DIAGNOSIS_CLASSES)))
+    return np.concatenate(mels), np.concatenate(diags)
+
+
+def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
+def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    out: npt.NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def _plot_history(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
+    ax[0].set_xlabel("epoch")
+    ax[0].legend()
+    ax[1].plot(ep, [h["val_auc_isic2017"] for h in history], label="ISIC2017 val melanoma AUC")
+    ax[1].plot(ep, [h["val_auc_mel_9class"] for h in history], label="9-class val MEL-vs-rest AUC")
+    ax[1].plot(ep, [h["val_bacc_9class"] for h in history], label="9-class val balanced acc.")
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylim(0, 1)
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _safe_auc(y: npt.NDArray[np.int64], s: npt.NDArray[np.float64]) -> float:
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return roc_auc(y, s)
+
+
+def train_classification(
+    data_dirs: list[Path],
+    arch: str,
+    out_dir: Path,
+    *,
+    epochs: int,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    resume: bool,
+    threads: int,
+    lr: float = 3e-3,
+    weight_decay: float = 0.05,
+    version: str = "1.0.0",
+    limit: int | None = None,
+) -> Path:
+    """Train the classifier, calibrate it and export the fp16 bundle.
+
+    Parameters
+    ----------
+    data_dirs : list of Path
+        Shared data root or dataset folders (``isic2017``, ``isic-9class``).
+    arch : str
+        Architecture name (see :data:`~dermnode.inference.classifier_models.ARCHS`).
+    out_dir : Path
+        Run folder: ``checkpoint.pt``, ``history.json``, ``training_curves.png``, ``classifier.{pt,json}``.
+    epochs : int
+        Number of epochs.
+    image_size : int
+        Input crop side in pixels.
+    batch_size : int
+        Mini-batch size.
+    seed : int
+        Seed of every random source.
+    resume : bool
+        Continue from ``out_dir/checkpoint.pt`` when it exists.
+    threads : int
+        Torch intra-op threads (and OpenCV threads).
+    lr : float
+        Peak learning rate.
+    weight_decay : float
+        AdamW weight decay.
+    version : str
+        Version written to the manifest.
+    limit : int, optional
+        Use at most this many training samples (smoke tests).
+
+    Returns
+    -------
+    Path
+        The exported manifest ``out_dir/classifier.json``.
+
+    Raises
+    ------
+    PipelineError
+        When the data cannot be loaded or there is nothing to train on.
+    ValueError
+        When ``arch`` is unknown.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, threads))
+    cv2.setNumThreads(max(1, threads))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+    t0 = time.time()
+    samples = load_samples(data_dirs, seed=seed, splits=("train", "val"))
+    train = [s for s in samples if s.split == "train"]
+    if limit is not None:
+        train = train[:: max(1, len(train) // limit)][:limit]
+    val17 = [s for s in samples if s.split == "val" and s.source == "isic2017"]
+    val9 = [s for s in samples if s.split == "val" and s.source == "isic-9class"]
+    if not train:
+        raise PipelineError("no training samples")
+    logger.info(
+        "train %d, val isic2017 %d, val 9-class %d (%.0fs)", len(train), len(val17), len(val9), time.time() - t0
+    )
+
+    mel = np.array([s.melanoma for s in train])
+    n_pos, n_neg = int((mel == 1).sum()), int((mel == 0).sum())
+    pos_weight = math.sqrt(n_neg / max(n_pos, 1))
+    diag = np.array([s.diagnosis for s in train])
+    counts = np.array([(diag == c).sum() for c in range(len(DIAGNOSIS_CLASSES))], dtype=np.float64)
+    cw = 1.0 / np.sqrt(np.maximum(counts, 1.0))
+    cw = cw / (cw * counts).sum() * counts.sum()
+    logger.info(
+        "melanoma pos/neg %d/%d pos_weight %.2f; diagnosis counts %s", n_pos, n_neg, pos_weight, counts.tolist()
+    )
+
+    model = DermNet(arch)
+    ema = DermNet(arch)
+    ema.load_state_dict(model.state_dict())
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    dataset = _TrainSet(train, image_size, seed)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    warmup = min(2 * steps_per_epoch, total_steps // 10 + 1)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        q = (step - warmup) / max(1, total_steps - warmup)
+        return lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * q)))
+
+    bce = nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor(pos_weight))
+    ce = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), label_smoothing=0.05, reduction="sum")
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    best_auc = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        start_epoch = int(ck["epoch"]) + 1
+        history = list(ck["history"])
+        best_auc = float(ck["best_auc"])
+        best_state = ck["best_state"]
+        logger.info("resumed from epoch %d (best val AUC %.4f)", start_epoch, best_auc)
+
+    x17 = eval_batch(val17, image_size)
+    x9 = eval_batch(val9, image_size)
+    y17 = np.array([s.melanoma for s in val17], dtype=np.int64)
+    y9 = np.array([s.diagnosis for s in val9], dtype=np.int64)
+    ema_decay = 0.998 if steps_per_epoch * epochs > 2000 else 0.99
+
+    for epoch in range(start_epoch, epochs):
+        te = time.time()
+        dataset.epoch = epoch
+        g = torch.Generator()
+        g.manual_seed(seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
+        model.train()
+        tot, nb = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10.0)
+        for b, (x, ym, yd) in enumerate(bar):
+            step = epoch * steps_per_epoch + b
+            for gparam in opt.param_groups:
+                gparam["lr"] = lr_at(step)
+            lm, ld = model(x)
+            mm = ym >= 0
+            loss_m = (bce(lm, ym.clamp(min=0)) * mm).sum() / mm.sum().clamp(min=1)
+            md = yd >= 0
+            loss_d = ce(ld[md], yd[md]) / md.sum().clamp(min=1) if md.any() else lm.sum() * 0.0
+            loss = loss_m + 0.5 * loss_d
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            with torch.no_grad():
+                d_ = min(ema_decay, (1 + step) / (10 + step))
+                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+                    if pe.is_floating_point():
+                        pe.mul_(d_).add_(pm.detach(), alpha=1 - d_)
+                    else:
+                        pe.copy_(pm)
+            tot += float(loss.detach())
+            nb += 1
+            bar.set_postfix(loss=f"{tot / nb:.3f}")
+        ema.eval()
+        m17, _ = batched_logits(ema, x17, tta=False)
+        m9, d9 = batched_logits(ema, x9, tta=False)
+        auc17 = _safe_auc(y17, m17)
+        auc9 = _safe_auc((y9 == CLASS_INDEX["MEL"]).astype(np.int64), m9)
+        bacc9 = balanced_accuracy(y9, d9.argmax(1)) if len(y9) else float("nan")
+        rec = {
+            "epoch": epoch + 1,
+            "train_loss": tot / max(nb, 1),
+            "val_auc_isic2017": auc17,
+            "val_auc_mel_9class": auc9,
+            "val_bacc_9class": bacc9,
+            "lr": lr_at((epoch + 1) * steps_per_epoch - 1),
+            "seconds": time.time() - te,
+        }
+        history.append(rec)
+        logger.info("epoch %d: %s", epoch + 1, json.dumps(rec))
+        print(json.dumps(rec), flush=True)
+        sel = auc17 if not math.isnan(auc17) else auc9
+        if sel > best_auc:
+            best_auc = sel
+            best_state = {k: v.clone() for k, v in ema.state_dict().items()}
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best_auc": best_auc,
+                "best_state": best_state,
+                "arch": arch,
+                "image_size": image_size,
+                "epochs": epochs,
+            },
+            ckpt_path.with_suffix(".tmp"),
+        )
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        (out_dir / "history.json").write_text(json.dumps({"history": history}, indent=1))
+        _plot_history(history, out_dir / "training_curves.png")
+
+    if best_state is None:
+        raise PipelineError("training produced no model")
+    final = DermNet(arch)
+    final.load_state_dict(best_state)
+    final.eval()
+    return _calibrate_and_export(final, arch, image_size, val17, val9, history, out_dir, version, seed, epochs)
+
+
+def _best_epoch(history: list[dict[str, float]]) -> int:
+    def key(h: dict[str, float]) -> float:
+        v = h["val_auc_isic2017"]
+        return h["val_auc_mel_9class"] if math.isnan(v) else v
+
+    return int(max(history, key=key)["epoch"]) if history else 0
+
+
+def _calibrate_and_export(
+    final: DermNet,
+    arch: str,
+    image_size: int,
+    val17: list[Sample],
+    val9: list[Sample],
+    history: list[dict[str, float]],
+    out_dir: Path,
+    version: str,
+    seed: int,
+    epochs: int,
+) -> Path:
+    """Fit the temperatures on the validation logits (flip TTA), report ECE, export the bundle."""
+    x17 = eval_batch(val17, image_size)
+    x9 = eval_batch(val9, image_size)
+    y17 = np.array([s.melanoma for s in val17], dtype=np.int64)
+    y9 = np.array([s.diagnosis for s in val9], dtype=np.int64)
+    m17, d17 = batched_logits(final, x17, tta=True)
+    _, d9 = batched_logits(final, x9, tta=True)
+    calib: dict[str, Any] = {}
+    t_mel = 1.0
+    if len(np.unique(y17)) == 2:
+        t_mel = fit_temperature(m17, y17)
+        calib["melanoma_ece_before"] = expected_calibration_error(y17, _sigmoid(m17))
+        calib["melanoma_ece_after"] = expected_calibration_error(y17, _sigmoid(m17 / t_mel))
+        calib["melanoma_auc_val_tta"] = roc_auc(y17, m17)
+    dl_mask17 = np.array([s.diagnosis >= 0 for s in val17], dtype=bool)
+    zd = np.concatenate([d9, d17[dl_mask17]])
+    yd = np.concatenate([y9, np.array([s.diagnosis for s in val17], dtype=np.int64)[dl_mask17]])
+    t_diag = 1.0
+    if len(yd):
+        t_diag = fit_temperature(zd, yd)
+        calib["diagnosis_ece_before"] = expected_calibration_error(yd, _softmax(zd))
+        calib["diagnosis_ece_after"] = expected_calibration_error(yd, _softmax(zd / t_diag))
+        calib["diagnosis_bacc_val_tta"] = balanced_accuracy(yd, zd.argmax(1))
+    calib["temperature_melanoma"] = t_mel
+    calib["temperature_diagnosis"] = t_diag
+    logger.info("calibration: %s", calib)
+    best_epoch = _best_epoch(history)
+    (out_dir / "history.json").write_text(
+        json.dumps({"history": history, "calibration": calib, "best_epoch": best_epoch}, indent=1)
+    )
+    extra = {
+        "best_epoch": best_epoch,
+        "epochs": epochs,
+        "seed": seed,
+        "parameters": int(sum(p.numel() for p in final.parameters())),
+        "validation": calib,
+    }
+    path = save_classifier(
+        final,
+        out_dir,
+        variant=arch,
+        input_size=image_size,
+        temperatures=(t_mel, t_diag),
+        version=version,
+        extra=extra,
+    )
+    logger.info("exported %s", path)
+    return path
+
+
+def export_from_checkpoint(data_dirs: list[Path], run_dir: Path, *, version: str = "1.0.0", seed: int = 0) -> Path:
+    """Calibrate and export the best model of a (finished or interrupted) run from its ``checkpoint.pt``.
+
+    Parameters
+    ----------
+    data_dirs : list of Path
+        Data root(s) (for the validation images).
+    run_dir : Path
+        Run folder holding ``checkpoint.pt``.
+    version : str
+        Version written to the manifest.
+    seed : int
+        Seed used for the isic-9class train/val split (must match the training run).
+
+    Returns
+    -------
+    Path
+        The exported manifest ``run_dir/classifier.json``.
+
+    Raises
+    ------
+    PipelineError
+        When the checkpoint is missing or holds no model.
+    """
+    ck_path = Path(run_dir) / "checkpoint.pt"
+    if not ck_path.is_file():
+        raise PipelineError(f"no checkpoint at {ck_path}")
+    ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+    if ck.get("best_state") is None:
+        raise PipelineError(f"checkpoint {ck_path} holds no model")
+    arch, image_size = str(ck["arch"]), int(ck["image_size"])
+    final = DermNet(arch)
+    final.load_state_dict(ck["best_state"])
+    final.eval()
+    samples = load_samples(data_dirs, seed=seed, splits=("val",))
+    val17 = [s for s in samples if s.source == "isic2017"]
+    val9 = [s for s in samples if s.source == "isic-9class"]
+    history = list(ck["history"])
+    return _calibrate_and_export(
+        final, arch, image_size, val17, val9, history, Path(run_dir), version, seed, int(ck.get("epochs", len(history)))
+    )
