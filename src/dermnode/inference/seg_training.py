@@ -1,0 +1,479 @@
+"""Training of the lesion segmentation network on ISIC 2017 (official train split; val for model selection).
+
+The whole split is loaded once into memory as uint8 arrays. Each epoch draws fresh augmentations (flips,
+free rotation, scale and aspect-ratio jitter, translation, black-frame or reflected borders, colour,
+gamma and blur jitter), so the network does not learn the 256x256 stretch of the ISIC copies. The loss is
+BCE + soft Dice; the optimiser AdamW with warm-up and cosine decay; an exponential moving average (EMA) of
+the weights is validated after each epoch and the best one (mean val Dice after post-processing) is
+exported as ``out_dir/segmentation.pt`` + ``.json``. ``out_dir/checkpoint.pt`` holds everything needed to
+resume (``resume=True``), ``history.json`` and ``training_curve.png`` the learning curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dermnode.errors import ModelError
+from dermnode.inference.registry import build_architecture, save_model_bundle
+from dermnode.inference.seg_metrics import mean_scores, score_masks
+from dermnode.inference.segmentation import postprocess
+
+logger = logging.getLogger(__name__)
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+MODEL_NAME = "segmentation"
+MODEL_VERSION = "1.0.0"
+
+
+@dataclass(frozen=True)
+class SegmentationDataset:
+    """A split held in memory: images ``(N, H, W, 3)`` uint8 RGB, masks ``(N, H, W)`` uint8 0/1."""
+
+    ids: list[str]
+    images: npt.NDArray[np.uint8]
+    masks: npt.NDArray[np.uint8]
+
+
+def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None) -> SegmentationDataset:
+    """Load every image and mask of one split of ``data_dir/labels.csv`` into memory.
+
+    Parameters
+    ----------
+    data_dir:
+        Folder with ``labels.csv`` (columns ``image_id``, ``split``), ``images/<id>.jpg`` and
+        ``masks/<id>.png``.
+    split:
+        Value of the ``split`` column (``"train"`` or ``"val"``).
+    limit:
+        Load at most this many images (smoke runs).
+
+    Returns
+    -------
+    SegmentationDataset
+        The split; all images are resized to the size of the first one if sizes differ.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``labels.csv`` or an image or mask file is missing.
+    ValueError
+        When the split is empty.
+    """
+    data_dir = Path(data_dir)
+    with open(data_dir / "labels.csv", newline="", encoding="utf-8") as fh:
+        ids = [row["image_id"] for row in csv.DictReader(fh) if row.get("split") == split]
+    if limit is not None:
+        ids = ids[:limit]
+    if not ids:
+        raise ValueError(f"split {split!r} of {data_dir} is empty")
+    images: list[npt.NDArray[np.uint8]] = []
+    masks: list[npt.NDArray[np.uint8]] = []
+    size: tuple[int, int] | None = None
+    for image_id in tqdm(ids, desc=f"load {split}", mininterval=5, leave=False):
+        img_path, mask_path = data_dir / "images" / f"{image_id}.jpg", data_dir / "masks" / f"{image_id}.png"
+        bgr = cv2.imread(str(img_path), cv2.IMREAD_COLOR)
+        gt = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+        if bgr is None or gt is None:
+            raise FileNotFoundError(f"cannot read {img_path} or {mask_path}")
+        if size is None:
+            size = (bgr.shape[1], bgr.shape[0])
+        if (bgr.shape[1], bgr.shape[0]) != size:
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        if (gt.shape[1], gt.shape[0]) != size:
+            gt = cv2.resize(gt, size, interpolation=cv2.INTER_NEAREST)
+        images.append(np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8))
+        masks.append((gt > 127).astype(np.uint8))
+    return SegmentationDataset(ids=ids, images=np.stack(images), masks=np.stack(masks))
+
+
+def augment(
+    image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8], size: int, rng: np.random.Generator
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Randomly transform one image/mask pair to ``size x size``.
+
+    Geometry (one affine warp): flips, rotation, zoom 0.7-1.35, aspect ratio 0.75-1.33, shift up to 10 %;
+    the border is reflected or black (a dermoscope frame). Colour: brightness, contrast, saturation, hue,
+    gamma, sometimes blur.
+
+    Parameters
+    ----------
+    image:
+        ``(H, W, 3)`` uint8 RGB.
+    mask:
+        ``(H, W)`` uint8 0/1.
+    size:
+        Output side length.
+    rng:
+        Random generator.
+
+    Returns
+    -------
+    tuple
+        Image as ``(size, size, 3)`` float32 in 0..1 and mask as ``(size, size)`` float32 0/1.
+    """
+    h, w = mask.shape
+    zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.35)))
+    aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.333)))
+    sx = size / w * zoom * math.sqrt(aspect)
+    sy = size / h * zoom / math.sqrt(aspect)
+    angle = rng.uniform(0, 2 * math.pi) if rng.random() < 0.8 else 0.0
+    fx = -1.0 if rng.random() < 0.5 else 1.0
+    fy = -1.0 if rng.random() < 0.5 else 1.0
+    c, s = math.cos(angle), math.sin(angle)
+    A = np.array([[c, -s], [s, c]]) @ np.diag([sx * fx, sy * fy])
+    centre_src = np.array([w / 2.0, h / 2.0])
+    centre_dst = np.array([size / 2.0, size / 2.0]) + rng.uniform(-0.1, 0.1, 2) * size
+    M = np.hstack([A, (centre_dst - A @ centre_src)[:, None]]).astype(np.float64)
+    black = rng.random() < 0.3
+    border = cv2.BORDER_CONSTANT if black else cv2.BORDER_REFLECT_101
+    img = cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+    msk = cv2.warpAffine(
+        mask.astype(np.float32), M, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0
+    )
+    x = img.astype(np.float32) * (1.0 / 255.0)
+    # colour jitter in HSV (hue in degrees for float images)
+    if rng.random() < 0.8:
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-12, 12)) % 360.0
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(0.7, 1.3), 0, 1)
+        x = np.asarray(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), dtype=np.float32)
+    x = x * rng.uniform(0.75, 1.25)  # brightness
+    m = float(x.mean())
+    x = (x - m) * rng.uniform(0.75, 1.3) + m  # contrast
+    x = x * rng.uniform(0.92, 1.08, 3).astype(np.float32)  # white balance
+    x = np.clip(x, 0.0, 1.0)
+    if rng.random() < 0.5:
+        x = x ** rng.uniform(0.75, 1.35)
+    if rng.random() < 0.2:
+        x = np.asarray(cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.2)), dtype=np.float32)
+    return x.astype(np.float32), (msk > 0.5).astype(np.float32)
+
+
+def _normalise_batch(x: npt.NDArray[np.float32]) -> torch.Tensor:
+    """``(N, H, W, 3)`` float 0..1 -> normalised ``(N, 3, H, W)`` channels-last tensor."""
+    t = torch.from_numpy(x).permute(0, 3, 1, 2)
+    t = (t - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice loss (Dice computed per image, then averaged).
+
+    Parameters
+    ----------
+    logits, target:
+        ``(N, 1, H, W)`` tensors.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    inter = (p * t).sum(1)
+    dice = (2 * inter + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
+    return bce + (1.0 - dice).mean()
+
+
+class _EMA:
+    """Exponential moving average of a module's parameters and buffers."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    module: nn.Module, images: npt.NDArray[np.uint8], size: int, batch_size: int = 16
+) -> npt.NDArray[np.float32]:
+    """Lesion probabilities of a stack of images at ``size x size`` (no TTA).
+
+    Parameters
+    ----------
+    module:
+        Segmentation network (put in eval mode here).
+    images:
+        ``(N, H, W, 3)`` uint8 RGB.
+    size:
+        Network input size.
+    batch_size:
+        Images per forward pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, size, size)`` float32.
+    """
+    module.eval()
+    out: list[npt.NDArray[np.float32]] = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i : i + batch_size]
+        x = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in chunk])
+        t = _normalise_batch(x.astype(np.float32) / 255.0)
+        out.append(torch.sigmoid(module(t))[:, 0].numpy().astype(np.float32))
+    return np.concatenate(out)
+
+
+def validate(module: nn.Module, data: SegmentationDataset, size: int) -> dict[str, float]:
+    """Mean metrics of ``module`` on ``data`` after the full post-processing, at the masks' resolution.
+
+    Parameters
+    ----------
+    module:
+        Segmentation network.
+    data:
+        Validation split.
+    size:
+        Network input size.
+
+    Returns
+    -------
+    dict
+        Mean Dice, Jaccard, thresholded Jaccard, pixel accuracy, sensitivity, specificity.
+    """
+    probs = predict_probabilities(module, data.images, size)
+    h, w = data.masks.shape[1:]
+    scores = []
+    for prob, gt in zip(probs, data.masks, strict=True):
+        full = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        scores.append(score_masks(postprocess(full), gt.astype(bool)))
+    return mean_scores(scores).to_json()
+
+
+def _plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss (BCE+Dice)")
+    ax1.set_xlabel("epoch")
+    ax1.legend()
+    for key in ("dice", "jaccard", "thresholded_jaccard"):
+        ax2.plot(epochs, [h["val"][key] for h in history], label=f"val {key}")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0.5, 1.0)
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_segmentation(
+    data_dir: Path,
+    arch: str,
+    out_dir: Path,
+    *,
+    epochs: int,
+    image_size: int,
+    batch_size: int,
+    seed: int,
+    resume: bool,
+    threads: int,
+    arch_kwargs: dict[str, Any] | None = None,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-4,
+    limit: int | None = None,
+) -> Path:
+    """Train a segmentation network and export the best epoch.
+
+    Parameters
+    ----------
+    data_dir:
+        ISIC 2017 folder (``labels.csv``, ``images/``, ``masks/``).
+    arch:
+        Registered architecture name (e.g. ``"lite_unet"``).
+    out_dir:
+        Output folder: ``checkpoint.pt``, ``history.json``, ``training_curve.png``, ``segmentation.pt``,
+        ``segmentation.json``.
+    epochs:
+        Total number of epochs (also when resuming).
+    image_size:
+        Training and inference side length (a multiple of 32).
+    batch_size:
+        Images per step.
+    seed:
+        Seed of every random generator.
+    resume:
+        Continue from ``out_dir/checkpoint.pt`` when it exists.
+    threads:
+        ``torch.set_num_threads`` value (0 keeps torch's default).
+    arch_kwargs:
+        Constructor arguments of the architecture.
+    lr, weight_decay:
+        AdamW peak learning rate and weight decay.
+    limit:
+        Use only the first ``limit`` images of each split (smoke runs).
+
+    Returns
+    -------
+    pathlib.Path
+        Path of the exported ``segmentation.pt``.
+
+    Raises
+    ------
+    ModelError
+        When the checkpoint cannot be resumed or no epoch was completed.
+    ValueError
+        When ``image_size`` is not a positive multiple of 32.
+    """
+    if image_size <= 0 or image_size % 32:
+        raise ValueError("image_size must be a positive multiple of 32")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    cv2.setNumThreads(1)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    train = load_segmentation_split(data_dir, "train", limit)
+    val = load_segmentation_split(data_dir, "val", limit)
+    logger.info("train %d images, val %d images", len(train.ids), len(val.ids))
+    kwargs = dict(arch_kwargs or {})
+    model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, len(train.ids) // batch_size)
+    total_steps = epochs * steps_per_epoch
+    warmup = min(steps_per_epoch, max(1, total_steps // 10))
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    ema = _EMA(model, decay=0.995 if steps_per_epoch > 20 else 0.9)
+    history: list[dict[str, Any]] = []
+    best_dice = -1.0
+    start_epoch = 0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            ema.shadow = ckpt["ema"]
+            history = ckpt["history"]
+            best_dice = float(ckpt["best_dice"])
+            start_epoch = int(ckpt["epoch"])
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"cannot resume from {ckpt_path}: {exc}") from exc
+        logger.info("resuming after epoch %d (best val Dice %.4f)", start_epoch, best_dice)
+    eval_model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
+    exported = out_dir / f"{MODEL_NAME}.pt"
+    for epoch in range(start_epoch, epochs):
+        t0 = time.time()
+        rng = np.random.default_rng([seed, epoch])
+        torch.manual_seed(seed * 1000 + epoch)
+        order = rng.permutation(len(train.ids))
+        model.train()
+        losses: list[float] = []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", mininterval=20)
+        for step in bar:
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            pairs = [augment(train.images[i], train.masks[i], image_size, rng) for i in idx]
+            x = _normalise_batch(np.stack([p[0] for p in pairs]))
+            y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+            loss = bce_dice_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ema.update(model)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+        eval_model.load_state_dict(ema.shadow)
+        metrics = validate(eval_model, val, image_size)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "lr": float(scheduler.get_last_lr()[0]),
+            "val": metrics,
+            "seconds": round(time.time() - t0, 1),
+        }
+        history.append(record)
+        improved = metrics["dice"] > best_dice
+        if improved:
+            best_dice = metrics["dice"]
+            save_model_bundle(
+                eval_model,
+                out_dir,
+                name=MODEL_NAME,
+                version=MODEL_VERSION,
+                arch=arch,
+                input_size=(image_size, image_size),
+                mean=MEAN,
+                std=STD,
+                arch_kwargs=kwargs,
+                extra={
+                    "threshold": 0.5,
+                    "tta": False,
+                    "task": "binary lesion segmentation (dermoscopy)",
+                    "training_data": "ISIC 2017 Part 1, official train split (2000 images)",
+                    "selected_epoch": epoch + 1,
+                    "val_metrics_during_training": metrics,
+                },
+            )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema": ema.shadow,
+                "history": history,
+                "best_dice": best_dice,
+                "epoch": epoch + 1,
+                "arch": arch,
+                "arch_kwargs": kwargs,
+                "image_size": image_size,
+            },
+            ckpt_path.with_suffix(".tmp"),
+        )
+        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
+        _plot_history(history, out_dir / "training_curve.png")
+        logger.info(
+            "epoch %d/%d loss %.4f val dice %.4f jaccard %.4f thr-jaccard %.4f (%.0f s)%s",
+            epoch + 1,
+            epochs,
+            record["train_loss"],
+            metrics["dice"],
+            metrics["jaccard"],
+            metrics["thresholded_jaccard"],
+            record["seconds"],
+            " *best*" if improved else "",
+        )
+    if not exported.exists():
+        raise ModelError(f"training produced no model in {out_dir}")
+    return exported

@@ -1,0 +1,275 @@
+"""Lesion segmentation at inference time.
+
+:class:`Segmenter` wraps a loaded :class:`~dermnode.inference.registry.ModelBundle` (normally
+``models/segmentation.*``) and turns an RGB image of any size into a boolean lesion mask plus a probability
+map, both at the source resolution.
+
+Preprocessing resizes the whole image to the network's square working size *without* keeping the aspect
+ratio: the ISIC training images were stretched the same way from their (mostly 4:3) originals, so a real 4:3
+dermoscopy image is presented to the network exactly as the training images were. Post-processing
+thresholds the probability, keeps one lesion component (the largest; among several of similar size the one
+nearest the image centre), fills its holes and smooths its outline.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from dermnode.inference.registry import ModelBundle
+from dermnode.inference.types import ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+#: Post-processing works on a grid whose longer side is at most this many pixels.
+POSTPROCESS_MAX_SIDE = 1024
+#: A component smaller than this fraction of the image is not a lesion.
+MIN_LESION_FRACTION = 0.002
+#: Components at least this fraction of the largest one compete on distance to the centre.
+COMPETING_COMPONENT_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class SegmentationOutput:
+    """Lesion mask (bool) and lesion probability (float32 in [0, 1]), both of the source image's shape."""
+
+    mask: npt.NDArray[np.bool_]
+    probability: npt.NDArray[np.float32]
+
+    @property
+    def empty(self) -> bool:
+        """``True`` when no lesion was found."""
+        return not bool(self.mask.any())
+
+
+def preprocess(
+    rgb: npt.NDArray[np.uint8],
+    size: tuple[int, int],
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> npt.NDArray[np.float32]:
+    """Resize (aspect ratio not kept) and normalise an RGB image into a CHW float32 array.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 image.
+    size:
+        ``(height, width)`` of the network input.
+    mean, std:
+        Normalisation of 0..1 RGB values.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(3, height, width)`` float32.
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an ``(H, W, 3)`` image.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+    h, w = size
+    interp = cv2.INTER_AREA if rgb.shape[0] > h or rgb.shape[1] > w else cv2.INTER_LINEAR
+    small = np.asarray(cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=interp), dtype=np.float32)
+    small *= np.float32(1.0 / 255.0)
+    small -= np.asarray(mean, np.float32)
+    small /= np.asarray(std, np.float32)
+    x = small
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _smoothing_kernel(shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    k = max(3, round(min(shape) * 0.01) | 1)
+    return np.asarray(cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)), dtype=np.uint8)
+
+
+def fill_holes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Fill the holes of a binary mask (regions of background not connected to the image border).
+
+    Parameters
+    ----------
+    mask:
+        2-D boolean mask.
+
+    Returns
+    -------
+    numpy.ndarray
+        The filled boolean mask.
+    """
+    m = mask.astype(np.uint8)
+    padded = np.pad(m, 1, constant_values=0)
+    flood = padded.copy()
+    ffmask = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
+    cv2.floodFill(flood, ffmask, (0, 0), 1)
+    holes = flood[1:-1, 1:-1] == 0
+    out: npt.NDArray[np.bool_] = mask | holes
+    return out
+
+
+def select_lesion(mask: npt.NDArray[np.bool_], min_fraction: float = MIN_LESION_FRACTION) -> npt.NDArray[np.bool_]:
+    """Keep the single lesion component of a binary mask.
+
+    The largest 8-connected component wins; components of at least :data:`COMPETING_COMPONENT_RATIO` of its
+    area compete, and the one whose centroid is nearest the image centre is kept.
+
+    Parameters
+    ----------
+    mask:
+        2-D boolean mask.
+    min_fraction:
+        Components smaller than this fraction of the image are ignored.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask with at most one component (all ``False`` when none is large enough).
+    """
+    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return np.zeros_like(mask, dtype=bool)
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    largest = float(areas.max())
+    if largest < min_fraction * mask.size:
+        return np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    candidates = np.flatnonzero(areas >= COMPETING_COMPONENT_RATIO * largest)
+    centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
+    dist = np.hypot(*((centroids[1:][candidates] - centre) / np.array([w, h])).T)
+    best = int(candidates[int(np.argmin(dist))]) + 1
+    out: npt.NDArray[np.bool_] = labels == best
+    return out
+
+
+def postprocess(probability: npt.NDArray[np.float32], threshold: float = 0.5) -> npt.NDArray[np.bool_]:
+    """Threshold a probability map and clean it into one filled, smoothed lesion.
+
+    Parameters
+    ----------
+    probability:
+        2-D float array in [0, 1].
+    threshold:
+        Probability above which a pixel is lesion.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of the probability's shape; all ``False`` when no lesion is found.
+    """
+    lesion = select_lesion(probability > threshold)
+    if not lesion.any():
+        return lesion
+    lesion = fill_holes(lesion)
+    kernel = _smoothing_kernel(lesion.shape)
+    m = lesion.astype(np.uint8)
+    m = np.asarray(cv2.morphologyEx(m, cv2.MORPH_OPEN, kernel), dtype=np.uint8)
+    m = np.asarray(cv2.morphologyEx(m, cv2.MORPH_CLOSE, kernel), dtype=np.uint8)
+    smoothed = m.astype(bool)
+    # opening can split or erase a thin lesion: fall back to the unsmoothed one then
+    if not smoothed.any():
+        return lesion
+    return fill_holes(select_lesion(smoothed, min_fraction=0.0))
+
+
+class Segmenter:
+    """Lesion segmenter built from a loaded model bundle.
+
+    Parameters
+    ----------
+    bundle:
+        A segmentation model loaded with :func:`dermnode.inference.registry.load_model_bundle`.
+    threshold:
+        Probability threshold; default: the manifest's ``extra["threshold"]``, else 0.5.
+    tta:
+        Average the prediction with that of the horizontally flipped image (default: the manifest's
+        ``extra["tta"]``, else ``False``).
+    """
+
+    def __init__(self, bundle: ModelBundle, *, threshold: float | None = None, tta: bool | None = None) -> None:
+        self._module = bundle.module.eval()
+        self._manifest = bundle.manifest
+        self.identity: ModelIdentity = bundle.identity
+        extra = bundle.manifest.extra
+        self.threshold = float(threshold if threshold is not None else extra.get("threshold", 0.5))
+        self.tta = bool(tta if tta is not None else extra.get("tta", False))
+        self.input_size = bundle.manifest.input_size
+
+    def predict_probability(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """Lesion probability at the network's working size ``input_size``.
+
+        Parameters
+        ----------
+        rgb:
+            ``(H, W, 3)`` uint8 image.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``input_size`` float32 probabilities.
+        """
+        m = self._manifest
+        x = torch.from_numpy(preprocess(rgb, m.input_size, m.mean, m.std))[None]
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.tta:
+                logits = self._module(torch.cat([x, x.flip(-1)], dim=0))
+                logits = 0.5 * (logits[0:1] + logits[1:2].flip(-1))
+            else:
+                logits = self._module(x)
+            prob = torch.sigmoid(logits)[0, 0].float().numpy()
+        return np.ascontiguousarray(prob, dtype=np.float32)
+
+    def segment(
+        self, rgb: npt.NDArray[np.uint8], valid_mask: npt.NDArray[np.bool_] | None = None
+    ) -> SegmentationOutput:
+        """Segment the lesion of one RGB image.
+
+        Parameters
+        ----------
+        rgb:
+            ``(H, W, 3)`` uint8 image at source resolution.
+        valid_mask:
+            Optional ``(H, W)`` boolean mask of usable pixels (e.g. the complement of a black dermoscope
+            frame); pixels outside it are never lesion.
+
+        Returns
+        -------
+        SegmentationOutput
+            Mask and probability at the source resolution (an empty mask when nothing is found).
+
+        Raises
+        ------
+        ValueError
+            When the image or the valid mask have the wrong shape.
+        """
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {rgb.shape}")
+        h, w = rgb.shape[:2]
+        if valid_mask is not None and valid_mask.shape != (h, w):
+            raise ValueError(f"valid_mask shape {valid_mask.shape} does not match the image {(h, w)}")
+        prob_small = self.predict_probability(rgb)
+        scale = min(1.0, POSTPROCESS_MAX_SIDE / max(h, w))
+        wh, ww = max(1, round(h * scale)), max(1, round(w * scale))
+        prob_work = np.asarray(cv2.resize(prob_small, (ww, wh), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+        if valid_mask is not None:
+            valid_work = cv2.resize(valid_mask.astype(np.uint8), (ww, wh), interpolation=cv2.INTER_NEAREST) > 0
+            prob_work = np.where(valid_work, prob_work, 0.0).astype(np.float32)
+        mask_work = postprocess(prob_work, self.threshold)
+        if (wh, ww) == (h, w):
+            mask = mask_work
+            prob = prob_work
+        else:
+            mask = cv2.resize(mask_work.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+            prob = np.asarray(cv2.resize(prob_small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+        if valid_mask is not None:
+            mask &= valid_mask
+            prob = np.where(valid_mask, prob, np.float32(0.0))
+        prob_out = np.asarray(np.clip(prob, 0.0, 1.0), dtype=np.float32)
+        return SegmentationOutput(mask=np.asarray(mask, dtype=bool), probability=prob_out)
