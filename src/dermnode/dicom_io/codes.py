@@ -1,0 +1,187 @@
+"""Coded concepts used in the SEG and SR objects dermnode writes.
+
+Standard concepts come from ``pydicom.sr.codedict.codes`` (generated from DICOM PS3.16) where they exist, so
+their values and meanings match the standard. SNOMED CT concepts use the ``SCT`` designator (never the
+retired ``SRT``). Where no standard concept fits, a private coding scheme (:data:`PRIVATE_SCHEME`, "99" prefix
+per PS3.16 section 8.1) is used and declared in the Coding Scheme Identification Sequence of every object
+that uses it; its meanings are documented here and in ``docs/dicom-conformance.md``. No private concept
+imitates a SNOMED CT or DCM code.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dermnode.inference.types import Band
+
+logger = logging.getLogger(__name__)
+
+#: Coding Scheme Designator of dermnode's private concepts (PS3.16 8.1: private designators start with "99").
+PRIVATE_SCHEME = "99DERMNODE"
+PRIVATE_SCHEME_NAME = "dermnode private concepts"
+PRIVATE_SCHEME_ORGANIZATION = "dermnode project"
+
+
+def _private(value: str, meaning: str) -> Code:
+    return Code(value, PRIVATE_SCHEME, meaning)
+
+
+# --------------------------------------------------------------------------------------------- segmentation
+#: Segmented Property Category (CID 7150): SCT 49755003 "Morphologically Abnormal Structure".
+SEGMENTED_PROPERTY_CATEGORY: Code = codes.SCT.MorphologicallyAbnormalStructure
+#: Segmented Property Type: SCT 95324001 "Skin lesion".
+SEGMENTED_PROPERTY_TYPE: Code = codes.SCT.SkinLesion
+#: Anatomic region of the segment and finding site of the measurements: SCT 39937001 "Skin".
+ANATOMIC_REGION_SKIN: Code = codes.SCT.Skin
+#: Algorithm Family (CID 7162): DCM 123110 "Artificial Intelligence".
+ALGORITHM_FAMILY_AI: Code = codes.DCM.ArtificialIntelligence
+#: Purpose of Reference of the Contributing Equipment item (CID 7005): DCM 109102 "Processing Equipment".
+PURPOSE_PROCESSING_EQUIPMENT: Code = codes.DCM.ProcessingEquipment
+
+# ----------------------------------------------------------------------------------------------- SR concepts
+#: Procedure Reported of the TID 1500 report: SCT 446078004 "Dermoscopic photography".
+PROCEDURE_DERMOSCOPY = Code("446078004", "SCT", "Dermoscopic photography")
+#: Finding type of the measurement group: SCT 95324001 "Skin lesion".
+FINDING_TYPE_SKIN_LESION: Code = codes.SCT.SkinLesion
+#: Concept name of the suspected diagnosis: DCM 111023 "Differential Diagnosis/Impression".
+SUSPECTED_FINDING: Code = codes.DCM.DifferentialDiagnosisImpression
+#: Concept name of free-text remarks (disclaimer, reason not analysable): DCM 121106 "Comment".
+COMMENT: Code = codes.DCM.Comment
+#: TID 1500 row 12 container of report-level qualitative evaluations: UMLS C0034375.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+#: Concept name of the melanoma risk band (no standard concept: private).
+RISK_BAND = _private("RISKBAND", "Melanoma risk band")
+#: Concept name of the analysis outcome of a not analysable image (private).
+ANALYSIS_OUTCOME = _private("OUTCOME", "Analysis outcome")
+#: Value of :data:`ANALYSIS_OUTCOME` when the quality gate rejected the image (private).
+NOT_ANALYSABLE = _private("NOTANALYSABLE", "Not analysable")
+
+
+class BandCode(enum.Enum):
+    """Coded values of the melanoma risk band: SNOMED CT concepts of PS3.16 CID 6063."""
+
+    BENIGN = Code("30807003", "SCT", "Benign")
+    INDETERMINATE = Code("280416009", "SCT", "Indeterminate result")
+    MALIGNANT = Code("21594007", "SCT", "Malignant")
+
+
+_BAND_CODES: dict[Band, BandCode] = {
+    Band.BENIGN: BandCode.BENIGN,
+    Band.INDETERMINATE: BandCode.INDETERMINATE,
+    Band.MALIGNANT: BandCode.MALIGNANT,
+}
+
+
+def band_code(band: Band) -> Code:
+    """The coded value of a melanoma risk band.
+
+    Parameters
+    ----------
+    band:
+        The band of the classification.
+
+    Returns
+    -------
+    pydicom.sr.coding.Code
+        SCT Benign / Indeterminate result / Malignant.
+
+    Raises
+    ------
+    KeyError
+        When ``band`` is not a :class:`~dermnode.inference.types.Band`.
+    """
+    return _BAND_CODES[Band(band)].value
+
+
+class IsicClass(enum.StrEnum):
+    """Diagnostic classes of the ISIC challenges that the classifier may output."""
+
+    AK = "AK"
+    BCC = "BCC"
+    DF = "DF"
+    MEL = "MEL"
+    NV = "NV"
+    BKL = "BKL"
+    SK = "SK"
+    SCC = "SCC"
+    VASC = "VASC"
+
+
+#: Suspected-finding value per ISIC class. BKL ("benign keratosis-like lesion": solar lentigo, seborrhoeic
+#: keratosis and lichen planus-like keratosis) is a grouping without a single SNOMED CT concept, so it is a
+#: private concept; see docs/dicom-conformance.md for the source of each code.
+SUSPECTED_FINDING_CODES: dict[IsicClass, Code] = {
+    IsicClass.AK: Code("201101007", "SCT", "Actinic keratosis"),
+    IsicClass.BCC: Code("254701007", "SCT", "Basal cell carcinoma of skin"),
+    IsicClass.DF: Code("427186000", "SCT", "Dermatofibroma"),
+    IsicClass.MEL: Code("1162635006", "SCT", "Malignant melanoma"),
+    IsicClass.NV: Code("400096001", "SCT", "Melanocytic nevus"),
+    IsicClass.BKL: _private("BKL", "Benign keratosis-like lesion"),
+    IsicClass.SK: Code("69322001", "SCT", "Seborrheic keratosis"),
+    IsicClass.SCC: Code("254651007", "SCT", "Squamous cell carcinoma of skin"),
+    IsicClass.VASC: Code("400210000", "SCT", "Hemangioma"),
+}
+
+
+def suspected_finding_code(isic_class: str) -> Code | None:
+    """The coded suspected finding for an ISIC class code (case-insensitive).
+
+    Parameters
+    ----------
+    isic_class:
+        Class code such as ``"MEL"`` or ``"nv"``.
+
+    Returns
+    -------
+    pydicom.sr.coding.Code or None
+        The concept, or ``None`` for a class dermnode has no code for.
+    """
+    try:
+        return SUSPECTED_FINDING_CODES[IsicClass(isic_class.upper())]
+    except ValueError:
+        logger.warning("no coded concept for classifier class %r", isic_class)
+        return None
+
+
+class MeasurementName(enum.Enum):
+    """Concept names of the lesion measurements (TID 1419 / TID 300 measurement rows)."""
+
+    AREA = codes.SCT.Area  # SCT 42798000, CID 7469
+    MAX_DIAMETER = codes.SCT.LongAxis  # SCT 103339001 "Long axis", CID 7470
+    PERIMETER = codes.SCT.Perimeter  # SCT 131191004, CID 7470
+    ASYMMETRY = _private("ASYMMETRY", "Asymmetry index")
+    BORDER_IRREGULARITY = _private("BORDERIRREG", "Border irregularity index")
+    COLOUR_COUNT = _private("NCOLOURS", "Number of dermoscopic colours")
+    TDS = _private("TDS", "Total Dermoscopy Score")
+    MELANOMA_PROBABILITY = _private("MELPROB", "Melanoma probability")
+
+
+class Unit(enum.Enum):
+    """UCUM units of the measurements."""
+
+    SQUARE_MILLIMETRE = codes.UCUM.SquareMillimeter  # mm2
+    MILLIMETRE = Code("mm", "UCUM", "millimeter")
+    PIXELS = Code("{pixels}", "UCUM", "pixels")
+    NO_UNITS = codes.UCUM.NoUnits  # "1"
+    PERCENT = codes.UCUM.Percent  # "%"
+
+
+def private_scheme_identification() -> Dataset:
+    """An item of the Coding Scheme Identification Sequence (0008,0110) declaring :data:`PRIVATE_SCHEME`.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The sequence item.
+    """
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
+    return item
