@@ -1,0 +1,392 @@
+"""Lesion measurements on a binary mask: size, shape, ABCD features, colours.
+
+All formulas (also in ``docs/measurements.md``):
+
+Geometry (``mask`` at source resolution; ``sx = column spacing``, ``sy = row spacing`` in mm/pixel):
+
+* **area** ``A_px = number of mask pixels``; ``A_mm2 = A_px * sx * sy``.
+* **perimeter** — length of the outer boundary of every connected component: the contour through the centres of
+  the boundary pixels (OpenCV, 8-connected), smoothed with a circular Gaussian of sigma 1 px along the contour
+  (removes the staircase bias of chain codes), as a closed polygon. In mm each contour vertex is first mapped to
+  ``(x * sx, y * sy)``, so anisotropic spacing is exact.
+* **maximum Feret diameter** — the largest distance between two points of the convex hull of the mask, where
+  every boundary pixel contributes its four corners (so a digital disc of diameter ``D`` pixels measures ``D``).
+  In mm the hull vertices are mapped to ``(x * sx, y * sy)`` before the (exhaustive) pairwise search; an affine
+  map keeps the hull a hull, so the maximum is exact for anisotropic pixels.
+* **asymmetry** — the mask is first resampled to square pixels when ``sx != sy``. Centroid ``c`` and principal
+  axes ``u1, u2`` (eigenvectors of the second-moment matrix). For each axis the mask is mirrored about the line
+  through ``c`` along that axis (``p' = c + (2 u u^T - I)(p - c)``) and the non-overlap fraction
+  ``a_k = 1 - |M ∩ M'_k| / |M|`` (0 = symmetric, 1 = no overlap) is computed. ``asymmetry = (a_1 + a_2) / 2``;
+  ``asymmetry_axes`` = number of axes with ``a_k > ASYMMETRY_AXIS_THRESHOLD`` (0.10) — the ABCD "A" score.
+* **border irregularity** — compactness ``P^2 / (4 pi A_c)`` with ``P`` the smoothed perimeter and ``A_c`` the
+  area enclosed by the same smoothed contours (1 for a circle, larger for irregular borders).
+* **border score** (ABCD "B", 0..8) — the image is resampled so that the lesion's equivalent diameter is about
+  256 px; ``L*`` (CIELAB lightness, Gaussian sigma 1) is averaged in four rings defined by the distance ``d`` to
+  the mask border (``w`` = 2% of the equivalent diameter, at least 2 px): near inside (``0 < d <= w``), near
+  outside, far inside (``2w < d <= 4w``) and far outside. The lesion is divided into 8 sectors of 45 degrees
+  around the centroid; in a sector the border is an **abrupt cut-off** when the far contrast
+  ``C_far = L_out,far - L_in,far >= 8`` (a visible lesion/skin step) and the near contrast carries at least half
+  of it (``C_near / C_far >= 0.5``): a gradual fade spreads the step over the wider rings and fails the test.
+  ``border_score`` = number of abrupt sectors.
+
+Colours (the six dermoscopic colours of the ABCD rule). Pixels inside the mask (eroded by 1% of the equivalent
+diameter to skip the boundary blend) are converted to CIELAB (D65, ``L*`` 0..100) after a 3x3 median filter;
+with chroma ``C* = sqrt(a*^2 + b*^2)`` and hue ``h = atan2(b*, a*)`` in degrees, each pixel gets the first
+matching label:
+
+====================  ===============================================================
+white                 ``L* >= 82`` and ``C* < 18``
+black                 ``L* < 22``
+blue-gray             ``22 <= L* < 70``, ``b* <= 2`` and ``a* < 15``
+red                   ``25 <= L* < 80``, ``C* >= 30`` and ``-20 <= h < 38``
+dark brown            ``22 <= L* < 45``, ``C* >= 10`` and ``38 <= h < 90``
+light brown           ``45 <= L* < 82``, ``C* >= 18`` and ``38 <= h < 90``
+====================  ===============================================================
+
+A colour is *present* when at least ``COLOR_MIN_FRACTION`` (5%) of the lesion pixels carry it. No colour
+normalisation is applied (device colour casts shift these thresholds; see the known limits in the docs).
+
+TDS (Stolz): ``TDS = 1.3 A + 0.1 B + 0.5 C + 0.5 D`` with ``A`` = asymmetry_axes, ``B`` = border_score,
+``C`` = number of colours and ``D`` = number of differential structures (network, structureless areas, dots,
+globules, streaks; 1..5). ``D`` is **not measured** by dermnode, so ``Measurements.tds`` is ``None``;
+:func:`tds_bounds` gives the interval of TDS values compatible with the measured A, B, C for ``D`` in 1..5.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from dermnode.inference.types import Measurements, PixelSpacing
+
+logger = logging.getLogger(__name__)
+
+ASYMMETRY_AXIS_THRESHOLD = 0.10
+COLOR_MIN_FRACTION = 0.05
+BORDER_MIN_CONTRAST = 8.0
+BORDER_NEAR_RATIO = 0.5
+COLOR_NAMES: tuple[str, ...] = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
+
+
+def _outer_contours(mask: BoolArray) -> list[FloatArray]:
+    m = np.ascontiguousarray(mask.astype(np.uint8))
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return [c.reshape(-1, 2).astype(np.float64) for c in contours]
+
+
+def _smooth_closed(pts: FloatArray, sigma: float = 1.0) -> FloatArray:
+    n = len(pts)
+    if n < 5:
+        return pts
+    r = math.ceil(3 * sigma)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    ext = np.concatenate([pts[-r:], pts, pts[:r]])
+    out = np.stack([np.convolve(ext[:, i], k, mode="valid") for i in range(2)], axis=1)
+    return out[:n]
+
+
+def _poly_length(pts: FloatArray) -> float:
+    if len(pts) < 2:
+        return 0.0
+    d = np.diff(np.vstack([pts, pts[:1]]), axis=0)
+    return float(np.sqrt((d**2).sum(axis=1)).sum())
+
+
+def _poly_area(pts: FloatArray) -> float:
+    if len(pts) < 3:
+        return 0.0
+    x, y = pts[:, 0], pts[:, 1]
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def _max_feret(mask: BoolArray, sx: float, sy: float) -> float:
+    """Largest distance between hull points of the pixel corners, with x scaled by sx and y by sy."""
+    pts = np.vstack(_outer_contours(mask))
+    corners = np.vstack([pts + np.array(o) for o in ((-0.5, -0.5), (0.5, -0.5), (-0.5, 0.5), (0.5, 0.5))])
+    hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    hull *= np.array([sx, sy])
+    if len(hull) < 2:
+        return 0.0
+    d2 = ((hull[:, None, :] - hull[None, :, :]) ** 2).sum(axis=2)
+    return float(np.sqrt(d2.max()))
+
+
+def _isotropic(mask: BoolArray, sx: float, sy: float) -> BoolArray:
+    """Resample ``mask`` to square pixels (the finer spacing) when the spacing is anisotropic."""
+    if abs(sx - sy) <= 0.01 * max(sx, sy):
+        return mask
+    h, w = mask.shape
+    s = min(sx, sy)
+    nw, nh = max(1, round(w * sx / s)), max(1, round(h * sy / s))
+    out = cv2.resize(mask.astype(np.uint8) * 255, (nw, nh), interpolation=cv2.INTER_LINEAR) >= 128
+    return np.asarray(out, dtype=bool)
+
+
+def asymmetry_scores(mask: BoolArray) -> tuple[float, float]:
+    """Non-overlap fractions after mirroring about the major and the minor principal axis.
+
+    Parameters
+    ----------
+    mask : ndarray
+        Boolean mask (square pixels).
+
+    Returns
+    -------
+    tuple of float
+        ``(a_major, a_minor)``, each in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        When the mask is empty.
+    """
+    if not mask.any():
+        raise ValueError("empty mask")
+    _, mask = _bbox_crop(None, mask, 0.0)
+    ys, xs = np.nonzero(mask)
+    n = len(xs)
+    cx, cy = xs.mean(), ys.mean()
+    cov = np.cov(np.vstack([xs - cx, ys - cy])) if n > 1 else np.eye(2)
+    _, vecs = np.linalg.eigh(cov)
+    axes = [vecs[:, 1], vecs[:, 0]]  # major, minor
+    # pad so that the mirrored shape stays inside the canvas
+    h, w = mask.shape
+    pad = int(max(h, w))
+    m = cv2.copyMakeBorder(mask.astype(np.uint8), pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    c = np.array([cx + pad, cy + pad])
+    out = []
+    for u in axes:
+        r = 2.0 * np.outer(u, u) - np.eye(2)
+        t = c - r @ c
+        aff = np.hstack([r, t[:, None]])
+        mirrored = cv2.warpAffine(m, aff, (m.shape[1], m.shape[0]), flags=cv2.INTER_NEAREST)
+        overlap = int(np.logical_and(m > 0, mirrored > 0).sum())
+        out.append(1.0 - overlap / n)
+    return float(np.clip(out[0], 0, 1)), float(np.clip(out[1], 0, 1))
+
+
+def _lab(rgb: npt.NDArray[np.uint8]) -> FloatArray:
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float64)
+    lab[..., 0] *= 100.0 / 255.0
+    lab[..., 1:] -= 128.0
+    return lab
+
+
+def _bbox_crop(
+    rgb: npt.NDArray[np.uint8] | None, mask: BoolArray, margin: float
+) -> tuple[npt.NDArray[np.uint8] | None, BoolArray]:
+    """Crop to the mask bounding box enlarged by ``margin`` of its size (+4 px) on every side."""
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    py = int(margin * (y1 - y0)) + 4
+    px = int(margin * (x1 - x0)) + 4
+    y0, y1 = max(0, y0 - py), min(mask.shape[0], y1 + py)
+    x0, x1 = max(0, x0 - px), min(mask.shape[1], x1 + px)
+    return (None if rgb is None else rgb[y0:y1, x0:x1]), mask[y0:y1, x0:x1]
+
+
+def _working_scale(mask: BoolArray, target_diameter: float = 256.0) -> float:
+    eq_d = math.sqrt(4.0 * float(mask.sum()) / math.pi)
+    return min(1.0, target_diameter / max(eq_d, 1.0)) if eq_d > 0 else 1.0
+
+
+def _resize_pair(
+    rgb: npt.NDArray[np.uint8], mask: BoolArray, scale: float
+) -> tuple[npt.NDArray[np.uint8], BoolArray]:
+    if scale >= 0.999:
+        return rgb, mask
+    h, w = mask.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    r = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+    m = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=cv2.INTER_AREA) >= 128
+    return r, np.asarray(m, dtype=bool)
+
+
+def border_score(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> tuple[int, list[bool]]:
+    """ABCD border score: number of the 8 sectors whose border is an abrupt cut-off.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    mask : ndarray
+        Boolean lesion mask (H, W).
+
+    Returns
+    -------
+    tuple
+        ``(score 0..8, per-sector flags)``.
+    """
+    if not mask.any():
+        return 0, [False] * 8
+    crop, cm = _bbox_crop(rgb, mask, 0.25)
+    assert crop is not None
+    r, m = _resize_pair(np.ascontiguousarray(crop), cm, _working_scale(cm))
+    if not m.any():
+        return 0, [False] * 8
+    L = cv2.GaussianBlur(_lab(r)[..., 0], (0, 0), 1.0)
+    mu8 = m.astype(np.uint8)
+    d_in = cv2.distanceTransform(mu8, cv2.DIST_L2, 5)
+    d_out = cv2.distanceTransform(1 - mu8, cv2.DIST_L2, 5)
+    eq_d = math.sqrt(4.0 * float(m.sum()) / math.pi)
+    w = max(2.0, 0.02 * eq_d)
+    ys, xs = np.nonzero(m)
+    cx, cy = xs.mean(), ys.mean()
+    yy, xx = np.mgrid[0 : m.shape[0], 0 : m.shape[1]]
+    sector = ((np.degrees(np.arctan2(yy - cy, xx - cx)) + 360.0) % 360.0 // 45.0).astype(np.int64)
+    near_in = m & (d_in <= w)
+    near_out = ~m & (d_out <= w) & (d_out > 0)
+    far_in = m & (d_in > 2 * w) & (d_in <= 4 * w)
+    far_out = ~m & (d_out > 2 * w) & (d_out <= 4 * w)
+    flags = []
+    for s in range(8):
+        sel = sector == s
+        rings = [near_in & sel, near_out & sel, far_in & sel, far_out & sel]
+        if min(int(x.sum()) for x in rings) < 3:
+            flags.append(False)  # not enough pixels (lesion at the image edge, tiny lesion)
+            continue
+        ni, no, fi, fo = (float(L[x].mean()) for x in rings)
+        c_far = fo - fi
+        c_near = no - ni
+        flags.append(bool(c_far >= BORDER_MIN_CONTRAST and c_near / c_far >= BORDER_NEAR_RATIO))
+    return int(sum(flags)), flags
+
+
+def color_fractions(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> dict[str, float]:
+    """Fraction of lesion pixels carrying each of the six dermoscopic colours (rules in the module docstring).
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    mask : ndarray
+        Boolean lesion mask.
+
+    Returns
+    -------
+    dict
+        Colour name -> fraction of the (eroded) lesion pixels in [0, 1].
+    """
+    out = dict.fromkeys(COLOR_NAMES, 0.0)
+    if not mask.any():
+        return out
+    crop, cm = _bbox_crop(rgb, mask, 0.0)
+    assert crop is not None
+    r, m = _resize_pair(np.ascontiguousarray(crop), cm, _working_scale(cm, 384.0))
+    eq_d = math.sqrt(4.0 * float(m.sum()) / math.pi)
+    k = round(0.01 * eq_d)
+    if k >= 1:
+        eroded = cv2.erode(m.astype(np.uint8), np.ones((2 * k + 1, 2 * k + 1), np.uint8)) > 0
+        if eroded.sum() >= 0.3 * m.sum():
+            m = eroded
+    if not m.any():
+        return out
+    lab = _lab(np.asarray(cv2.medianBlur(r, 3), dtype=np.uint8))[m]
+    L, a, b = lab[:, 0], lab[:, 1], lab[:, 2]
+    C = np.hypot(a, b)
+    h = np.degrees(np.arctan2(b, a))
+    free = np.ones(len(L), dtype=bool)
+    rules = [
+        ("white", (L >= 82) & (C < 18)),
+        ("black", L < 22),
+        ("blue-gray", (L >= 22) & (L < 70) & (b <= 2) & (a < 15)),
+        ("red", (L >= 25) & (L < 80) & (C >= 30) & (h >= -20) & (h < 38)),
+        ("dark brown", (L >= 22) & (L < 45) & (C >= 10) & (h >= 38) & (h < 90)),
+        ("light brown", (L >= 45) & (L < 82) & (C >= 18) & (h >= 38) & (h < 90)),
+    ]
+    n = float(len(L))
+    for name, rule in rules:
+        hit = rule & free
+        out[name] = float(hit.sum()) / n
+        free &= ~hit
+    return out
+
+
+def tds_bounds(m: Measurements) -> tuple[float, float]:
+    """Range of the Stolz TDS compatible with the measured A, B, C when D (structures, 1..5) is unknown.
+
+    Parameters
+    ----------
+    m : Measurements
+        Measurements of one lesion.
+
+    Returns
+    -------
+    tuple of float
+        ``(TDS with D = 1, TDS with D = 5)``.
+    """
+    base = 1.3 * m.asymmetry_axes + 0.1 * m.border_score + 0.5 * len(m.colors)
+    return base + 0.5, base + 2.5
+
+
+def measure(
+    mask: npt.NDArray[np.bool_], rgb: npt.NDArray[np.uint8], spacing: PixelSpacing | None
+) -> Measurements:
+    """Measure a lesion (see the module docstring for every formula).
+
+    Parameters
+    ----------
+    mask : ndarray
+        Boolean lesion mask (H, W) at source resolution.
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    spacing : PixelSpacing or None
+        Physical pixel size; ``None`` leaves every ``*_mm*`` value ``None``.
+
+    Returns
+    -------
+    Measurements
+        The measurements (``tds`` is ``None``: differential structures are not measured).
+
+    Raises
+    ------
+    ValueError
+        When the mask is empty or its shape does not match the image.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2 or rgb.shape[:2] != mask.shape:
+        raise ValueError(f"mask {mask.shape} does not match image {rgb.shape}")
+    area_px = int(mask.sum())
+    if area_px == 0:
+        raise ValueError("cannot measure an empty mask")
+    sx = spacing.column_mm if spacing is not None else 1.0
+    sy = spacing.row_mm if spacing is not None else 1.0
+
+    contours = [_smooth_closed(c) for c in _outer_contours(mask)]
+    perim_px = sum(_poly_length(c) for c in contours)
+    enclosed = sum(_poly_area(c) for c in contours)
+    perim_mm = sum(_poly_length(c * np.array([sx, sy])) for c in contours) if spacing is not None else None
+    compact = perim_px**2 / (4.0 * math.pi * enclosed) if enclosed > 0 else float("inf")
+    if not math.isfinite(compact):
+        compact = perim_px**2 / (4.0 * math.pi * area_px)
+
+    feret_px = _max_feret(mask, 1.0, 1.0)
+    feret_mm = _max_feret(mask, sx, sy) if spacing is not None else None
+
+    a_major, a_minor = asymmetry_scores(_isotropic(mask, sx, sy))
+    axes = int(a_major > ASYMMETRY_AXIS_THRESHOLD) + int(a_minor > ASYMMETRY_AXIS_THRESHOLD)
+    b_score, _ = border_score(rgb, mask)
+    fractions = color_fractions(rgb, mask)
+    colors = tuple(c for c in COLOR_NAMES if fractions[c] >= COLOR_MIN_FRACTION)
+    return Measurements(
+        area_px=area_px,
+        area_mm2=area_px * sx * sy if spacing is not None else None,
+        perimeter_px=float(perim_px),
+        perimeter_mm=float(perim_mm) if perim_mm is not None else None,
+        max_diameter_px=float(feret_px),
+        max_diameter_mm=float(feret_mm) if feret_mm is not None else None,
+        asymmetry=float((a_major + a_minor) / 2.0),
+        asymmetry_axes=axes,
+        border_irregularity=float(compact),
+        border_score=b_score,
+        colors=colors,
+        tds=None,
+    )
