@@ -50,10 +50,19 @@ PROCEDURE_DERMOSCOPY = Code("446078004", "SCT", "Dermoscopic photography")
 FINDING_TYPE_SKIN_LESION: Code = codes.SCT.SkinLesion
 #: Concept name of the suspected diagnosis: DCM 111023 "Differential Diagnosis/Impression".
 SUSPECTED_FINDING: Code = codes.DCM.DifferentialDiagnosisImpression
+#: Observer Type of the device observer context (TID 1002): DCM 121007 "Device".
+OBSERVER_DEVICE: Code = codes.DCM.Device
 #: Concept name of free-text remarks (disclaimer, reason not analysable): DCM 121106 "Comment".
 COMMENT: Code = codes.DCM.Comment
 #: TID 1500 row 12 container of report-level qualitative evaluations: UMLS C0034375.
 QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+
+#: TID 1600 Image Library concepts (DCM 111028, DCM 126200, DCM 121139, SCT 260753009) and the DMS modality.
+IMAGE_LIBRARY: Code = codes.DCM.ImageLibrary
+IMAGE_LIBRARY_GROUP: Code = codes.DCM.ImageLibraryGroup
+MODALITY: Code = codes.DCM.Modality
+SOURCE = Code("260753009", "SCT", "Source")
+MODALITY_DERMOSCOPY: Code = codes.DCM.Dermoscopy
 
 #: Concept name of the melanoma risk band (no standard concept: private).
 RISK_BAND = _private("RISKBAND", "Melanoma risk band")
