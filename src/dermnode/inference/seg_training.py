@@ -304,6 +304,7 @@ def train_segmentation(
     lr: float = 3e-3,
     weight_decay: float = 1e-4,
     limit: int | None = None,
+    time_budget_s: float | None = None,
 ) -> Path:
     """Train a segmentation network and export the best epoch.
 
@@ -334,6 +335,10 @@ def train_segmentation(
         AdamW peak learning rate and weight decay.
     limit:
         Use only the first ``limit`` images of each split (smoke runs).
+    time_budget_s:
+        Optional wall-clock budget for the training loop (summed over resumed runs). After each epoch the
+        number of epochs is cut to what fits the budget at the measured mean epoch time, and the cosine
+        learning-rate schedule is stretched or shrunk to end with the last epoch.
 
     Returns
     -------
@@ -362,12 +367,13 @@ def train_segmentation(
     model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(train.ids) // batch_size)
-    total_steps = epochs * steps_per_epoch
-    warmup = min(steps_per_epoch, max(1, total_steps // 10))
+    plan = {"epochs": epochs}  # planned number of epochs, shrunk to fit ``time_budget_s``
+    warmup = min(steps_per_epoch, max(1, epochs * steps_per_epoch // 10))
 
     def lr_lambda(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        total_steps = plan["epochs"] * steps_per_epoch
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -376,6 +382,7 @@ def train_segmentation(
     history: list[dict[str, Any]] = []
     best_dice = -1.0
     start_epoch = 0
+    elapsed = 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
         try:
@@ -387,19 +394,22 @@ def train_segmentation(
             history = ckpt["history"]
             best_dice = float(ckpt["best_dice"])
             start_epoch = int(ckpt["epoch"])
+            elapsed = float(ckpt.get("elapsed_s", 0.0))
+            plan["epochs"] = int(ckpt.get("planned_epochs", epochs))
         except (OSError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot resume from {ckpt_path}: {exc}") from exc
         logger.info("resuming after epoch %d (best val Dice %.4f)", start_epoch, best_dice)
     eval_model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
     exported = out_dir / f"{MODEL_NAME}.pt"
-    for epoch in range(start_epoch, epochs):
+    epoch = start_epoch
+    while epoch < plan["epochs"]:
         t0 = time.time()
         rng = np.random.default_rng([seed, epoch])
         torch.manual_seed(seed * 1000 + epoch)
         order = rng.permutation(len(train.ids))
         model.train()
         losses: list[float] = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", mininterval=20)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{plan['epochs']}", mininterval=20)
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
             pairs = [augment(train.images[i], train.masks[i], image_size, rng) for i in idx]
@@ -415,6 +425,11 @@ def train_segmentation(
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         eval_model.load_state_dict(ema.shadow)
         metrics = validate(eval_model, val, image_size)
+        elapsed += time.time() - t0
+        if time_budget_s is not None:
+            mean_epoch_s = elapsed / (epoch + 1)
+            fit = int(time_budget_s / max(mean_epoch_s, 1e-9))
+            plan["epochs"] = max(epoch + 1, min(plan["epochs"], fit))  # only ever shrinks
         record = {
             "epoch": epoch + 1,
             "train_loss": float(np.mean(losses)),
@@ -454,6 +469,8 @@ def train_segmentation(
                 "history": history,
                 "best_dice": best_dice,
                 "epoch": epoch + 1,
+                "planned_epochs": plan["epochs"],
+                "elapsed_s": elapsed,
                 "arch": arch,
                 "arch_kwargs": kwargs,
                 "image_size": image_size,
@@ -466,7 +483,7 @@ def train_segmentation(
         logger.info(
             "epoch %d/%d loss %.4f val dice %.4f jaccard %.4f thr-jaccard %.4f (%.0f s)%s",
             epoch + 1,
-            epochs,
+            plan["epochs"],
             record["train_loss"],
             metrics["dice"],
             metrics["jaccard"],
@@ -474,6 +491,7 @@ def train_segmentation(
             record["seconds"],
             " *best*" if improved else "",
         )
+        epoch += 1
     if not exported.exists():
         raise ModelError(f"training produced no model in {out_dir}")
     return exported

@@ -1,0 +1,510 @@
+"""Dermoscopy artefacts: the black dermoscope frame (vignette), hair, and optional contrast enhancement.
+
+* :func:`detect_frame` finds the dark frame/vignette as the dark regions connected to the image border;
+  :func:`fill_frame` paints it with the surrounding skin colour (so it does not look like lesion).
+* :func:`remove_hair_blackhat` is the classic recipe (grey level, black-hat with a 17x17 cross, threshold
+  10, Telea inpainting radius 1); :func:`remove_hair_multiscale` is a stronger variant (black-hat with line
+  structuring elements at several orientations and lengths, elongation filter, dilated mask, inpainting
+  radius 3).
+* :func:`apply_clahe` equalises the L channel of CIE Lab.
+* :func:`remove_artefacts` applies everything selected by :class:`~dermnode.settings.AnalysisSettings`
+  (``hair_removal`` "none" | "blackhat" | "multiscale", ``clahe``).
+
+All functions take and return ``(H, W, 3)`` uint8 RGB arrays and never modify their input. Large images
+are analysed on a grid whose longer side is at most ``work_max_side`` pixels; masks are returned at full
+resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from dermnode.settings import AnalysisSettings
+
+logger = logging.getLogger(__name__)
+
+HAIR_METHODS = ("none", "blackhat", "multiscale")
+WORK_MAX_SIDE = 1024
+
+RGBImage = npt.NDArray[np.uint8]
+BoolMask = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class FrameDetection:
+    """Dark dermoscope frame: ``frame_mask`` is ``True`` on frame pixels; ``fraction`` of the image."""
+
+    frame_mask: BoolMask
+    fraction: float
+
+    @property
+    def valid_mask(self) -> BoolMask:
+        """Pixels that show skin (the complement of the frame)."""
+        out: BoolMask = ~self.frame_mask
+        return out
+
+
+@dataclass(frozen=True)
+class HairRemovalResult:
+    """Image with hair inpainted and the detected hair mask (full resolution)."""
+
+    image: RGBImage
+    hair_mask: BoolMask
+
+    @property
+    def hair_fraction(self) -> float:
+        """Fraction of the image detected as hair."""
+        return float(self.hair_mask.mean()) if self.hair_mask.size else 0.0
+
+
+@dataclass(frozen=True)
+class ArtefactResult:
+    """Output of :func:`remove_artefacts`: the cleaned image plus the frame and hair masks."""
+
+    image: RGBImage
+    frame: FrameDetection
+    hair_mask: BoolMask
+    hair_method: str
+    clahe: bool
+
+
+def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+
+
+def _work_scale(shape: tuple[int, ...], work_max_side: int) -> float:
+    return min(1.0, work_max_side / max(shape[0], shape[1]))
+
+
+def _resize(a: npt.NDArray[np.uint8], scale: float, interpolation: int) -> npt.NDArray[np.uint8]:
+    if scale == 1.0:
+        return a
+    h, w = a.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(cv2.resize(a, size, interpolation=interpolation), dtype=np.uint8)
+
+
+def _upsample_mask(mask: BoolMask, shape: tuple[int, int]) -> BoolMask:
+    if mask.shape == shape:
+        return mask
+    up = cv2.resize(mask.astype(np.uint8) * 255, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    out: BoolMask = np.asarray(up) >= 128
+    return out
+
+
+def luminance(rgb: RGBImage) -> RGBImage:
+    """Rec. 601 luma of an RGB image as uint8.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` uint8.
+    """
+    return np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
+
+
+def detect_frame(
+    rgb: RGBImage,
+    *,
+    dark_threshold: int = 40,
+    min_fraction: float = 0.005,
+    margin_px: int = 2,
+    work_max_side: int = WORK_MAX_SIDE,
+) -> FrameDetection:
+    """Detect the black dermoscope frame or vignette.
+
+    Pixels darker than ``dark_threshold`` (luma, after a light blur) form candidate regions; thin dark
+    structures (hair) are removed by a morphological opening; the regions that touch the image border and
+    cover at least ``min_fraction`` of the image are the frame. The frame is grown by ``margin_px`` to
+    cover its soft edge.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+    dark_threshold:
+        Luma (0..255) below which a pixel may belong to the frame.
+    min_fraction:
+        Smallest frame region kept, as a fraction of the image.
+    margin_px:
+        Dilation of the frame at working resolution.
+    work_max_side:
+        Longer side of the analysis grid.
+
+    Returns
+    -------
+    FrameDetection
+        Frame mask at full resolution and its area fraction (an all-``False`` mask when there is no frame).
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an ``(H, W, 3)`` uint8 image.
+    """
+    _check_rgb(rgb)
+    h, w = rgb.shape[:2]
+    scale = _work_scale(rgb.shape, work_max_side)
+    small = _resize(rgb, scale, cv2.INTER_AREA)
+    gray = np.asarray(cv2.GaussianBlur(luminance(small), (5, 5), 0), dtype=np.uint8)
+    dark = (gray < dark_threshold).astype(np.uint8)
+    k = max(3, round(min(gray.shape) * 0.01) | 1)
+    dark = np.asarray(
+        cv2.morphologyEx(dark, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))),
+        dtype=np.uint8,
+    )
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=8)
+    border_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    keep = [int(lab) for lab in border_labels if lab != 0 and stats[lab, cv2.CC_STAT_AREA] >= min_fraction * dark.size]
+    frame = np.isin(labels, keep) if keep else np.zeros(dark.shape, dtype=bool)
+    if keep and margin_px > 0:
+        kk = 2 * margin_px + 1
+        frame = (
+            np.asarray(cv2.dilate(frame.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kk, kk)))) > 0
+        )
+    full = _upsample_mask(frame, (h, w))
+    return FrameDetection(frame_mask=full, fraction=float(full.mean()))
+
+
+def fill_frame(rgb: RGBImage, frame_mask: BoolMask) -> RGBImage:
+    """Paint the frame with the median colour of the skin just inside it.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+    frame_mask:
+        ``(H, W)`` boolean frame mask (e.g. :attr:`FrameDetection.frame_mask`).
+
+    Returns
+    -------
+    numpy.ndarray
+        A copy of ``rgb`` with the frame filled (unchanged copy when the mask is empty or covers everything).
+
+    Raises
+    ------
+    ValueError
+        When the shapes do not match.
+    """
+    _check_rgb(rgb)
+    if frame_mask.shape != rgb.shape[:2]:
+        raise ValueError(f"frame mask shape {frame_mask.shape} does not match the image {rgb.shape[:2]}")
+    out = rgb.copy()
+    if not frame_mask.any() or frame_mask.all():
+        return out
+    k = max(3, round(min(frame_mask.shape) * 0.03) | 1)
+    ring = (
+        np.asarray(cv2.dilate(frame_mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))) > 0
+    ) & ~frame_mask
+    source = rgb[ring] if ring.any() else rgb[~frame_mask]
+    out[frame_mask] = np.median(source, axis=0).astype(np.uint8)
+    return out
+
+
+def _inpaint(
+    rgb: RGBImage, mask_small: npt.NDArray[np.uint8], scale: float, radius: float
+) -> tuple[RGBImage, BoolMask]:
+    """Inpaint at working resolution and composite the inpainted pixels into the full image."""
+    h, w = rgb.shape[:2]
+    full_mask = _upsample_mask(mask_small > 0, (h, w))
+    if not full_mask.any():
+        return rgb.copy(), full_mask
+    if scale == 1.0:
+        return np.asarray(cv2.inpaint(rgb, mask_small, radius, cv2.INPAINT_TELEA), dtype=np.uint8), full_mask
+    small = _resize(rgb, scale, cv2.INTER_AREA)
+    filled = np.asarray(cv2.inpaint(small, mask_small, radius, cv2.INPAINT_TELEA), dtype=np.uint8)
+    up = np.asarray(cv2.resize(filled, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
+    out = rgb.copy()
+    out[full_mask] = up[full_mask]
+    return out, full_mask
+
+
+def remove_hair_blackhat(
+    rgb: RGBImage,
+    *,
+    kernel_size: int = 17,
+    threshold: int = 10,
+    inpaint_radius: float = 1.0,
+    work_max_side: int = WORK_MAX_SIDE,
+) -> HairRemovalResult:
+    """Classic hair removal: grey level, black-hat (cross kernel), threshold, Telea inpainting.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+    kernel_size:
+        Side of the cross-shaped structuring element.
+    threshold:
+        Black-hat response (grey levels) above which a pixel is hair.
+    inpaint_radius:
+        Telea inpainting radius in pixels.
+    work_max_side:
+        Longer side of the analysis grid.
+
+    Returns
+    -------
+    HairRemovalResult
+        Inpainted image and hair mask.
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an ``(H, W, 3)`` uint8 image.
+    """
+    _check_rgb(rgb)
+    scale = _work_scale(rgb.shape, work_max_side)
+    small = _resize(rgb, scale, cv2.INTER_AREA)
+    gray = luminance(small)
+    kernel = cv2.getStructuringElement(cv2.MORPH_CROSS, (kernel_size, kernel_size))
+    blackhat = np.asarray(cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, kernel), dtype=np.uint8)
+    mask = ((blackhat > threshold) * 255).astype(np.uint8)
+    image, full_mask = _inpaint(rgb, mask, scale, inpaint_radius)
+    return HairRemovalResult(image=image, hair_mask=full_mask)
+
+
+def line_kernel(length: int, angle_deg: float) -> npt.NDArray[np.uint8]:
+    """A one-pixel-wide line structuring element of ``length`` pixels at ``angle_deg`` degrees.
+
+    Parameters
+    ----------
+    length:
+        Line length in pixels (odd values centre the line).
+    angle_deg:
+        Orientation, counter-clockwise from the horizontal.
+
+    Returns
+    -------
+    numpy.ndarray
+        Square uint8 kernel with ones on the line.
+    """
+    size = length | 1
+    kernel = np.zeros((size, size), np.uint8)
+    c = size // 2
+    dx = math.cos(math.radians(angle_deg)) * (length - 1) / 2.0
+    dy = -math.sin(math.radians(angle_deg)) * (length - 1) / 2.0
+    p1 = (round(c - dx), round(c - dy))
+    p2 = (round(c + dx), round(c + dy))
+    cv2.line(kernel, p1, p2, 1, 1)
+    return kernel
+
+
+def hair_mask_multiscale(
+    gray: npt.NDArray[np.uint8],
+    *,
+    lengths: tuple[int, ...] = (15, 31),
+    n_angles: int = 12,
+    threshold: int = 12,
+    min_elongation: float = 3.0,
+    dilate_px: int = 1,
+) -> npt.NDArray[np.uint8]:
+    """Hair mask from oriented black-hat responses (grey image at working resolution).
+
+    For each line length and orientation the closing with a line element fills dark structures narrower
+    than the line; the maximum black-hat over orientations and lengths marks thin dark curvilinear
+    structures. Connected components that are not elongated (dots, globules, the lesion body) are dropped,
+    and the mask is dilated to cover the hair's soft edge.
+
+    Parameters
+    ----------
+    gray:
+        ``(H, W)`` uint8 grey image.
+    lengths:
+        Line lengths in pixels.
+    n_angles:
+        Number of orientations over 180 degrees.
+    threshold:
+        Black-hat response above which a pixel is hair.
+    min_elongation:
+        Minimum ratio of the long to the short side of a component's rotated bounding box, unless the
+        component is large and sparse (a hair network).
+    dilate_px:
+        Dilation radius of the final mask.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` uint8 mask, 255 on hair.
+    """
+    smooth = np.asarray(cv2.GaussianBlur(gray, (3, 3), 0), dtype=np.uint8)
+    response = np.zeros_like(smooth)
+    for length in lengths:
+        for i in range(n_angles):
+            k = line_kernel(length, 180.0 * i / n_angles)
+            closed = np.asarray(cv2.morphologyEx(smooth, cv2.MORPH_CLOSE, k), dtype=np.uint8)
+            np.maximum(response, cv2.subtract(closed, smooth), out=response)
+    raw = (response > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)
+    keep = np.zeros(n, dtype=bool)
+    min_area = max(8, int(0.00002 * raw.size))
+    for lab in range(1, n):
+        area = int(stats[lab, cv2.CC_STAT_AREA])
+        if area < min_area:
+            continue
+        bw, bh = int(stats[lab, cv2.CC_STAT_WIDTH]), int(stats[lab, cv2.CC_STAT_HEIGHT])
+        if area < 0.25 * bw * bh and max(bw, bh) > 20:  # sparse: a curved hair or a network of hairs
+            keep[lab] = True
+            continue
+        x0, y0 = int(stats[lab, cv2.CC_STAT_LEFT]), int(stats[lab, cv2.CC_STAT_TOP])
+        ys, xs = np.nonzero(labels[y0 : y0 + bh, x0 : x0 + bw] == lab)
+        (_, _), (rw, rh), _ = cv2.minAreaRect(np.column_stack([xs, ys]).astype(np.float32))
+        long_side, short_side = max(rw, rh), max(1.0, min(rw, rh))
+        keep[lab] = long_side / short_side >= min_elongation
+    mask = (keep[labels] * 255).astype(np.uint8)
+    if dilate_px > 0:
+        kk = 2 * dilate_px + 1
+        mask = np.asarray(cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kk, kk))), dtype=np.uint8)
+    return mask
+
+
+def remove_hair_multiscale(
+    rgb: RGBImage,
+    *,
+    lengths: tuple[int, ...] = (15, 31),
+    n_angles: int = 12,
+    threshold: int = 12,
+    inpaint_radius: float = 3.0,
+    work_max_side: int = WORK_MAX_SIDE,
+) -> HairRemovalResult:
+    """Stronger hair removal: oriented multi-scale black-hat, elongation filter, dilated mask, Telea radius 3.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+    lengths, n_angles, threshold:
+        See :func:`hair_mask_multiscale`.
+    inpaint_radius:
+        Telea inpainting radius in pixels.
+    work_max_side:
+        Longer side of the analysis grid.
+
+    Returns
+    -------
+    HairRemovalResult
+        Inpainted image and hair mask.
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an ``(H, W, 3)`` uint8 image.
+    """
+    _check_rgb(rgb)
+    scale = _work_scale(rgb.shape, work_max_side)
+    small = _resize(rgb, scale, cv2.INTER_AREA)
+    mask = hair_mask_multiscale(luminance(small), lengths=lengths, n_angles=n_angles, threshold=threshold)
+    image, full_mask = _inpaint(rgb, mask, scale, inpaint_radius)
+    return HairRemovalResult(image=image, hair_mask=full_mask)
+
+
+def remove_hair(rgb: RGBImage, method: str) -> HairRemovalResult:
+    """Dispatch on the ``analysis.hair_removal`` setting.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+    method:
+        ``"none"``, ``"blackhat"`` or ``"multiscale"``.
+
+    Returns
+    -------
+    HairRemovalResult
+        For ``"none"`` a copy of the image and an empty mask.
+
+    Raises
+    ------
+    ValueError
+        When ``method`` is unknown or the image is not RGB uint8.
+    """
+    _check_rgb(rgb)
+    if method == "none":
+        return HairRemovalResult(image=rgb.copy(), hair_mask=np.zeros(rgb.shape[:2], dtype=bool))
+    if method == "blackhat":
+        return remove_hair_blackhat(rgb)
+    if method == "multiscale":
+        return remove_hair_multiscale(rgb)
+    raise ValueError(f"unknown hair removal method {method!r} (choose from {', '.join(HAIR_METHODS)})")
+
+
+def apply_clahe(rgb: RGBImage, clip_limit: float = 2.0, tile_grid: int = 8) -> RGBImage:
+    """Contrast-limited adaptive histogram equalisation of the L channel (CIE Lab).
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB.
+    clip_limit:
+        CLAHE clip limit.
+    tile_grid:
+        Tiles per side.
+
+    Returns
+    -------
+    numpy.ndarray
+        The enhanced RGB image.
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an ``(H, W, 3)`` uint8 image.
+    """
+    _check_rgb(rgb)
+    lab = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB), dtype=np.uint8)
+    clahe = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tile_grid, tile_grid))
+    lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+    return np.asarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB), dtype=np.uint8)
+
+
+def remove_artefacts(rgb: RGBImage, settings: AnalysisSettings) -> ArtefactResult:
+    """Frame detection and filling, hair removal and optional CLAHE, as configured.
+
+    The frame is detected first and filled with skin colour, so it is neither taken for hair nor for
+    lesion; hair is then removed with ``settings.hair_removal`` and, if ``settings.clahe``, the contrast
+    is equalised. Hair detected inside the frame is discarded.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB at source resolution.
+    settings:
+        Analysis settings (``hair_removal``, ``clahe``).
+
+    Returns
+    -------
+    ArtefactResult
+        Cleaned image, frame detection and hair mask.
+
+    Raises
+    ------
+    ValueError
+        When the image is not RGB uint8 or the hair removal method is unknown.
+    """
+    frame = detect_frame(rgb)
+    image = fill_frame(rgb, frame.frame_mask)
+    hair = remove_hair(image, settings.hair_removal)
+    image = hair.image
+    hair_mask = hair.hair_mask & ~frame.frame_mask
+    if settings.clahe:
+        image = apply_clahe(image)
+    logger.debug(
+        "artefacts: frame %.3f, hair %.3f (%s), clahe %s",
+        frame.fraction,
+        float(hair_mask.mean()),
+        settings.hair_removal,
+        settings.clahe,
+    )
+    return ArtefactResult(
+        image=image, frame=frame, hair_mask=hair_mask, hair_method=settings.hair_removal, clahe=settings.clahe
+    )

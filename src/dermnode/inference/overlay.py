@@ -1,0 +1,96 @@
+"""Lesion outline overlays for human review (FHIR attachment, reports)."""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from dermnode.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+OUTLINE_RGB = (0, 255, 0)
+LABEL = "decision support only"
+
+
+def render_overlay(
+    rgb: npt.NDArray[np.uint8],
+    mask: npt.NDArray[np.bool_] | None,
+    *,
+    color: tuple[int, int, int] = OUTLINE_RGB,
+    thickness: int | None = None,
+    label: str | None = LABEL,
+) -> npt.NDArray[np.uint8]:
+    """Draw the lesion outline (and a small label) on a copy of the image.
+
+    Parameters
+    ----------
+    rgb:
+        ``(H, W, 3)`` uint8 RGB image.
+    mask:
+        ``(H, W)`` boolean lesion mask; ``None`` or empty draws no outline.
+    color:
+        Outline colour (RGB).
+    thickness:
+        Outline width in pixels; default 2 px, 3 px for images wider than 1500 px.
+    label:
+        Text written in the top-left corner; ``None`` for none.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB overlay.
+
+    Raises
+    ------
+    ValueError
+        When the image is not RGB uint8 or the mask shape differs.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+    out = np.ascontiguousarray(rgb).copy()
+    h, w = out.shape[:2]
+    if thickness is None:
+        thickness = 3 if max(h, w) > 1500 else 2
+    if mask is not None:
+        if mask.shape != (h, w):
+            raise ValueError(f"mask shape {mask.shape} does not match the image {(h, w)}")
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, contours, -1, color, thickness, lineType=cv2.LINE_AA)
+    if label:
+        scale = max(0.4, min(h, w) / 900.0)
+        (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        x0, y0 = 4, 4
+        cv2.rectangle(out, (x0, y0), (x0 + tw + 6, y0 + th + base + 6), (0, 0, 0), -1)
+        cv2.putText(out, label, (x0 + 3, y0 + th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def encode_png(arr: npt.NDArray[np.uint8]) -> bytes:
+    """Encode an RGB (``(H, W, 3)``) or grey (``(H, W)``) uint8 array as PNG.
+
+    Parameters
+    ----------
+    arr:
+        Image to encode (RGB channel order).
+
+    Returns
+    -------
+    bytes
+        PNG file contents.
+
+    Raises
+    ------
+    OutputError
+        When the array cannot be encoded.
+    """
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise OutputError(f"cannot encode an array of {arr.dtype} {arr.shape} as PNG")
+    bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr
+    ok, buf = cv2.imencode(".png", bgr)
+    if not ok:
+        raise OutputError("PNG encoding failed")
+    return bytes(buf.tobytes())
