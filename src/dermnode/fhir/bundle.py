@@ -1,0 +1,571 @@
+"""Build the FHIR transaction Bundle that reports one analysis (decision support only).
+
+The bundle holds, in this order: a conditional-create ``Patient`` (identifier only), the algorithm ``Device``,
+the ``ImagingStudy`` (unless ``fhir.imaging_study_resource`` is off), one ``Observation`` per finding and the
+``DiagnosticReport``. Every entry is ``POST`` with ``ifNoneExist`` on a deterministic business identifier and
+every ``fullUrl`` is a ``urn:uuid:`` derived (uuid5) from the source SOP Instance UID and the entry's role, so
+rebuilding the bundle gives the same JSON and re-posting it after a lost answer never duplicates a resource.
+
+The design choices (where the algorithm Device goes in R4/R5, how Observations are traced to the DICOM SR, why
+the Patient is a conditional create) are documented in ``docs/fhir.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import ValidationError
+from pydicom.dataset import Dataset
+
+from dermnode import __version__
+from dermnode.errors import OutputError
+from dermnode.fhir import codes as C
+from dermnode.inference.types import AnalysisResult, AnalysisStatus, Band, Measurements, ModelIdentity
+from dermnode.settings import FhirSettings
+
+logger = logging.getLogger(__name__)
+
+JsonDict = dict[str, Any]
+
+#: Namespace of the uuid5 ``fullUrl``s and generated identifiers.
+UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://dermnode.example/fhir/bundle")
+#: Every conclusion carries this phrase.
+DISCLAIMER = "decision support only, not a diagnosis"
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+_MODALITY_DISPLAY = {
+    "DMS": "Dermoscopy",
+    "XC": "External-camera Photography",
+    "OT": "Other",
+    "SEG": "Segmentation",
+    "SR": "SR Document",
+}
+_OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
+_DA = re.compile(r"^(\d{4})(\d{2})?(\d{2})?$")
+_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
+_TZ = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+def _uuid(source_uid: str, role: str) -> str:
+    return str(uuid.uuid5(UUID_NAMESPACE, f"{source_uid}|{role}"))
+
+
+def _urn(source_uid: str, role: str) -> str:
+    return f"urn:uuid:{_uuid(source_uid, role)}"
+
+
+def _escape_token(text: str) -> str:
+    """Escape FHIR search special characters, then percent-encode for a query string."""
+    for ch in ("\\", "|", ",", "$"):
+        text = text.replace(ch, "\\" + ch)
+    return quote(text, safe=":/.-_~")
+
+
+def _if_none_exist(identifier: JsonDict) -> str:
+    return f"identifier={_escape_token(identifier['system'])}|{_escape_token(identifier['value'])}"
+
+
+def _models_digest(models: Sequence[ModelIdentity]) -> str:
+    return hashlib.sha256("|".join(sorted(m.sha256 for m in models)).encode()).hexdigest()
+
+
+# --- DICOM -> FHIR value helpers ---------------------------------------------------------------------------
+def _patient_identifier(ds: Dataset, settings: FhirSettings) -> JsonDict:
+    patient_id = str(ds.get("PatientID", "") or "").strip()
+    if not patient_id:
+        raise OutputError("the source image has no Patient ID: the report cannot name its subject")
+    system = ""
+    issuer = str(ds.get("IssuerOfPatientID", "") or "").strip()
+    if issuer.lower().startswith("urn:oid:"):
+        issuer = issuer[8:]
+    if _OID.match(issuer):
+        system = f"urn:oid:{issuer}"
+    else:
+        for item in ds.get("IssuerOfPatientIDQualifiersSequence", None) or []:
+            uid = str(item.get("UniversalEntityID", "") or "").strip()
+            if item.get("UniversalEntityIDType", "") == "ISO" and _OID.match(uid):
+                system = f"urn:oid:{uid}"
+    system = system or settings.patient_identifier_system or C.DEFAULT_PATIENT_ID_SYSTEM
+    return {"system": system, "value": patient_id}
+
+
+def _tz(offset: str) -> str | None:
+    m = _TZ.match(offset.strip())
+    return None if m is None else f"{m.group(1)}{m.group(2)}:{m.group(3)}"
+
+
+def _fhir_datetime(date: str, time: str, offset: str | None) -> str | None:
+    """FHIR ``dateTime`` from DICOM DA/TM and an optional ``+hhmm`` offset.
+
+    FHIR requires a time zone whenever a time is given, so without an offset only the date is kept.
+    """
+    dm = _DA.match(date.strip())
+    if dm is None:
+        return None
+    year, month, day = dm.groups()
+    if month is None:
+        return year
+    if day is None:
+        return f"{year}-{month}"
+    out = f"{year}-{month}-{day}"
+    tm = _TM.match(time.strip()) if time else None
+    tz = _tz(offset) if offset else None
+    if tm is None or tz is None:
+        return out
+    hh, mm, ss, frac = tm.groups()
+    return f"{out}T{hh}:{mm or '00'}:{ss or '00'}{(frac or '')[:4]}{tz}"
+
+
+def effective_datetime(ds: Dataset) -> str | None:
+    """The acquisition time of ``ds`` as a FHIR ``dateTime``, or ``None`` when the dataset has no date.
+
+    Uses Acquisition DateTime, else Content Date/Time, else Study Date/Time. The time zone comes from the DT
+    value's own offset, else Timezone Offset From UTC (0008,0201); without either only the date is returned.
+
+    Parameters
+    ----------
+    ds:
+        The source DICOM dataset.
+
+    Returns
+    -------
+    str or None
+        ``YYYY-MM-DDThh:mm:ss[.fff]+hh:mm``, ``YYYY-MM-DD`` (no time zone known) or ``None``.
+    """
+    default_tz = str(ds.get("TimezoneOffsetFromUTC", "") or "") or None
+    adt = str(ds.get("AcquisitionDateTime", "") or "").strip()
+    if adt:
+        offset = default_tz
+        for sign in ("+", "-"):
+            if sign in adt:
+                adt, off = adt.split(sign, 1)
+                offset = sign + off
+        value = _fhir_datetime(adt[:8], adt[8:], offset)
+        if value is not None:
+            return value
+    for date_kw, time_kw in (("ContentDate", "ContentTime"), ("StudyDate", "StudyTime")):
+        date = str(ds.get(date_kw, "") or "").strip()
+        if date:
+            value = _fhir_datetime(date, str(ds.get(time_kw, "") or ""), default_tz)
+            if value is not None:
+                return value
+    return None
+
+
+def _instant(when: dt.datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.isoformat(timespec="milliseconds" if when.microsecond else "seconds")
+
+
+# --- Resources ---------------------------------------------------------------------------------------------
+class _Builder:
+    """Holds the shared context of one bundle build."""
+
+    def __init__(
+        self,
+        source: Dataset,
+        result: AnalysisResult,
+        settings: FhirSettings,
+        sr_uid: str | None,
+        seg_uid: str | None,
+        issued: dt.datetime,
+    ) -> None:
+        self.ds = source
+        self.result = result
+        self.settings = settings
+        self.r5 = settings.version == "R5"
+        self.sr_uid = sr_uid
+        self.seg_uid = seg_uid
+        self.src_uid = result.source.sop_instance_uid
+        self.digest = _models_digest(result.models)
+        self.issued = _instant(issued)
+        self.effective = effective_datetime(source)
+        self.entries: list[JsonDict] = []
+        self.patient_ref: JsonDict = {}
+        self.device_ref: JsonDict = {}
+        self.study_ref: JsonDict = {}
+        # Namespace of the Observation identifiers: the SR instance when there is one, else a uuid5 name.
+        self.obs_system = f"urn:oid:{sr_uid}" if sr_uid else _urn(self.src_uid, f"observations|{self.digest}")
+
+    def add(self, role: str, resource: JsonDict, identifier: JsonDict) -> JsonDict:
+        full_url = _urn(self.src_uid, role)
+        self.entries.append(
+            {
+                "fullUrl": full_url,
+                "resource": resource,
+                "request": {
+                    "method": "POST",
+                    "url": resource["resourceType"],
+                    "ifNoneExist": _if_none_exist(identifier),
+                },
+            }
+        )
+        return {"reference": full_url}
+
+    # Patient: conditional create by identifier (identifier only: demographics stay with the MPI).
+    def patient(self) -> None:
+        ident = _patient_identifier(self.ds, self.settings)
+        self.patient_ref = self.add("patient", {"resourceType": "Patient", "identifier": [ident]}, ident)
+
+    def device(self) -> None:
+        models = self.result.models
+        release = {"system": C.ALGORITHM_RELEASE_SYSTEM, "value": self.digest}
+        identifiers: list[JsonDict] = [release]
+        versions: list[JsonDict] = [{"type": {"text": "dermnode software"}, "value": __version__}]
+        for m in models:
+            identifiers.append(
+                {
+                    "type": {"text": f"{m.name} {m.version} weights SHA-256"},
+                    "system": C.MODEL_SHA256_SYSTEM,
+                    "value": m.sha256,
+                }
+            )
+            versions.append({"type": {"text": m.name}, "value": m.version})
+        name = "dermnode dermoscopy analysis (decision support)"
+        resource: JsonDict = {
+            "resourceType": "Device",
+            "identifier": identifiers,
+            "status": "active",
+            "manufacturer": "dermnode project",
+            "version": versions,
+        }
+        if self.r5:
+            resource["name"] = [{"value": name, "type": "user-friendly-name"}]
+        else:
+            resource["deviceName"] = [{"name": name, "type": "user-friendly-name"}]
+        self.device_ref = self.add("device", resource, release)
+
+    def _modality(self, code: str) -> JsonDict:
+        return {"system": C.DICOM_DCM, "code": code, "display": _MODALITY_DISPLAY.get(code, code)}
+
+    def _modality_value(self, code: str) -> JsonDict:
+        coding = self._modality(code)
+        return {"coding": [coding]} if self.r5 else coding
+
+    def imaging_study(self, seg_series_uid: str | None, sr_series_uid: str | None, sr_class: str) -> None:
+        study_uid = self.result.source.study_instance_uid
+        ident = {"system": C.DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}
+        if not self.settings.imaging_study_resource:
+            self.study_ref = {"type": "ImagingStudy", "identifier": ident}
+            return
+        src = self.result.source
+        src_modality = str(self.ds.get("Modality", "") or "OT")
+        instance: JsonDict = {
+            "uid": src.sop_instance_uid,
+            "sopClass": {"system": C.URI_SYSTEM, "code": f"urn:oid:{src.sop_class_uid}"},
+        }
+        if self.ds.get("InstanceNumber") is not None:
+            instance["number"] = int(self.ds.InstanceNumber)
+        series: list[JsonDict] = [
+            {"uid": src.series_instance_uid, "modality": self._modality_value(src_modality), "instance": [instance]}
+        ]
+        if self.ds.get("SeriesNumber") is not None:
+            series[0]["number"] = int(self.ds.SeriesNumber)
+        for uid, series_uid, modality, sop_class in (
+            (self.seg_uid, seg_series_uid, "SEG", SEGMENTATION_STORAGE),
+            (self.sr_uid, sr_series_uid, "SR", sr_class),
+        ):
+            if uid and series_uid:
+                series.append(
+                    {
+                        "uid": series_uid,
+                        "modality": self._modality_value(modality),
+                        "instance": [
+                            {"uid": uid, "sopClass": {"system": C.URI_SYSTEM, "code": f"urn:oid:{sop_class}"}}
+                        ],
+                    }
+                )
+            elif uid:
+                logger.debug("%s instance %s not listed in ImagingStudy: its series UID is unknown", modality, uid)
+        modalities = list(
+            dict.fromkeys(s["modality"]["coding"][0]["code"] if self.r5 else s["modality"]["code"] for s in series)
+        )
+        resource: JsonDict = {
+            "resourceType": "ImagingStudy",
+            "identifier": [ident],
+            "status": "available",
+            "modality": [self._modality_value(m) for m in modalities],
+            "subject": self.patient_ref,
+            "numberOfSeries": len(series),
+            "numberOfInstances": sum(len(s["instance"]) for s in series),
+            "series": series,
+        }
+        if self.effective:
+            resource["started"] = self.effective
+        self.study_ref = self.add("imaging-study", resource, ident)
+
+    def observation(self, key: str, code: C.Code, body: JsonDict) -> JsonDict:
+        ident = {"system": self.obs_system, "value": key}
+        resource: JsonDict = {
+            "resourceType": "Observation",
+            "identifier": [ident],
+            "status": "final",
+            "category": [C.CATEGORY_IMAGING.concept()],
+            "code": code.concept(),
+            "subject": self.patient_ref,
+            "issued": self.issued,
+            "device": self.device_ref,
+            "derivedFrom": [self.study_ref],
+        }
+        if self.effective:
+            resource["effectiveDateTime"] = self.effective
+        resource.update(body)
+        return self.add(f"observation|{key}", resource, ident)
+
+    def observations(self) -> list[JsonDict]:
+        refs: list[JsonDict] = []
+        cls = self.result.classification
+        if cls is not None:
+            refs.append(
+                self.observation(
+                    "melanoma-probability",
+                    C.MELANOMA_PROBABILITY,
+                    {"valueQuantity": C.quantity(cls.melanoma_probability * 100.0, C.UNIT_PERCENT, 2)},
+                )
+            )
+            band = C.BAND_CODES[Band(cls.band).value]
+            refs.append(self.observation("melanoma-band", C.MELANOMA_BAND, {"valueCodeableConcept": band.concept()}))
+            components = []
+            for label, p in sorted(cls.diagnosis_probabilities.items(), key=lambda kv: (-kv[1], kv[0])):
+                dc = C.diagnosis_class(label)
+                comp_code = C.Code(
+                    C.LOCAL_MEASUREMENTS, f"class-probability-{label}", f"AI probability of {dc.local.display}"
+                )
+                components.append(
+                    {
+                        "code": comp_code.concept(),
+                        "valueQuantity": C.quantity(p * 100.0, C.UNIT_PERCENT, 2),
+                    }
+                )
+            refs.append(
+                self.observation(
+                    "top-diagnosis",
+                    C.TOP_DIAGNOSIS,
+                    {"valueCodeableConcept": C.diagnosis_class(cls.top_diagnosis).concept(), "component": components},
+                )
+            )
+        if self.result.measurements is not None:
+            refs.extend(self._measurement_observations(self.result.measurements))
+        return refs
+
+    def _measurement_observations(self, m: Measurements) -> list[JsonDict]:
+        refs: list[JsonDict] = []
+        absent = {
+            "dataAbsentReason": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/data-absent-reason",
+                        "code": "unknown",
+                        "display": "Unknown",
+                    }
+                ],
+                "text": "image not calibrated: physical size unknown (pixel value in component)",
+            }
+        }
+        for key, code, px_code, mm_value, px_value, unit in (
+            ("lesion-area", C.LESION_AREA, C.LESION_AREA_PX, m.area_mm2, float(m.area_px), C.UNIT_MM2),
+            ("lesion-max-diameter", C.MAX_DIAMETER, C.MAX_DIAMETER_PX, m.max_diameter_mm, m.max_diameter_px, C.UNIT_MM),
+        ):
+            body: JsonDict = {"valueQuantity": C.quantity(mm_value, unit, 3)} if mm_value is not None else dict(absent)
+            body["component"] = [{"code": px_code.concept(), "valueQuantity": C.quantity(px_value, C.UNIT_PIXELS, 2)}]
+            refs.append(self.observation(key, code, body))
+        refs.append(
+            self.observation(
+                "asymmetry",
+                C.ASYMMETRY,
+                {
+                    "valueQuantity": C.quantity(m.asymmetry, C.UNIT_ONE, 4),
+                    "component": [{"code": C.ASYMMETRY_AXES.concept(), "valueInteger": int(m.asymmetry_axes)}],
+                },
+            )
+        )
+        refs.append(
+            self.observation(
+                "border-irregularity",
+                C.BORDER_IRREGULARITY,
+                {
+                    "valueQuantity": C.quantity(m.border_irregularity, C.UNIT_ONE, 4),
+                    "component": [{"code": C.BORDER_SCORE.concept(), "valueInteger": int(m.border_score)}],
+                },
+            )
+        )
+        colour_body: JsonDict = {"valueInteger": len(m.colors)}
+        if m.colors:
+            colour_body["component"] = [
+                {"code": C.COLOUR_PRESENT.concept(), "valueCodeableConcept": C.colour_code(c).concept()}
+                for c in m.colors
+            ]
+        refs.append(self.observation("colours", C.COLOUR_COUNT, colour_body))
+        if m.tds is not None:
+            refs.append(self.observation("tds", C.TDS, {"valueQuantity": C.quantity(m.tds, C.UNIT_SCORE, 3)}))
+        return refs
+
+    def conclusion(self) -> str:
+        r = self.result
+        if r.status is AnalysisStatus.NOT_ANALYSABLE:
+            reason = r.reason or (r.quality.reason or "unspecified reason")
+            return (
+                f"Automated dermoscopy analysis ({DISCLAIMER}): the image could not be analysed ({reason}). "
+                "No AI result is available for this lesion; assess it clinically."
+            )
+        parts = [f"Automated dermoscopy analysis ({DISCLAIMER})."]
+        cls = r.classification
+        if cls is not None:
+            top = C.diagnosis_class(cls.top_diagnosis).local.display
+            parts.append(
+                f"Melanoma probability {cls.melanoma_probability * 100:.1f}% ({Band(cls.band).value} band). "
+                f"Most likely lesion class: {top} "
+                f"({cls.diagnosis_probabilities[cls.top_diagnosis] * 100:.1f}%)."
+            )
+        m = r.measurements
+        if m is not None:
+            if m.area_mm2 is not None and m.max_diameter_mm is not None:
+                parts.append(f"Lesion area {m.area_mm2:.1f} mm2, maximum diameter {m.max_diameter_mm:.1f} mm.")
+            else:
+                parts.append("The image has no physical calibration: sizes are given in pixels only.")
+        parts.append("Results must be confirmed by a qualified clinician.")
+        return " ".join(parts)
+
+    def report(self, results: list[JsonDict], overlay_png: bytes | None) -> None:
+        r = self.result
+        if self.sr_uid:
+            ident = {"system": C.DICOM_UID_SYSTEM, "value": f"urn:oid:{self.sr_uid}"}
+        else:
+            ident = {"system": C.URI_SYSTEM, "value": _urn(self.src_uid, f"report|{self.digest}")}
+        status = "final"
+        cls = r.classification
+        if (
+            r.status is AnalysisStatus.ANALYSED
+            and cls is not None
+            and Band(cls.band) is Band.INDETERMINATE
+            and self.settings.preliminary_when_indeterminate
+        ):
+            status = "preliminary"
+        resource: JsonDict = {
+            "resourceType": "DiagnosticReport",
+            "identifier": [ident],
+            "status": status,
+            "category": [C.CATEGORY_IMAGING.concept()],
+            "code": {
+                "coding": [C.REPORT_CODE.coding(), C.REPORT_CODE_LOCAL.coding()],
+                "text": f"Dermoscopy AI analysis ({DISCLAIMER})",
+            },
+            "subject": self.patient_ref,
+            "issued": self.issued,
+            "conclusion": self.conclusion(),
+        }
+        if self.effective:
+            resource["effectiveDateTime"] = self.effective
+        resource["study" if self.r5 else "imagingStudy"] = [self.study_ref]
+        if results:
+            resource["result"] = results
+        if r.status is AnalysisStatus.ANALYSED and cls is not None:
+            resource["conclusionCode"] = [C.diagnosis_class(cls.top_diagnosis).concept()]
+        if overlay_png and self.settings.include_overlay and r.status is AnalysisStatus.ANALYSED:
+            resource["presentedForm"] = [
+                {
+                    "contentType": "image/png",
+                    "data": base64.b64encode(overlay_png).decode("ascii"),
+                    "title": f"Lesion segmentation overlay ({DISCLAIMER})",
+                    "hash": base64.b64encode(hashlib.sha1(overlay_png).digest()).decode("ascii"),
+                    "size": len(overlay_png),
+                }
+            ]
+        self.add("report", resource, ident)
+
+
+def _validate(bundle: JsonDict, version: str) -> JsonDict:
+    from fhir.resources.bundle import Bundle as BundleR5
+    from fhir.resources.R4B.bundle import Bundle as BundleR4B
+
+    model_cls: Any = BundleR5 if version == "R5" else BundleR4B
+    try:
+        model = model_cls.model_validate(bundle)
+    except (ValidationError, ValueError, TypeError) as exc:
+        raise OutputError(f"the FHIR {version} bundle failed model validation: {exc}") from exc
+    out: JsonDict = json.loads(model.model_dump_json(exclude_none=True))
+    return out
+
+
+def build_bundle(
+    source: Dataset,
+    result: AnalysisResult,
+    *,
+    sr_sop_instance_uid: str | None,
+    seg_sop_instance_uid: str | None,
+    overlay_png: bytes | None,
+    settings: FhirSettings,
+    issued: dt.datetime | None = None,
+    sr_series_instance_uid: str | None = None,
+    seg_series_instance_uid: str | None = None,
+    sr_sop_class_uid: str = COMPREHENSIVE_SR_STORAGE,
+) -> JsonDict:
+    """Build the transaction Bundle reporting ``result`` for the FHIR version in ``settings.version``.
+
+    Parameters
+    ----------
+    source:
+        The source DICOM dataset (patient, study and acquisition attributes are read from it).
+    result:
+        The analysis result.
+    sr_sop_instance_uid, seg_sop_instance_uid:
+        SOP Instance UIDs of the DICOM SR and SEG written for this result, or ``None`` when not produced.
+        The SR UID becomes the DiagnosticReport identifier and the namespace of the Observation identifiers.
+    overlay_png:
+        PNG overlay of the segmentation, attached as ``presentedForm`` when ``settings.include_overlay``.
+    settings:
+        FHIR settings (version, patient identifier system, ImagingStudy and preliminary options).
+    issued:
+        Report time (default: now, UTC); pass a fixed value to get byte-identical rebuilds.
+    sr_series_instance_uid, seg_series_instance_uid:
+        Series of the SR and SEG; when given (with the instance UID) they are listed in the ImagingStudy.
+    sr_sop_class_uid:
+        SOP Class of the SR (default: Comprehensive SR Storage).
+
+    Returns
+    -------
+    dict
+        The Bundle as a JSON-compatible dict (R4-compatible JSON from the R4B models, or R5).
+
+    Raises
+    ------
+    OutputError
+        When the source has no Patient ID, the version is unknown or the bundle fails model validation.
+    """
+    if settings.version not in ("R4", "R5"):
+        raise OutputError(f"unsupported FHIR version {settings.version!r} (R4 or R5)")
+    when = issued or dt.datetime.now(dt.UTC)
+    b = _Builder(source, result, settings, sr_sop_instance_uid, seg_sop_instance_uid, when)
+    b.patient()
+    if result.status is AnalysisStatus.ANALYSED:
+        b.device()
+    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid)
+    results = b.observations() if result.status is AnalysisStatus.ANALYSED else []
+    b.report(results, overlay_png)
+    bundle: JsonDict = {
+        "resourceType": "Bundle",
+        "identifier": {"system": C.URI_SYSTEM, "value": _urn(b.src_uid, f"bundle|{b.digest}")},
+        "type": "transaction",
+        "timestamp": b.issued,
+        "entry": b.entries,
+    }
+    out = _validate(bundle, settings.version)
+    logger.info(
+        "built FHIR %s transaction bundle for %s: %d entries, report %s",
+        settings.version,
+        b.src_uid,
+        len(b.entries),
+        b.entries[-1]["resource"]["status"],
+    )
+    return out
