@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 from dermnode import __version__
 from dermnode.dicom_io.uids import DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, UID_PREFIX
@@ -108,7 +108,7 @@ def wrap_rgb(rgb: npt.NDArray[np.uint8], options: WrapOptions | None = None) -> 
         raise ValueError(f"expected an (H, W, 3) uint8 array, got {rgb.shape} {rgb.dtype}")
     now = dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    sop_uid = opts.sop_instance_uid or generate_uid(prefix=UID_PREFIX)
+    sop_uid = UID(opts.sop_instance_uid or generate_uid(prefix=UID_PREFIX))
 
     ds = Dataset()
     # Patient, General Study
@@ -170,7 +170,7 @@ def wrap_rgb(rgb: npt.NDArray[np.uint8], options: WrapOptions | None = None) -> 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.ImplementationClassUID = UID_PREFIX + "1"
+    meta.ImplementationClassUID = UID(UID_PREFIX + "1")
     meta.ImplementationVersionName = f"DERMNODE_{__version__}"[:16]
     ds.file_meta = meta
     if opts.jpeg:

@@ -1,0 +1,247 @@
+"""The ``dermnode`` command line: serve, status, wrap, send, replay, analyze, evaluate, train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dermnode import __version__
+from dermnode.errors import DermnodeError
+from dermnode.settings import Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _no_workers(job: object) -> str:  # pragma: no cover - never called: there are no workers
+    raise RuntimeError("receive-only mode has no workers")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dermnode.logging_setup import configure_logging
+    from dermnode.pipeline import build_deliverers, build_processor
+    from dermnode.service import Service
+
+    settings = _settings(args)
+    configure_logging(settings.logging)
+    if settings.workers.count > 0:
+        processor = build_processor(settings)  # loads and verifies the models: refuses to start without them
+    else:
+        logger.warning("workers.count = 0: receive-only mode, received instances stay queued")
+        processor = _no_workers
+    service = Service(settings, processor, build_deliverers(settings))
+    service.install_signal_handlers()
+    service.start()
+    print(f"dermnode {__version__}: {settings.scp.ae_title} listening on "
+          f"{settings.scp.bind}:{service.port}", flush=True)
+    service.wait()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dermnode.db import database_path
+    from dermnode.outbox import Outbox
+    from dermnode.scp.queue import JobQueue
+
+    settings = _settings(args)
+    db = database_path(Path(settings.storage.root))
+    queue = JobQueue(db)
+    outbox = Outbox(db, settings.delivery)
+    doc: dict[str, object] = {"jobs": queue.counts(), "deliveries": outbox.counts()}
+    if args.sop_instance_uid:
+        row = queue.get(args.sop_instance_uid)
+        if row is None:
+            print(f"no job for SOP Instance UID {args.sop_instance_uid}", file=sys.stderr)
+            return 1
+        doc["job"] = {k: row[k] for k in ("id", "state", "attempts", "outcome", "last_error", "calling_aet")}
+        doc["job_deliveries"] = [dict(r) for r in outbox.for_job(row["id"])]
+    if args.dead_letters:
+        doc["dead_letters"] = [dict(r) for r in queue.dead_letters()]
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        jobs = doc["jobs"]
+        dels = doc["deliveries"]
+        assert isinstance(jobs, dict) and isinstance(dels, dict)
+        print("jobs:       " + "  ".join(f"{k}={v}" for k, v in jobs.items()))
+        print("deliveries: " + "  ".join(f"{k}={v}" for k, v in dels.items()))
+        for key in ("job", "job_deliveries", "dead_letters"):
+            if key in doc:
+                print(f"{key}: {json.dumps(doc[key], indent=2)}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from dermnode.db import database_path
+    from dermnode.outbox import Outbox
+    from dermnode.scp.queue import JobQueue
+
+    settings = _settings(args)
+    db = database_path(Path(settings.storage.root))
+    if args.delivery is not None:
+        n = Outbox(db, settings.delivery).replay(args.delivery)
+    elif args.dead_letter:
+        n = JobQueue(db).replay() + Outbox(db, settings.delivery).replay()
+    elif args.job is not None:
+        n = JobQueue(db).replay(args.job)
+    else:
+        print("give a JOB id, --delivery ID or --dead-letter", file=sys.stderr)
+        return 2
+    print(f"re-queued {n} item(s)")
+    return 0
+
+
+def cmd_wrap(args: argparse.Namespace) -> int:
+    from dermnode.dicom_io.wrap import WrapOptions, wrap_file
+
+    opts = WrapOptions(
+        patient_id=args.patient_id,
+        patient_name=args.patient_name,
+        pixel_spacing_mm=args.pixel_spacing,
+        jpeg=args.jpeg,
+    )
+    ds = wrap_file(Path(args.image), Path(args.out), opts)
+    print(f"{args.out}: SOP Instance UID {ds.SOPInstanceUID}")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dermnode.dicom_io.sender import send_files
+    from dermnode.settings import PacsDestination
+
+    dest = PacsDestination(name="cli", ae_title=args.called_aet, host=args.host, port=args.port)
+    send_files(dest, args.calling_aet, [Path(f) for f in args.files], timeout_s=args.timeout)
+    print(f"sent {len(args.files)} file(s) to {args.called_aet}@{args.host}:{args.port}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dermnode.pipeline import analyze_files
+
+    settings = _settings(args)
+    results = analyze_files(settings, [Path(f) for f in args.files], Path(args.out))
+    for uid, status in results:
+        print(f"{uid}: {status}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dermnode.inference.evaluation import evaluate
+
+    settings = _settings(args)
+    metrics = evaluate(Path(args.data), args.split, settings, Path(args.out), task=args.task)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    data = [Path(d) for d in args.data]
+    if args.task == "segmentation":
+        from dermnode.inference.seg_training import train_segmentation
+
+        path = train_segmentation(
+            data[0], args.arch, out, epochs=args.epochs, image_size=args.image_size or 256,
+            batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
+        )
+    else:
+        from dermnode.inference.cls_training import train_classification
+
+        path = train_classification(
+            data, args.arch, out, epochs=args.epochs, image_size=args.image_size or 160,
+            batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
+        )
+    print(f"exported {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dermnode", description="DICOM dermoscopy analysis node "
+                                "(decision support only, not a diagnosis).")
+    p.add_argument("--version", action="version", version=f"dermnode {__version__}")
+    p.add_argument("--config", help="TOML configuration file (default: $DERMNODE_CONFIG, else built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the Store SCP, workers and delivery")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("status", help="queue and delivery counts from the state database")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--sop-instance-uid", help="show one job and its deliveries")
+    s.add_argument("--dead-letters", action="store_true", help="list dead-letter records")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("replay", help="re-run dead-lettered jobs or deliveries")
+    s.add_argument("job", nargs="?", type=int, help="job id")
+    s.add_argument("--delivery", type=int, help="delivery id")
+    s.add_argument("--dead-letter", action="store_true", help="all dead-lettered jobs and deliveries")
+    s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("wrap", help="wrap a photo as a Dermoscopic Photography Image (modality simulator)")
+    s.add_argument("image")
+    s.add_argument("--out", required=True)
+    s.add_argument("--patient-id", default="DERM0001")
+    s.add_argument("--patient-name", default="Test^Patient")
+    s.add_argument("--pixel-spacing", type=float, help="mm per pixel")
+    s.add_argument("--jpeg", action="store_true", help="JPEG Baseline (YBR_FULL_422) instead of native RGB")
+    s.set_defaults(func=cmd_wrap)
+
+    s = sub.add_parser("send", help="C-STORE files to a DICOM node")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=11112)
+    s.add_argument("--called-aet", default="DERMNODE")
+    s.add_argument("--calling-aet", default="DERMSEND")
+    s.add_argument("--timeout", type=float, default=30.0)
+    s.set_defaults(func=cmd_send)
+
+    s = sub.add_parser("analyze", help="analyse DICOM files offline (result.json, overlay, SEG, SR, FHIR)")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_analyze)
+
+    s = sub.add_parser("evaluate", help="measure the shipped models on a labelled folder")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="val")
+    s.add_argument("--out", required=True)
+    s.add_argument("--task", choices=["all", "segmentation", "classification"], default="all")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("train", help="train a model with the project's own training code")
+    s.add_argument("task", choices=["segmentation", "classification"])
+    s.add_argument("--data", required=True, action="append", help="data folder (repeatable)")
+    s.add_argument("--arch", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int, default=40)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seed", type=int, default=1234)
+    s.add_argument("--threads", type=int, default=2)
+    s.add_argument("--resume", action="store_true")
+    s.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except DermnodeError as exc:
+        print(f"dermnode: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

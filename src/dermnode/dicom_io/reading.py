@@ -1,0 +1,150 @@
+"""Reading and decoding source instances into :class:`~dermnode.inference.types.SourceImage`.
+
+Any accepted source (RGB, YBR_FULL, YBR_FULL_422, palette colour, monochrome; native, deflated, JPEG,
+JPEG-LS, JPEG 2000 or RLE encoded) is decoded to an RGB uint8 array. Multi-frame sources are analysed on their
+first frame. The physical pixel size comes from Pixel Spacing, then Imager Pixel Spacing, then the per-device
+calibration table (Manufacturer + Manufacturer's Model Name) in the configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, pixel_array
+
+from dermnode.errors import DecodeError
+from dermnode.inference.types import PixelSpacing, SourceImage, SpacingSource
+from dermnode.settings import DeviceCalibration
+
+logger = logging.getLogger(__name__)
+
+#: Refuse to decode images larger than this many pixels per frame (a hostile Rows x Columns).
+MAX_PIXELS = 80_000_000
+
+
+def read_dataset(path: Path) -> Dataset:
+    """Read a DICOM file (with file meta) from the spool or the command line.
+
+    Raises
+    ------
+    DecodeError
+        When the file is missing or not a parseable DICOM file.
+    """
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise DecodeError(f"cannot parse DICOM file {path.name}: {exc}") from exc
+
+
+def _decimal_pair(value: object) -> tuple[float, float] | None:
+    try:
+        seq = list(value)  # type: ignore[call-overload]
+        row, col = float(seq[0]), float(seq[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    if not (np.isfinite(row) and np.isfinite(col)) or row <= 0 or col <= 0:
+        return None
+    return row, col
+
+
+def pixel_spacing(ds: Dataset, calibrations: Sequence[DeviceCalibration] = ()) -> PixelSpacing | None:
+    """Physical pixel size of ``ds`` in mm, or ``None`` when it is not known."""
+    for keyword, source in (
+        ("PixelSpacing", SpacingSource.PIXEL_SPACING),
+        ("ImagerPixelSpacing", SpacingSource.IMAGER_PIXEL_SPACING),
+    ):
+        if keyword in ds:
+            pair = _decimal_pair(ds.get(keyword))
+            if pair is not None:
+                return PixelSpacing(pair[0], pair[1], source)
+            logger.warning("ignoring invalid %s in source instance", keyword)
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip().lower()
+    model = str(ds.get("ManufacturerModelName", "") or "").strip().lower()
+    for cal in calibrations:
+        same = cal.manufacturer.strip().lower() == manufacturer and cal.model.strip().lower() == model
+        if same and cal.pixel_spacing_mm > 0:
+            return PixelSpacing(cal.pixel_spacing_mm, cal.pixel_spacing_mm, SpacingSource.DEVICE_CALIBRATION)
+    return None
+
+
+def _to_uint8(arr: npt.NDArray[np.generic], bits_stored: int) -> npt.NDArray[np.uint8]:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.uint8, copy=False)
+    a = arr.astype(np.float64)
+    if bits_stored > 8:
+        a = a / float(2**bits_stored - 1) * 255.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def decode_rgb(ds: Dataset) -> npt.NDArray[np.uint8]:
+    """Decode the first frame of ``ds`` to an ``(rows, columns, 3)`` RGB uint8 array.
+
+    Raises
+    ------
+    DecodeError
+        When there is no pixel data, the image attributes are inconsistent or too large, or the compressed
+        data cannot be decoded.
+    """
+    if "PixelData" not in ds:
+        raise DecodeError("the instance has no Pixel Data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.SamplesPerPixel)
+        photometric = str(ds.PhotometricInterpretation).strip()
+        bits_stored = int(ds.get("BitsStored", ds.BitsAllocated))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DecodeError(f"missing or invalid image pixel attribute: {exc}") from exc
+    if rows <= 0 or cols <= 0 or rows * cols > MAX_PIXELS:
+        raise DecodeError(f"unsupported image size {rows}x{cols} (limit {MAX_PIXELS} pixels)")
+    if spp not in (1, 3):
+        raise DecodeError(f"unsupported Samples per Pixel {spp}")
+    try:
+        # pydicom converts YBR_FULL / YBR_FULL_422 to RGB itself (as_rgb=True), native or compressed.
+        arr = pixel_array(ds, index=0)
+    except Exception as exc:  # pydicom raises many types for corrupt/undecodable pixel data
+        raise DecodeError(f"pixel data cannot be decoded ({photometric}): {exc}") from exc
+    if photometric == "PALETTE COLOR":
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as exc:
+            raise DecodeError(f"palette colour lookup failed: {exc}") from exc
+        bits_stored = 16 if arr.dtype != np.uint8 else 8
+    if arr.ndim == 2:
+        arr = np.repeat(_to_uint8(arr, bits_stored)[..., None], 3, axis=2)
+        if photometric == "MONOCHROME1":
+            arr = 255 - arr
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != (rows, cols):
+        raise DecodeError(f"decoded pixel array has unexpected shape {arr.shape}")
+    return np.ascontiguousarray(_to_uint8(arr, bits_stored))
+
+
+def to_source_image(ds: Dataset, calibrations: Sequence[DeviceCalibration] = ()) -> SourceImage:
+    """Decode ``ds`` and collect the identifiers the outputs need.
+
+    Raises
+    ------
+    DecodeError
+        When a required UID is missing or the pixel data cannot be decoded.
+    """
+    try:
+        sop_uid = str(ds.SOPInstanceUID)
+        sop_class = str(ds.SOPClassUID)
+        study_uid = str(ds.StudyInstanceUID)
+        series_uid = str(ds.SeriesInstanceUID)
+    except AttributeError as exc:
+        raise DecodeError(f"source instance lacks a required UID: {exc}") from exc
+    return SourceImage(
+        rgb=decode_rgb(ds),
+        sop_instance_uid=sop_uid,
+        sop_class_uid=sop_class,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        spacing=pixel_spacing(ds, calibrations),
+    )

@@ -1,0 +1,221 @@
+"""The persistent delivery outbox (DICOM C-STORE to PACS, FHIR transactions to the EHR).
+
+A delivery is one object (a SEG or SR file, a FHIR bundle file) for one destination. It is recorded
+with ``UNIQUE(destination, object_key)``, so re-processing a job never queues a second copy. A failed send is
+retried with exponential backoff (``delivery.backoff_initial_s`` doubling up to ``delivery.backoff_max_s``)
+until ``delivery.max_attempts``, then dead-lettered with the last error. A permanent failure (a DICOM
+refusal, an HTTP 4xx) is dead-lettered at once. Retries resend the same file, hence the same SOP Instance
+UIDs or FHIR identifiers: idempotent at the receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from dermnode.db import connect
+from dermnode.errors import DeliveryError, StorageError
+from dermnode.settings import DeliverySettings
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("dermnode.audit")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    job_id: int | None
+    kind: str  # "dicom" | "fhir"
+    destination: str
+    object_key: str
+    path: Path
+    attempts: int
+
+
+#: A deliverer sends one delivery or raises :class:`DeliveryError`.
+Deliverer = Callable[[Delivery], None]
+
+
+class Outbox:
+    """SQLite-backed outbox. Thread-safe: one connection per thread.
+
+    Raises
+    ------
+    StorageError
+        From the constructor, when the database cannot be opened.
+    """
+
+    def __init__(self, db_path: Path, settings: DeliverySettings) -> None:
+        self.db_path = db_path
+        self.settings = settings
+        self._local = threading.local()
+        self._conn()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def add(self, job_id: int | None, kind: str, destination: str, object_key: str, path: Path) -> bool:
+        """Queue one object for one destination; returns ``False`` if it was already queued.
+
+        Raises
+        ------
+        StorageError
+            When the delivery cannot be recorded.
+        """
+        now = time.time()
+        try:
+            cur = self._conn().execute(
+                "INSERT OR IGNORE INTO deliveries (job_id, kind, destination, object_key, path, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, destination, object_key, str(path), now, now),
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot record delivery {object_key} to {destination}: {exc}") from exc
+        return cur.rowcount == 1
+
+    def claim(self) -> Delivery | None:
+        """Take the oldest due delivery (marking it ``sending``)."""
+        now = time.time()
+        try:
+            row = self._conn().execute(
+                "UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ?"
+                " WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY id LIMIT 1) RETURNING id, job_id, kind, destination, object_key, path, attempts",
+                (now, now),
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            logger.warning("delivery claim failed, will retry: %s", exc)
+            return None
+        if row is None:
+            return None
+        return Delivery(
+            id=row["id"],
+            job_id=row["job_id"],
+            kind=row["kind"],
+            destination=row["destination"],
+            object_key=row["object_key"],
+            path=Path(row["path"]),
+            attempts=row["attempts"],
+        )
+
+    def delivered(self, delivery: Delivery) -> None:
+        now = time.time()
+        self._conn().execute(
+            "UPDATE deliveries SET state = 'done', last_error = NULL, delivered_at = ?, updated_at = ?"
+            " WHERE id = ?",
+            (now, now, delivery.id),
+        )
+
+    def backoff(self, attempts: int) -> float:
+        s = self.settings
+        return float(min(s.backoff_max_s, s.backoff_initial_s * 2 ** max(attempts - 1, 0)))
+
+    def failed(self, delivery: Delivery, error: str, *, permanent: bool) -> bool:
+        """Record a failed attempt; returns ``True`` when the delivery was dead-lettered."""
+        now = time.time()
+        conn = self._conn()
+        if permanent or delivery.attempts >= self.settings.max_attempts:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "UPDATE deliveries SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
+                    (error, now, delivery.id),
+                )
+                conn.execute(
+                    "INSERT INTO dead_letters (kind, ref_id, destination, attempts, error, created_at)"
+                    " VALUES ('delivery', ?, ?, ?, ?, ?)",
+                    (delivery.id, delivery.destination, delivery.attempts, error, now),
+                )
+            return True
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending', last_error = ?, next_attempt_at = ?, updated_at = ?"
+            " WHERE id = ?",
+            (error, now + self.backoff(delivery.attempts), now, delivery.id),
+        )
+        return False
+
+    def recover(self) -> int:
+        """Deliveries left ``sending`` by a dead process go back to ``pending`` (resent: idempotent)."""
+        cur = self._conn().execute(
+            "UPDATE deliveries SET state = 'pending', next_attempt_at = 0 WHERE state = 'sending'"
+        )
+        return cur.rowcount
+
+    def replay(self, delivery_id: int | None = None) -> int:
+        """Put dead-lettered deliveries (one, or all) back with a fresh attempt count."""
+        conn = self._conn()
+        now = time.time()
+        where, args = ("AND id = ?", (delivery_id,)) if delivery_id is not None else ("", ())
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            cur = conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
+                f" WHERE state = 'dead' {where}",
+                (now, *args),
+            )
+            conn.execute(
+                "UPDATE dead_letters SET replayed_at = ? WHERE kind = 'delivery' AND replayed_at IS NULL"
+                + (" AND ref_id = ?" if delivery_id is not None else ""),
+                (now, *args),
+            )
+        return cur.rowcount
+
+    def counts(self) -> dict[str, int]:
+        out = {"pending": 0, "sending": 0, "done": 0, "dead": 0}
+        for row in self._conn().execute("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state"):
+            out[row["state"]] = row["n"]
+        out["dead_letter"] = out.pop("dead")
+        return out
+
+    def for_job(self, job_id: int) -> list[sqlite3.Row]:
+        return list(
+            self._conn().execute(
+                "SELECT kind, destination, object_key, state, attempts, last_error FROM deliveries"
+                " WHERE job_id = ? ORDER BY id",
+                (job_id,),
+            )
+        )
+
+    def pump_once(self, deliverers: Mapping[str, Deliverer]) -> bool:
+        """Send one due delivery, if any; returns whether one was attempted."""
+        delivery = self.claim()
+        if delivery is None:
+            return False
+        deliverer = deliverers.get(delivery.kind)
+        try:
+            if deliverer is None:
+                raise DeliveryError(f"no deliverer configured for kind {delivery.kind!r}", permanent=True)
+            deliverer(delivery)
+        except DeliveryError as exc:
+            dead = self.failed(delivery, str(exc), permanent=exc.permanent)
+            audit.warning(
+                "delivery %s of %s to %s failed (attempt %d%s): %s",
+                delivery.id,
+                delivery.object_key,
+                delivery.destination,
+                delivery.attempts,
+                ", dead-lettered" if dead else f", retry in {self.backoff(delivery.attempts):.0f}s",
+                exc,
+            )
+        except Exception as exc:
+            logger.exception("unexpected error delivering %s", delivery.object_key)
+            self.failed(delivery, f"unexpected error: {exc!r}", permanent=False)
+        else:
+            self.delivered(delivery)
+            audit.info(
+                "delivered %s %s to %s (attempt %d)",
+                delivery.kind,
+                delivery.object_key,
+                delivery.destination,
+                delivery.attempts,
+            )
+        return True

@@ -1,0 +1,218 @@
+"""The DICOM Store SCP: association policy, C-ECHO and a durable C-STORE handler.
+
+Handlers are thin: they check the policy, write the instance to the spool, record the job and return a DICOM
+status. Dependencies (spool, queue) are bound to the handlers with pynetdicom's handler arguments; there are
+no module-level globals.
+
+Statuses returned by C-STORE (PS3.4 Annex B.2.3 and PS3.7 Annex C):
+
+========  =====================================================================================
+0x0000    stored durably and queued (also for a repeated SOP Instance UID, stored once)
+0xA700    out of resources: disk below ``storage.min_free_mb`` or the spool/queue write failed
+0xC210    cannot understand: the dataset could not be parsed
+0xC211    cannot understand: SOP Instance/Class UID in the dataset differ from the request
+0xC212    cannot understand: a required UID (Study/Series/SOP Instance) is missing
+========  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dermnode.dicom_io.uids import ACCEPTED_STORAGE_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
+from dermnode.errors import InsufficientSpaceError, StorageError
+from dermnode.scp.queue import JobQueue
+from dermnode.scp.spool import Spool
+from dermnode.settings import ScpSettings, TLSSettings
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("dermnode.audit")
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_UID_MISMATCH = 0xC211
+STATUS_MISSING_UID = 0xC212
+
+
+@dataclass
+class StoreContext:
+    """What the C-STORE handler needs; bound to the handler when the server starts."""
+
+    spool: Spool
+    queue: JobQueue
+
+
+def _peer(event: Any) -> tuple[str, str]:
+    assoc = event.assoc
+    calling = str(assoc.requestor.ae_title).strip()
+    address = f"{assoc.requestor.address}:{assoc.requestor.port}"
+    return calling, address
+
+
+def handle_echo(event: Any) -> int:
+    calling, address = _peer(event)
+    audit.info("C-ECHO from %s (%s)", calling, address)
+    return STATUS_SUCCESS
+
+
+def handle_store(event: Any, ctx: StoreContext) -> int:
+    """Store one instance durably, record its job, and answer only then."""
+    calling, address = _peer(event)
+    req = event.request
+    sop_uid = str(req.AffectedSOPInstanceUID)
+    sop_class = str(req.AffectedSOPClassUID)
+
+    def answer(status: int, reason: str) -> int:
+        log = audit.info if status == STATUS_SUCCESS else audit.warning
+        log(
+            "C-STORE from %s (%s) sop_class=%s sop_instance=%s status=0x%04X %s",
+            calling,
+            address,
+            sop_class,
+            sop_uid,
+            status,
+            reason,
+        )
+        return status
+
+    try:
+        ctx.spool.check_space()
+        if ctx.queue.contains(sop_uid):
+            return answer(STATUS_SUCCESS, "duplicate SOP Instance UID: already stored, not processed again")
+    except InsufficientSpaceError as exc:
+        logger.error("refusing C-STORE: %s", exc)
+        return answer(STATUS_OUT_OF_RESOURCES, "low disk space")
+    except StorageError as exc:
+        logger.error("refusing C-STORE: %s", exc)
+        return answer(STATUS_OUT_OF_RESOURCES, "state database unavailable")
+
+    try:
+        ds = event.dataset
+        ds_sop_uid = str(ds.SOPInstanceUID)
+        ds_sop_class = str(ds.SOPClassUID)
+        study_uid = str(ds.StudyInstanceUID)
+        str(ds.SeriesInstanceUID)
+    except AttributeError as exc:
+        return answer(STATUS_MISSING_UID, f"required attribute missing: {exc}")
+    except Exception as exc:  # a malformed stream can raise anything from pydicom's parser
+        return answer(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(exc).__name__}: {exc}")
+    if ds_sop_uid != sop_uid or ds_sop_class != sop_class:
+        return answer(STATUS_UID_MISMATCH, "dataset SOP Instance/Class UID differ from the C-STORE request")
+
+    try:
+        path = ctx.spool.store(sop_uid, event.encoded_dataset())
+        created = ctx.queue.enqueue(
+            sop_uid, sop_class, path, study_instance_uid=study_uid, calling_aet=calling, peer=address
+        )
+    except InsufficientSpaceError as exc:
+        logger.error("refusing C-STORE: %s", exc)
+        return answer(STATUS_OUT_OF_RESOURCES, "low disk space")
+    except StorageError as exc:
+        logger.error("refusing C-STORE, instance not stored: %s", exc)
+        return answer(STATUS_OUT_OF_RESOURCES, "spool or queue write failed")
+    return answer(STATUS_SUCCESS, "stored and queued" if created else "duplicate (concurrent), stored once")
+
+
+def _on_conn_open(event: Any) -> None:
+    audit.info("connection opened from %s:%s", *event.address)
+
+
+def _on_accepted(event: Any) -> None:
+    calling, address = _peer(event)
+    audit.info("association accepted: calling AE %s from %s", calling, address)
+
+
+def _on_rejected(event: Any) -> None:
+    calling, address = _peer(event)
+    audit.warning("association rejected: calling AE %s from %s", calling, address)
+
+
+def _on_released(event: Any) -> None:
+    calling, address = _peer(event)
+    audit.info("association released: calling AE %s from %s", calling, address)
+
+
+def _on_aborted(event: Any) -> None:
+    calling, address = _peer(event)
+    audit.warning("association aborted: calling AE %s from %s", calling, address)
+
+
+def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS context for DICOM TLS (PS3.15 B.1/B.9 style: TLS 1.2+, optional client certificates).
+
+    Raises
+    ------
+    ssl.SSLError, OSError
+        When the certificate, key or CA file cannot be loaded.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates:
+        ctx.load_verify_locations(tls.ca_certificates)
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
+    return ctx
+
+
+def build_ae(settings: ScpSettings) -> AE:
+    """An application entity configured with dermnode's association policy and presentation contexts."""
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = True
+    if settings.allowed_calling_aets:
+        ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.add_supported_context(VERIFICATION)
+    for sop_class in ACCEPTED_STORAGE_CLASSES:
+        ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+    return ae
+
+
+def start_server(
+    settings: ScpSettings, spool: Spool, queue: JobQueue, *, extra_handlers: Sequence[Any] = ()
+) -> ThreadedAssociationServer:
+    """Start the Store SCP in background threads and return the server (``.shutdown()`` to stop).
+
+    Raises
+    ------
+    OSError
+        When the port cannot be bound.
+    ssl.SSLError
+        When TLS is enabled and the certificate or key cannot be loaded.
+    """
+    ae = build_ae(settings)
+    ctx = StoreContext(spool=spool, queue=queue)
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+        (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_ACCEPTED, _on_accepted),
+        (evt.EVT_REJECTED, _on_rejected),
+        (evt.EVT_RELEASED, _on_released),
+        (evt.EVT_ABORTED, _on_aborted),
+        *extra_handlers,
+    ]
+    ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
+    server = ae.start_server(
+        (settings.bind, settings.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
+    )
+    assert server is not None  # block=False always returns the server
+    logger.info(
+        "Store SCP %s listening on %s:%d%s",
+        settings.ae_title,
+        settings.bind,
+        server.server_address[1],
+        " (TLS)" if ssl_context else "",
+    )
+    return server
