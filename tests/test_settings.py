@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dermnode.errors import ConfigError
+from dermnode.settings import load_settings
+
+
+def test_defaults_serve_one_machine() -> None:
+    s = load_settings(environ={})
+    assert s.scp.ae_title == "DERMNODE" and s.scp.bind == "127.0.0.1" and s.scp.port == 11112
+    assert s.scp.allowed_calling_aets == () and s.storage.root == "var"
+    assert s.fhir.base_url == "" and s.pacs == ()
+
+
+def test_toml_then_environment_override(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[scp]\nport = 2000\nallowed_calling_aets = ["A", "B"]\n'
+        '[[pacs]]\nname = "main"\nae_title = "ORTHANC"\nport = 4242\n'
+        '[[analysis.calibrations]]\nmanufacturer = "FotoFinder"\nmodel = "medicam 1000"\npixel_spacing_mm = 0.02\n'
+    )
+    s = load_settings(cfg, environ={"DERMNODE_SCP__PORT": "11113", "DERMNODE_WORKERS__COUNT": "2"})
+    assert s.scp.port == 11113 and s.workers.count == 2
+    assert s.scp.allowed_calling_aets == ("A", "B")
+    assert s.pacs[0].ae_title == "ORTHANC" and s.analysis.calibrations[0].pixel_spacing_mm == 0.02
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[storage]\nroot = '/srv/dermnode'\n")
+    assert load_settings(environ={"DERMNODE_CONFIG": str(cfg)}).storage.root == "/srv/dermnode"
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"DERMNODE_SCP__PORT": "abc"}, "scp.port"),
+        ({"DERMNODE_SCP__PORT": "70000"}, "scp.port"),
+        ({"DERMNODE_SCP__NOPE": "1"}, "nope"),
+        ({"DERMNODE_FHIR__VERSION": "DSTU2"}, "fhir.version"),
+        ({"DERMNODE_SCP__AE_TITLE": "WAY_TOO_LONG_AE_TITLE"}, "AE title"),
+        ({"DERMNODE_STORAGE__FSYNC": "maybe"}, "storage.fsync"),
+        ({"DERMNODE_SCP__TLS__ENABLED": "true"}, "scp.tls"),
+        ({"DERMNODE_FHIR__BASE_URL": "ftp://x"}, "fhir.base_url"),
+    ],
+)
+def test_bad_values_name_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(environ=env)
+
+
+def test_bad_toml_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[scp\nport=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(cfg, environ={})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_shipped_configs_are_valid() -> None:
+    root = Path(__file__).resolve().parents[1] / "config"
+    files = sorted(root.glob("*.toml"))
+    assert files, "config/ ships example configurations"
+    for f in files:
+        load_settings(f, environ={})
