@@ -1,0 +1,228 @@
+"""C-STORE SCU: deliver dermnode's SEG/SR files to a PACS.
+
+One association per call. Presentation contexts are proposed explicitly: for every SOP class of the files
+(always including Segmentation Storage and Comprehensive 3D SR Storage) one context with the file's own
+transfer syntax and one with Explicit VR Little Endian, so a compressed file can be sent as is or, when the
+peer only accepts the uncompressed syntax, decompressed.
+
+Failure classification (``DeliveryError.permanent``), see also ``docs/dicom-conformance.md``:
+
+============================================================ =========
+Condition                                                    permanent
+============================================================ =========
+TCP connect fails, times out, TLS handshake fails            False
+A-ASSOCIATE-RJ with result "rejected-transient" (2)          False
+A-ASSOCIATE-RJ with result "rejected-permanent" (1)          True
+association accepted but no proposed context accepted        True
+A-ABORT / no C-STORE response (DIMSE timeout, link lost)     False
+C-STORE status 0x0000 success                                (success)
+C-STORE status 0xB000, 0xB006, 0xB007 warning                (success)
+C-STORE status 0x0111 duplicate SOP instance                 (success: already stored; UIDs are stable)
+C-STORE status 0xA7xx out of resources                       False
+C-STORE status 0xFE00 cancel                                 False
+C-STORE any other status (0xA9xx, 0xC0xx, 0x01xx, 0x02xx...) True
+file missing/unreadable, SOP class not accepted by the peer  True
+============================================================ =========
+
+The first failing file ends the call (files sent before it stay stored; a retry resends them, which the
+deterministic UIDs make idempotent). Logs carry AE titles, host, SOP classes, UIDs and status codes, never
+patient attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from dermnode.dicom_io.seg import SEGMENTATION_STORAGE
+from dermnode.dicom_io.sr import COMPREHENSIVE_3D_SR_STORAGE
+from dermnode.errors import DeliveryError
+from dermnode.settings import PacsDestination, TLSSettings
+
+logger = logging.getLogger(__name__)
+
+#: C-STORE statuses treated as success besides 0x0000 (warnings, and "duplicate SOP instance").
+SUCCESS_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007, 0x0111})
+
+
+def is_transient_status(status: int) -> bool:
+    """Whether a failed C-STORE status may succeed on retry.
+
+    Parameters
+    ----------
+    status:
+        The Status (0000,0900) of the C-STORE response.
+
+    Returns
+    -------
+    bool
+        ``True`` for 0xA7xx (out of resources) and 0xFE00 (cancel); ``False`` for every other failure.
+    """
+    return (status & 0xFF00) == 0xA700 or status == 0xFE00
+
+
+def tls_context(tls: TLSSettings) -> ssl.SSLContext:
+    """A client-side TLS context for a DICOM association (TLS 1.2+, peer certificate verified).
+
+    Parameters
+    ----------
+    tls:
+        ``ca_certificates`` verifies the peer (system defaults when empty); ``certificate`` and
+        ``private_key`` are the client certificate for mutual TLS (optional).
+
+    Returns
+    -------
+    ssl.SSLContext
+        The context.
+
+    Raises
+    ------
+    DeliveryError
+        Permanent, when a certificate or key file cannot be loaded.
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_certificates or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.certificate:
+            ctx.load_cert_chain(tls.certificate, tls.private_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(f"cannot load TLS certificates: {exc}", permanent=True) from exc
+    return ctx
+
+
+def _read(paths: Sequence[Path]) -> list[pydicom.Dataset]:
+    datasets: list[pydicom.Dataset] = []
+    for path in paths:
+        try:
+            datasets.append(pydicom.dcmread(path))
+        except (OSError, InvalidDicomError) as exc:
+            raise DeliveryError(f"cannot read {path}: {exc}", permanent=True) from exc
+    return datasets
+
+
+def _contexts(datasets: Sequence[pydicom.Dataset]) -> list[tuple[UID, UID]]:
+    """(abstract syntax, transfer syntax) pairs to propose, one context each, in a stable order."""
+    pairs: list[tuple[UID, UID]] = []
+
+    def add(sop_class: UID, ts: UID) -> None:
+        if (sop_class, ts) not in pairs:
+            pairs.append((sop_class, ts))
+
+    for ds in datasets:
+        add(UID(ds.SOPClassUID), UID(ds.file_meta.TransferSyntaxUID))
+        add(UID(ds.SOPClassUID), ExplicitVRLittleEndian)
+    add(SEGMENTATION_STORAGE, ExplicitVRLittleEndian)
+    add(COMPREHENSIVE_3D_SR_STORAGE, ExplicitVRLittleEndian)
+    if len(pairs) > 128:
+        raise DeliveryError("too many SOP class / transfer syntax combinations for one association", permanent=True)
+    return pairs
+
+
+def _associate(ae: AE, destination: PacsDestination, tls: ssl.SSLContext | None) -> Association:
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    tls_args = None if tls is None else (tls, destination.host)
+    try:
+        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args)
+    except (OSError, ssl.SSLError) as exc:
+        raise DeliveryError(f"cannot connect to {where}: {exc}", permanent=False) from exc
+    if assoc.is_established:
+        return assoc
+    primitive = assoc.acceptor.primitive
+    if assoc.is_rejected and primitive is not None:
+        permanent = primitive.result == 0x01
+        raise DeliveryError(
+            f"{where} rejected the association ({primitive.result_str}, source {primitive.source_str}: "
+            f"{primitive.reason_str})",
+            permanent=permanent,
+        )
+    if primitive is not None and primitive.result == 0x00:
+        raise DeliveryError(f"{where} accepted none of the proposed presentation contexts", permanent=True)
+    raise DeliveryError(f"cannot establish an association with {where} (peer down or timed out)", permanent=False)
+
+
+def _context_for(assoc: Association, ds: pydicom.Dataset) -> PresentationContext | None:
+    sop_class = ds.SOPClassUID
+    ts = ds.file_meta.TransferSyntaxUID
+    accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
+    for cx in accepted:
+        if cx.transfer_syntax and cx.transfer_syntax[0] == ts:
+            return cx
+    return accepted[0] if accepted else None
+
+
+def send_files(destination: PacsDestination, calling_aet: str, paths: list[Path], *, timeout_s: float = 30.0) -> None:
+    """Store ``paths`` on ``destination`` over one association.
+
+    Parameters
+    ----------
+    destination:
+        The peer: AE title, host, port and optional TLS.
+    calling_aet:
+        Our AE title.
+    paths:
+        DICOM files (with file meta information) to store, in order.
+    timeout_s:
+        Connection, ACSE, DIMSE and network timeout in seconds.
+
+    Raises
+    ------
+    DeliveryError
+        When a file could not be stored; ``permanent`` tells whether retrying can help (see the module
+        docstring for the mapping).
+    """
+    if not paths:
+        return
+    datasets = _read(paths)
+    ae = AE(ae_title=calling_aet)
+    ae.connection_timeout = timeout_s
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    for sop_class, ts in _contexts(datasets):
+        ae.add_requested_context(sop_class, [ts])
+    tls = tls_context(destination.tls) if destination.tls.enabled else None
+
+    assoc = _associate(ae, destination, tls)
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    try:
+        for path, ds in zip(paths, datasets, strict=True):
+            cx = _context_for(assoc, ds)
+            if cx is None:
+                raise DeliveryError(f"{where} does not accept SOP class {ds.SOPClassUID.name}", permanent=True)
+            if cx.transfer_syntax[0] != ds.file_meta.TransferSyntaxUID and ds.file_meta.TransferSyntaxUID.is_compressed:
+                try:
+                    ds.decompress()
+                except (RuntimeError, ValueError, NotImplementedError) as exc:
+                    raise DeliveryError(
+                        f"{where} only accepts {cx.transfer_syntax[0].name} and {path.name} cannot be decompressed",
+                        permanent=True,
+                    ) from exc
+            try:
+                status_ds = assoc.send_c_store(ds)
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise DeliveryError(f"C-STORE of {path.name} to {where} failed: {exc}", permanent=False) from exc
+            if "Status" not in status_ds:
+                raise DeliveryError(
+                    f"no C-STORE response from {where} for {path.name} (aborted or timed out)", permanent=False
+                )
+            status = int(status_ds.Status)
+            if status not in SUCCESS_STATUSES:
+                raise DeliveryError(
+                    f"{where} answered C-STORE status 0x{status:04X} for {path.name}",
+                    permanent=not is_transient_status(status),
+                )
+            if status != 0x0000:
+                logger.warning("%s stored %s with status 0x%04X", where, ds.SOPInstanceUID, status)
+            logger.info("stored %s %s on %s", ds.SOPClassUID.name, ds.SOPInstanceUID, where)
+    finally:
+        if assoc.is_established:
+            assoc.release()
