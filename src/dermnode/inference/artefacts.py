@@ -303,7 +303,7 @@ def line_kernel(length: int, angle_deg: float) -> npt.NDArray[np.uint8]:
 def hair_mask_multiscale(
     gray: npt.NDArray[np.uint8],
     *,
-    lengths: tuple[int, ...] = (15, 31),
+    lengths: tuple[int, ...] = (9, 17),
     n_angles: int = 12,
     threshold: int = 12,
     min_elongation: float = 3.0,
@@ -371,7 +371,7 @@ def hair_mask_multiscale(
 def remove_hair_multiscale(
     rgb: RGBImage,
     *,
-    lengths: tuple[int, ...] = (15, 31),
+    lengths: tuple[int, ...] = (9, 17),
     n_angles: int = 12,
     threshold: int = 12,
     inpaint_radius: float = 3.0,

@@ -395,7 +395,8 @@ def train_segmentation(
             best_dice = float(ckpt["best_dice"])
             start_epoch = int(ckpt["epoch"])
             elapsed = float(ckpt.get("elapsed_s", 0.0))
-            plan["epochs"] = int(ckpt.get("planned_epochs", epochs))
+            if time_budget_s is not None:  # keep the cut made to fit the budget
+                plan["epochs"] = min(epochs, int(ckpt.get("planned_epochs", epochs)))
         except (OSError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot resume from {ckpt_path}: {exc}") from exc
         logger.info("resuming after epoch %d (best val Dice %.4f)", start_epoch, best_dice)

@@ -1,0 +1,167 @@
+"""Artefact removal: black frame detection, hair removal on synthetic hair, CLAHE, settings dispatch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dermnode.inference.artefacts import (
+    apply_clahe,
+    detect_frame,
+    fill_frame,
+    line_kernel,
+    remove_artefacts,
+    remove_hair,
+    remove_hair_blackhat,
+    remove_hair_multiscale,
+)
+from dermnode.settings import AnalysisSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _data_root() -> Path:
+    return Path(os.environ.get("DERMNODE_DATA", REPO.parent / "shared" / "data"))
+
+
+def _skin(h: int = 300, w: int = 400, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), np.float64)
+    img[...] = (214, 160, 140)
+    inside = ((yy - h / 2) / (h * 0.22)) ** 2 + ((xx - w / 2) / (w * 0.18)) ** 2 <= 1.0
+    img[inside] = (150, 95, 70)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _with_hair(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = img.copy()
+    truth = np.zeros(img.shape[:2], np.uint8)
+    h, w = img.shape[:2]
+    lines = [((0, 20), (w - 1, h - 40)), ((30, h - 1), (w - 60, 0)), ((0, h // 2), (w - 1, h // 2 + 15))]
+    for p1, p2 in lines:
+        cv2.line(out, p1, p2, (30, 20, 15), 2)
+        cv2.line(truth, p1, p2, 1, 2)
+    return out, truth.astype(bool)
+
+
+def _vignette(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h, w = img.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2))
+    outside = r > 1.0
+    out = img.copy()
+    out[outside] = (8, 6, 6)
+    return out, outside
+
+
+def test_frame_detected_on_synthetic_vignette() -> None:
+    img, outside = _vignette(_skin())
+    frame = detect_frame(img)
+    assert frame.frame_mask.shape == outside.shape
+    assert frame.fraction > 0.1
+    # nearly all true frame pixels found, and the lesion/skin centre is untouched
+    assert (frame.frame_mask & outside).sum() / outside.sum() > 0.97
+    assert not frame.frame_mask[100:200, 150:250].any()
+    assert (frame.frame_mask & ~outside).sum() / (~outside).sum() < 0.03
+    assert (frame.valid_mask == ~frame.frame_mask).all()
+
+
+def test_no_frame_and_dark_lesion_inside_not_frame() -> None:
+    img = _skin()
+    img[120:180, 170:230] = (10, 8, 8)  # very dark lesion, not touching the border
+    frame = detect_frame(img)
+    assert not frame.frame_mask.any()
+    assert frame.fraction == 0.0
+
+
+def test_fill_frame_uses_skin_colour() -> None:
+    img, outside = _vignette(_skin())
+    filled = fill_frame(img, detect_frame(img).frame_mask)
+    assert filled[outside].mean() > 120  # no longer black
+    assert (filled[150, 200] == img[150, 200]).all()
+    assert img[0, 0].max() < 20  # input unchanged
+
+
+@pytest.mark.parametrize("method", ["blackhat", "multiscale"])
+def test_hair_removal_synthetic_lines(method: str) -> None:
+    clean = _skin()
+    hairy, truth = _with_hair(clean)
+    res = remove_hair(hairy, method)
+    assert res.image.shape == hairy.shape and res.image.dtype == np.uint8
+    tol = cv2.dilate(truth.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    recall = (res.hair_mask & truth).sum() / truth.sum()
+    precision = (res.hair_mask & tol).sum() / max(1, res.hair_mask.sum())
+    assert recall > 0.9
+    assert precision > 0.8
+    # the hair is gone: hair pixels are close to the clean image again
+    before = np.abs(hairy.astype(float) - clean)[truth].mean()
+    after = np.abs(res.image.astype(float) - clean)[truth].mean()
+    assert after < before / 4
+
+
+def test_hair_removal_none_and_unknown() -> None:
+    img = _skin()
+    res = remove_hair(img, "none")
+    assert (res.image == img).all() and not res.hair_mask.any()
+    with pytest.raises(ValueError):
+        remove_hair(img, "laser")
+    with pytest.raises(ValueError):
+        remove_hair(img[..., 0], "blackhat")
+
+
+def test_hair_free_image_barely_changed() -> None:
+    img = _skin()
+    for fn in (remove_hair_blackhat, remove_hair_multiscale):
+        res = fn(img)
+        assert res.hair_fraction < 0.01
+
+
+def test_large_image_works_at_reduced_grid() -> None:
+    clean = cv2.resize(_skin(), (1600, 1200), interpolation=cv2.INTER_LINEAR)
+    hairy, truth = _with_hair(clean)
+    res = remove_hair_multiscale(hairy)
+    assert res.hair_mask.shape == truth.shape
+    assert (res.hair_mask & truth).sum() / truth.sum() > 0.8
+
+
+def test_line_kernel() -> None:
+    k = line_kernel(9, 0)
+    assert k.shape == (9, 9) and k[4].sum() == 9 and k.sum() == 9
+    assert line_kernel(9, 90)[:, 4].sum() == 9
+
+
+def test_clahe_keeps_shape_and_raises_contrast() -> None:
+    img = (np.full((64, 64, 3), 120, np.uint8) + np.random.default_rng(0).integers(0, 10, (64, 64, 3))).astype(np.uint8)
+    out = apply_clahe(img)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert out.std() >= img.std()
+
+
+def test_remove_artefacts_follows_settings() -> None:
+    img, outside = _vignette(_skin())
+    hairy, truth = _with_hair(img)
+    res = remove_artefacts(hairy, AnalysisSettings(hair_removal="blackhat", clahe=True))
+    assert res.hair_method == "blackhat" and res.clahe
+    assert res.frame.fraction > 0.1
+    assert not (res.hair_mask & res.frame.frame_mask).any()
+    assert res.hair_mask[truth & ~outside].mean() > 0.8
+    none = remove_artefacts(img, AnalysisSettings(hair_removal="none"))
+    assert not none.hair_mask.any()
+
+
+def test_hair_on_real_isic_image() -> None:
+    root = _data_root() / "isic2017"
+    if not (root / "labels.csv").is_file():
+        pytest.skip(f"real dermoscopy data not available at {root} (set DERMNODE_DATA)")
+    bgr = cv2.imread(str(root / "images" / "ISIC_0000000.jpg"))
+    clean = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (768, 576))
+    hairy, truth = _with_hair(clean)
+    for method in ("blackhat", "multiscale"):
+        res = remove_hair(hairy, method)
+        assert (res.hair_mask & truth).sum() / truth.sum() > 0.9

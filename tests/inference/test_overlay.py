@@ -1,0 +1,46 @@
+"""Overlay rendering and PNG encoding."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from dermnode.errors import OutputError
+from dermnode.inference.overlay import encode_png, render_overlay
+
+
+def test_outline_drawn_on_boundary_only() -> None:
+    img = np.full((120, 160, 3), 200, np.uint8)
+    mask = np.zeros((120, 160), bool)
+    mask[30:90, 40:120] = True
+    out = render_overlay(img, mask, label=None)
+    changed = (out != img).any(axis=2)
+    assert changed[30, 60] and changed[60, 40]  # on the outline
+    assert not changed[60, 80]  # interior untouched
+    assert not changed[5, 5]
+    assert (img == 200).all()  # input unchanged
+    green = out[changed]
+    assert (green[:, 1] > green[:, 0]).mean() > 0.9
+
+
+def test_label_and_empty_mask() -> None:
+    img = np.full((200, 300, 3), 200, np.uint8)
+    out = render_overlay(img, np.zeros((200, 300), bool))
+    assert (out[:30, :150] != 200).any()  # label box
+    assert (out[100:, :] == 200).all()
+    with pytest.raises(ValueError):
+        render_overlay(img, np.zeros((10, 10), bool))
+
+
+def test_encode_png_roundtrip() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    data = encode_png(rgb)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    back = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert (back == rgb).all()
+    grey = encode_png(rgb[..., 0].copy())
+    assert cv2.imdecode(np.frombuffer(grey, np.uint8), cv2.IMREAD_UNCHANGED).shape == (20, 30)
+    with pytest.raises(OutputError):
+        encode_png(rgb.astype(np.float32))  # type: ignore[arg-type]
