@@ -98,7 +98,7 @@ def test_segmenter_pipeline_source_resolution() -> None:
     out = seg.segment(rgb)
     assert out.mask.shape == truth.shape and out.mask.dtype == np.bool_
     assert out.probability.shape == truth.shape and out.probability.dtype == np.float32
-    assert 0.0 <= out.probability.min() and out.probability.max() <= 1.0
+    assert out.probability.min() >= 0.0 and out.probability.max() <= 1.0
     assert _iou(out.mask, truth) > 0.8
     assert not out.empty
 
