@@ -1,0 +1,156 @@
+"""FhirClient against a real HTTP server on loopback (tests/fhir_server.py), and bundle files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fhir_fixtures import ISSUED, SR_UID, make_result, make_source
+
+from dermnode.errors import DeliveryError, OutputError
+from dermnode.fhir.bundle import build_bundle
+from dermnode.fhir.client import FhirClient, redact, write_bundle_file
+from dermnode.settings import FhirSettings
+from fhir_server import FhirTestServer
+
+TOKEN = "s3cr3t-token-value"
+
+
+def _bundle(kind: str = "calibrated") -> dict[str, Any]:
+    ds = make_source()
+    return build_bundle(
+        ds,
+        make_result(ds, kind),
+        sr_sop_instance_uid=SR_UID,
+        seg_sop_instance_uid=None,
+        overlay_png=None,
+        settings=FhirSettings(version="R4"),
+        issued=ISSUED,
+    )
+
+
+@pytest.fixture
+def server() -> Any:
+    srv = FhirTestServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _client(url: str, **kw: Any) -> FhirClient:
+    return FhirClient(FhirSettings(base_url=url, bearer_token=TOKEN, timeout_s=kw.pop("timeout_s", 5.0), **kw))
+
+
+@pytest.mark.timeout(60)
+def test_delivery_and_retry_never_duplicates(server: FhirTestServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server.token = TOKEN
+    client = _client(server.url)
+    bundle = _bundle()
+    answer = client.post_bundle(bundle)
+    assert answer["type"] == "transaction-response"
+    assert all(e["response"]["status"].startswith("201") for e in answer["entry"])
+    (req,) = server.requests
+    assert req.method == "POST" and req.path == "/fhir"
+    assert req.headers["Content-Type"].startswith("application/fhir+json")
+    assert req.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert req.json == bundle
+    counts = {t: server.count(t) for t in ("Patient", "Device", "ImagingStudy", "Observation", "DiagnosticReport")}
+    assert counts == {"Patient": 1, "Device": 1, "ImagingStudy": 1, "Observation": 9, "DiagnosticReport": 1}
+    (dr,) = server.resources["DiagnosticReport"].values()
+    assert dr["subject"]["reference"].startswith("Patient/")  # urn:uuid resolved by the server
+    # A retry (same bundle) matches every conditional create: nothing new is stored.
+    again = client.post_bundle(bundle)
+    assert all(e["response"]["status"].startswith("200") for e in again["entry"])
+    assert {t: server.count(t) for t in counts} == counts
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_transient_5xx_then_recovers(server: FhirTestServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server.mode, server.fail_times = "503", 1
+    client = _client(server.url)
+    with pytest.raises(DeliveryError) as info:
+        client.post_bundle(_bundle())
+    assert info.value.permanent is False and "503" in str(info.value)
+    assert client.post_bundle(_bundle())["type"] == "transaction-response"
+    assert TOKEN not in caplog.text and TOKEN not in str(info.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("status", "permanent"), [("400", True), ("422", True), ("408", False), ("429", False)])
+def test_4xx_is_permanent_except_408_429(server: FhirTestServer, status: str, permanent: bool) -> None:
+    server.mode = status
+    with pytest.raises(DeliveryError) as info:
+        _client(server.url).post_bundle(_bundle())
+    assert info.value.permanent is permanent
+    assert "test server says" in str(info.value)  # OperationOutcome diagnostics surfaced
+
+
+@pytest.mark.timeout(60)
+def test_wrong_token_is_permanent_and_not_logged(server: FhirTestServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    server.token = "another-token"
+    with pytest.raises(DeliveryError) as info:
+        _client(server.url).post_bundle(_bundle())
+    assert info.value.permanent is True and "401" in str(info.value)
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_server_down_is_transient(server: FhirTestServer) -> None:
+    url = server.url
+    server.mode = "down"
+    with pytest.raises(DeliveryError) as info:
+        _client(url).post_bundle(_bundle())
+    assert info.value.permanent is False
+    server.mode = "ok"  # back on the same port
+    assert _client(url).post_bundle(_bundle())["type"] == "transaction-response"
+
+
+@pytest.mark.timeout(60)
+def test_connection_refused_is_transient() -> None:
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DeliveryError) as info:
+        _client(f"http://127.0.0.1:{port}/fhir").post_bundle(_bundle())
+    assert info.value.permanent is False
+
+
+@pytest.mark.timeout(60)
+def test_timeout_is_transient(server: FhirTestServer) -> None:
+    server.mode, server.slow_s = "slow", 1.5
+    with pytest.raises(DeliveryError) as info:
+        _client(server.url, timeout_s=0.3).post_bundle(_bundle())
+    assert info.value.permanent is False
+
+
+def test_client_needs_http_url() -> None:
+    with pytest.raises(OutputError):
+        FhirClient(FhirSettings(base_url=""))
+
+
+def test_redact() -> None:
+    assert redact(f"Bearer {TOKEN} x", TOKEN) == "Bearer *** x"
+    assert redact("abc", "") == "abc"
+
+
+def test_write_bundle_file(tmp_path: Path) -> None:
+    bundle = _bundle("not_analysable")
+    path = write_bundle_file(bundle, tmp_path / "fhir", "report-1")
+    assert path == tmp_path / "fhir" / "report-1.json"
+    assert json.loads(path.read_text(encoding="utf-8")) == bundle
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "fhir").stat().st_mode) == 0o700
+    assert write_bundle_file(bundle, tmp_path / "fhir", "report-1.json") == path  # overwrite, same name
+    assert [p.name for p in (tmp_path / "fhir").iterdir()] == ["report-1.json"]  # no temp files left
+    with pytest.raises(OutputError):
+        write_bundle_file(bundle, tmp_path, "../escape")
