@@ -20,23 +20,21 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _no_workers(job: object) -> str:  # pragma: no cover - never called: there are no workers
-    raise RuntimeError("receive-only mode has no workers")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from dermnode.logging_setup import configure_logging
-    from dermnode.pipeline import build_deliverers, build_processor
+    from dermnode.delivery import build_deliverers
     from dermnode.service import Service
 
     settings = _settings(args)
     configure_logging(settings.logging)
+    service = Service(settings, build_deliverers(settings))
     if settings.workers.count > 0:
-        processor = build_processor(settings)  # loads and verifies the models: refuses to start without them
+        from dermnode.pipeline import build_processor
+
+        # loads and verifies the models: refuses to start without them
+        service.set_processor(build_processor(settings, service.outbox))
     else:
         logger.warning("workers.count = 0: receive-only mode, received instances stay queued")
-        processor = _no_workers
-    service = Service(settings, processor, build_deliverers(settings))
     service.install_signal_handlers()
     service.start()
     print(f"dermnode {__version__}: {settings.scp.ae_title} listening on "

@@ -1,25 +1,146 @@
 """The analysis pipeline wired to its inputs and outputs.
 
-Data flows one way: spooled file → decode → analysis stages (``dermnode.inference``) → output objects (SEG, SR,
-FHIR bundle, result.json, overlay) → outbox. Every stage has typed inputs and outputs; this module only joins
-them.
+Data flows one way: spooled file → decode → analysis stages (:class:`~dermnode.inference.analyzer.Analyzer`)
+→ output objects (SEG, SR, FHIR bundle, result.json, overlay) → outbox. Every stage has typed inputs and
+outputs; this module only joins them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from dermnode.errors import ModelError
-from dermnode.outbox import Deliverer
+import pydicom
+
+from dermnode import __version__
+from dermnode.dicom_io.reading import read_dataset, to_source_image
+from dermnode.dicom_io.seg import build_segmentation
+from dermnode.dicom_io.sr import build_report
+from dermnode.errors import OutputError
+from dermnode.fhir.bundle import build_bundle
+from dermnode.inference.analyzer import Analyzer
+from dermnode.inference.overlay import encode_png, render_overlay
+from dermnode.inference.types import AnalysisResult, AnalysisStatus
+from dermnode.outbox import Outbox
+from dermnode.scp.queue import Job
+from dermnode.scp.spool import atomic_write
 from dermnode.scp.workers import Processor
 from dermnode.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+SOFTWARE_VERSION = f"dermnode {__version__}"
 
-def build_processor(settings: Settings) -> Processor:
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """Files written for one analysed source instance."""
+
+    directory: Path
+    result_json: Path
+    overlay_png: Path
+    sr: Path
+    sr_sop_instance_uid: str
+    fhir_bundle: Path
+    fhir_key: str
+    seg: Path | None = None
+    seg_sop_instance_uid: str | None = None
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> None:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    atomic_write(path, buf.getvalue())
+
+
+def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Settings, directory: Path) -> OutputFiles:
+    """Build and write every output object of one result into ``directory``.
+
+    Raises
+    ------
+    OutputError
+        When a DICOM or FHIR object cannot be built or validated.
+    StorageError
+        When a file cannot be written.
+    """
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    overlay = encode_png(render_overlay(result.source.rgb, result.mask))
+    overlay_path = directory / "overlay.png"
+    atomic_write(overlay_path, overlay)
+    seg = None
+    seg_path = None
+    if result.status is AnalysisStatus.ANALYSED:
+        seg = build_segmentation(ds, result, settings.output, software_version=SOFTWARE_VERSION)
+        seg_path = directory / "seg.dcm"
+        _save(seg, seg_path)
+    sr = build_report(ds, result, seg, settings.output, software_version=SOFTWARE_VERSION)
+    sr_path = directory / "sr.dcm"
+    _save(sr, sr_path)
+    bundle = build_bundle(
+        ds,
+        result,
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+        seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
+        overlay_png=overlay,
+        settings=settings.fhir,
+        sr_series_instance_uid=str(sr.SeriesInstanceUID),
+        seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
+    )
+    bundle_path = directory / "diagnostic-report.json"
+    atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
+    doc = result.to_json()
+    doc["outputs"] = {
+        "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+    }
+    result_path = directory / "result.json"
+    atomic_write(result_path, json.dumps(doc, indent=2).encode("utf-8"))
+    return OutputFiles(
+        directory=directory,
+        result_json=result_path,
+        overlay_png=overlay_path,
+        sr=sr_path,
+        sr_sop_instance_uid=str(sr.SOPInstanceUID),
+        fhir_bundle=bundle_path,
+        fhir_key=f"DiagnosticReport/{result.source.sop_instance_uid}",
+        seg=seg_path,
+        seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
+    )
+
+
+class JobProcessor:
+    """What a worker runs for one received instance: analyse, write outputs, queue the deliveries."""
+
+    def __init__(self, settings: Settings, analyzer: Analyzer, outbox: Outbox) -> None:
+        self.settings = settings
+        self.analyzer = analyzer
+        self.outbox = outbox
+        self.results_root = Path(settings.storage.root) / "results"
+
+    def __call__(self, job: Job) -> str:
+        ds = read_dataset(job.path)
+        source = to_source_image(ds, self.settings.analysis.calibrations)
+        result = self.analyzer.analyze(source)
+        files = write_outputs(ds, result, self.settings, self.results_root / source.sop_instance_uid)
+        objects = [(files.sr_sop_instance_uid, files.sr)]
+        if files.seg is not None and files.seg_sop_instance_uid is not None:
+            objects.insert(0, (files.seg_sop_instance_uid, files.seg))
+        for dest in self.settings.pacs:
+            for uid, path in objects:
+                self.outbox.add(job.id, "dicom", f"pacs:{dest.name}", uid, path)
+        if self.settings.fhir.base_url:
+            self.outbox.add(job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle)
+        logger.info("analysed %s: %s %s (%s)", source.sop_instance_uid, result.status.value,
+                    result.reason or "", ", ".join(f"{k}={v:.0f}ms" for k, v in result.timings_ms.items()))
+        return result.status.value
+
+
+def build_processor(settings: Settings, outbox: Outbox) -> Processor:
     """The job processor the workers run; loads and verifies the shipped models.
 
     Raises
@@ -27,20 +148,38 @@ def build_processor(settings: Settings) -> Processor:
     ModelError
         When a model file is missing, corrupt or does not match its manifest.
     """
-    raise ModelError("the analysis models are not available yet")
-
-
-def build_deliverers(settings: Settings) -> dict[str, Deliverer]:
-    """Delivery functions by kind for the configured destinations."""
-    return {}
+    return JobProcessor(settings, Analyzer(settings.analysis), outbox)
 
 
 def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[tuple[str, str]]:
-    """Analyse DICOM files offline and write per-instance outputs under ``out``.
+    """Analyse DICOM files offline and write per-instance outputs under ``out/<SOPInstanceUID>/``.
+
+    A file that cannot be read or decoded is reported (``error: ...``) and the others go on.
 
     Raises
     ------
     ModelError
         When the models cannot be loaded.
     """
-    raise ModelError("the analysis models are not available yet")
+    from dermnode.errors import DecodeError
+
+    analyzer = Analyzer(settings.analysis)
+    done: list[tuple[str, str]] = []
+    for path in files:
+        try:
+            ds = read_dataset(path)
+            source = to_source_image(ds, settings.analysis.calibrations)
+            result = analyzer.analyze(source)
+            write_outputs(ds, result, settings, out / source.sop_instance_uid)
+        except (DecodeError, OutputError) as exc:
+            logger.error("%s: %s", path, exc)
+            done.append((str(path), f"error: {exc}"))
+            continue
+        label = result.status.value
+        if result.classification is not None:
+            c = result.classification
+            label += f" melanoma_probability={c.melanoma_probability:.3f} band={c.band.value} top={c.top_diagnosis}"
+        elif result.reason:
+            label += f" ({result.reason})"
+        done.append((source.sop_instance_uid, label))
+    return done

@@ -46,10 +46,14 @@ def recover_spool(spool: Spool, queue: JobQueue) -> int:
     return added
 
 
+def _unset_processor(job: object) -> str:
+    raise RuntimeError("no job processor configured")
+
+
 class Service:
     """dermnode as a whole. ``start()`` then ``wait()``; ``stop()`` from a signal handler or a test."""
 
-    def __init__(self, settings: Settings, processor: Processor, deliverers: Mapping[str, Deliverer]) -> None:
+    def __init__(self, settings: Settings, deliverers: Mapping[str, Deliverer]) -> None:
         self.settings = settings
         root = Path(settings.storage.root)
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -58,10 +62,14 @@ class Service:
         self.queue = JobQueue(db, settings.workers.max_attempts, settings.workers.retry_delay_s)
         self.outbox = Outbox(db, settings.delivery)
         self.pool = WorkerPool(
-            self.queue, self.outbox, processor, deliverers, settings.workers, settings.delivery.poll_interval_s
+            self.queue, self.outbox, _unset_processor, deliverers, settings.workers, settings.delivery.poll_interval_s
         )
         self._stopped = threading.Event()
         self._server: object | None = None
+
+    def set_processor(self, processor: Processor) -> None:
+        """The job processor (built after the service, since it queues deliveries in the service's outbox)."""
+        self.pool.processor = processor
 
     @property
     def port(self) -> int:
