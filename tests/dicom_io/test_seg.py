@@ -125,3 +125,20 @@ def test_missing_or_mismatched_mask_is_an_output_error() -> None:
     other = make_case(sop_instance_uid="1.2.826.0.1.3680043.8.498.424242.98")
     with pytest.raises(OutputError, match="not the image"):
         build_segmentation(other.source, case.result, SETTINGS, software_version="0.1.0")
+
+
+def test_empty_mask_and_jpeg_source(save) -> None:  # type: ignore[no-untyped-def]
+    from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+
+    case = make_case()
+    empty = dataclasses.replace(case.result, mask=np.zeros_like(case.result.mask))
+    path = save(build_segmentation(case.source, empty, SETTINGS, software_version="0.1.0"), "empty.dcm")
+    assert dciodvfy(path)[0] == []
+    assert not _mask_from(hd.seg.segread(path), case.source.SOPInstanceUID).any()
+
+    jpeg_source = wrap_rgb(case.result.source.rgb, WrapOptions(jpeg=True, sop_instance_uid=case.source.SOPInstanceUID))
+    path = save(build_segmentation(jpeg_source, case.result, SETTINGS, software_version="0.1.0"), "jpeg.dcm")
+    assert dciodvfy(path)[0] == []
+    np.testing.assert_array_equal(
+        _mask_from(hd.seg.segread(path), case.source.SOPInstanceUID).astype(bool), case.result.mask
+    )
