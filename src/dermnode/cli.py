@@ -32,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from dermnode.pipeline import build_processor
 
         # loads and verifies the models: refuses to start without them
-        service.set_processor(build_processor(settings, service.outbox))
+        service.set_processor(build_processor(settings, service.outbox, service.stage_metrics))
     else:
         logger.warning("workers.count = 0: receive-only mode, received instances stay queued")
     service.install_signal_handlers()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from dermnode.fhir.bundle import build_bundle
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import encode_png, render_overlay
 from dermnode.inference.types import AnalysisResult, AnalysisStatus
+from dermnode.metrics import StageMetrics
 from dermnode.outbox import Outbox
 from dermnode.scp.queue import Job
 from dermnode.scp.spool import atomic_write
@@ -90,6 +92,7 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
         settings=settings.fhir,
         sr_series_instance_uid=str(sr.SeriesInstanceUID),
         seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
+        sr_sop_class_uid=str(sr.SOPClassUID),
     )
     bundle_path = directory / "diagnostic-report.json"
     atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
@@ -116,17 +119,23 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
 class JobProcessor:
     """What a worker runs for one received instance: analyse, write outputs, queue the deliveries."""
 
-    def __init__(self, settings: Settings, analyzer: Analyzer, outbox: Outbox) -> None:
+    def __init__(self, settings: Settings, analyzer: Analyzer, outbox: Outbox,
+                 stage_metrics: StageMetrics | None = None) -> None:
         self.settings = settings
+        self.stage_metrics = stage_metrics or StageMetrics()
         self.analyzer = analyzer
         self.outbox = outbox
         self.results_root = Path(settings.storage.root) / "results"
 
     def __call__(self, job: Job) -> str:
+        t_start = time.perf_counter()
         ds = read_dataset(job.path)
         source = to_source_image(ds, self.settings.analysis.calibrations)
         result = self.analyzer.analyze(source)
+        t0 = time.perf_counter()
         files = write_outputs(ds, result, self.settings, self.results_root / source.sop_instance_uid)
+        timings = {"decode": (t0 - t_start) * 1000.0 - sum(result.timings_ms.values()), **result.timings_ms,
+                   "outputs": (time.perf_counter() - t0) * 1000.0}
         objects = [(files.sr_sop_instance_uid, files.sr)]
         if files.seg is not None and files.seg_sop_instance_uid is not None:
             objects.insert(0, (files.seg_sop_instance_uid, files.seg))
@@ -135,12 +144,13 @@ class JobProcessor:
                 self.outbox.add(job.id, "dicom", f"pacs:{dest.name}", uid, path)
         if self.settings.fhir.base_url:
             self.outbox.add(job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle)
+        self.stage_metrics.observe(timings, result.status.value)
         logger.info("analysed %s: %s %s (%s)", source.sop_instance_uid, result.status.value,
-                    result.reason or "", ", ".join(f"{k}={v:.0f}ms" for k, v in result.timings_ms.items()))
+                    result.reason or "", ", ".join(f"{k}={v:.0f}ms" for k, v in timings.items()))
         return result.status.value
 
 
-def build_processor(settings: Settings, outbox: Outbox) -> Processor:
+def build_processor(settings: Settings, outbox: Outbox, stage_metrics: StageMetrics | None = None) -> Processor:
     """The job processor the workers run; loads and verifies the shipped models.
 
     Raises
@@ -148,7 +158,7 @@ def build_processor(settings: Settings, outbox: Outbox) -> Processor:
     ModelError
         When a model file is missing, corrupt or does not match its manifest.
     """
-    return JobProcessor(settings, Analyzer(settings.analysis), outbox)
+    return JobProcessor(settings, Analyzer(settings.analysis), outbox, stage_metrics)
 
 
 def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[tuple[str, str]]:

@@ -6,10 +6,12 @@ import logging
 import signal
 import threading
 from collections.abc import Mapping
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 
 from dermnode.db import database_path
+from dermnode.metrics import StageMetrics, start_http
 from dermnode.outbox import Deliverer, Outbox
 from dermnode.scp.queue import JobQueue
 from dermnode.scp.server import start_server
@@ -64,8 +66,10 @@ class Service:
         self.pool = WorkerPool(
             self.queue, self.outbox, _unset_processor, deliverers, settings.workers, settings.delivery.poll_interval_s
         )
+        self.stage_metrics = StageMetrics()
         self._stopped = threading.Event()
         self._server: object | None = None
+        self._http: ThreadingHTTPServer | None = None
 
     def set_processor(self, processor: Processor) -> None:
         """The job processor (built after the service, since it queues deliveries in the service's outbox)."""
@@ -89,6 +93,9 @@ class Service:
         recover_spool(self.spool, self.queue)
         self.pool.start()
         self._server = start_server(self.settings.scp, self.spool, self.queue)
+        http = self.settings.http
+        if http.enabled:
+            self._http = start_http(http.bind, http.port, lambda: (self.queue, self.outbox), self.stage_metrics)
 
     def stop(self) -> None:
         """Stop accepting associations, then let running jobs finish (or leave them for re-queue)."""
@@ -99,6 +106,8 @@ class Service:
         if server is not None:
             server.shutdown()  # type: ignore[attr-defined]
         finished = self.pool.stop()
+        if self._http is not None:
+            self._http.shutdown()
         logger.info("shutdown complete%s", "" if finished else " (unfinished jobs will be re-queued)")
         self._stopped.set()
 
