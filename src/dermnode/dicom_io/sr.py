@@ -173,8 +173,8 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
 def _drop_segment_frame_numbers(items: Sequence[Dataset]) -> int:
     """Remove Referenced Frame Number where a Referenced Segment Number is present (in place).
 
-    PS3.3 C.17.3 (Table 10-4 "Image Reference Macro" / SOP Instance Reference): Referenced Frame Number and
-    Referenced Segment Number are mutually exclusive (each is required only when the other is absent);
+    In the SOP instance reference of an IMAGE content item, Referenced Frame Number and Referenced Segment
+    Number are mutually exclusive (each is Type 1C, required only when the other is absent);
     highdicom's ReferencedSegmentationFrame writes both, which ``dciodvfy`` reports as an error. For a
     single-frame SEG the frame number adds nothing, so the segment number alone is kept.
     """
