@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import synthetic_dermoscopy
-from dermnode_proc import DermnodeProcess, dermnode_env, free_port, require, run_tool, wait_for
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -30,6 +28,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
+from synthetic import synthetic_dermoscopy
 from dermnode.dicom_io.reading import decode_rgb
 from dermnode.dicom_io.uids import (
     DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE,
@@ -38,6 +37,7 @@ from dermnode.dicom_io.uids import (
     VL_PHOTOGRAPHIC_IMAGE_STORAGE,
 )
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+from dermnode_proc import DermnodeProcess, dermnode_env, free_port, require, run_tool, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,6 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, pixel_array
 
 from dermnode.errors import DecodeError
@@ -38,9 +37,13 @@ def read_dataset(path: Path) -> Dataset:
         When the file is missing or not a parseable DICOM file.
     """
     try:
-        return pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise DecodeError(f"cannot parse DICOM file {path.name}: {exc}") from exc
+        ds = pydicom.dcmread(path)
+        ds.walk(lambda _ds, _elem: None)  # parse every element now, not lazily somewhere later
+    except Exception as exc:  # pydicom's lazy parser raises many types on malformed data
+        raise DecodeError(f"cannot parse DICOM file {path.name}: {type(exc).__name__}: {exc}") from exc
+    if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+        raise DecodeError(f"{path.name} is not a composite instance (no SOP Class/Instance UID)")
+    return ds
 
 
 def _decimal_pair(value: object) -> tuple[float, float] | None:

@@ -1,0 +1,168 @@
+"""Decoding sources to RGB and finding the pixel size; malformed datasets fail with DecodeError only."""
+
+from __future__ import annotations
+
+import copy
+from io import BytesIO
+
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.uid import RLELossless
+
+from dermnode.dicom_io.reading import decode_rgb, pixel_spacing, read_dataset, to_source_image
+from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+from dermnode.errors import DecodeError
+from dermnode.inference.types import SpacingSource
+from dermnode.settings import DeviceCalibration
+from synthetic import synthetic_dermoscopy
+
+RGB = synthetic_dermoscopy(40, 56)
+
+
+def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return pydicom.dcmread(BytesIO(buf.getvalue()))
+
+
+def test_native_rgb_is_exact() -> None:
+    np.testing.assert_array_equal(decode_rgb(_roundtrip(wrap_rgb(RGB))), RGB)
+
+
+def test_jpeg_baseline_ybr_422_decodes_close_to_source() -> None:
+    out = decode_rgb(_roundtrip(wrap_rgb(RGB, WrapOptions(jpeg=True))))
+    assert out.shape == RGB.shape and np.abs(out.astype(int) - RGB).mean() < 6
+
+
+def test_rle_and_ybr_full_native() -> None:
+    ds = wrap_rgb(RGB)
+    ds.compress(RLELossless)
+    np.testing.assert_array_equal(decode_rgb(_roundtrip(ds)), RGB)
+    from pydicom.pixels import convert_color_space
+
+    ds = wrap_rgb(RGB)
+    ds.PixelData = convert_color_space(RGB, "RGB", "YBR_FULL").tobytes()
+    ds.PhotometricInterpretation = "YBR_FULL"
+    assert np.abs(decode_rgb(_roundtrip(ds)).astype(int) - RGB).max() <= 2
+
+
+def test_monochrome_16bit_is_scaled_to_rgb() -> None:
+    ds = wrap_rgb(RGB)
+    gray = (RGB[..., 0].astype(np.uint16) * 16)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    del ds.PlanarConfiguration
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelData = gray.tobytes()
+    out = decode_rgb(_roundtrip(ds))
+    assert out.shape == RGB.shape and out.dtype == np.uint8
+    assert np.array_equal(out[..., 0], out[..., 2])
+
+
+def test_palette_colour_is_expanded() -> None:
+    ds = wrap_rgb(RGB)
+    idx = (RGB[..., 0] // 16).astype(np.uint8)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "PALETTE COLOR"
+    del ds.PlanarConfiguration
+    lut = (np.arange(256, dtype=np.uint16) * 257).tobytes()
+    for c in ("Red", "Green", "Blue"):
+        setattr(ds, f"{c}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{c}PaletteColorLookupTableData", lut)
+    ds.PixelData = idx.tobytes()
+    out = decode_rgb(_roundtrip(ds))
+    assert out.shape == RGB.shape
+    np.testing.assert_array_equal(out[..., 1], idx)
+
+
+def test_spacing_precedence_and_calibration() -> None:
+    ds = wrap_rgb(RGB, WrapOptions(pixel_spacing_mm=0.05))
+    ds.ImagerPixelSpacing = ["0.1", "0.1"]
+    sp = pixel_spacing(ds)
+    assert sp is not None and sp.row_mm == 0.05 and sp.source is SpacingSource.PIXEL_SPACING
+    del ds.PixelSpacing
+    sp = pixel_spacing(ds)
+    assert sp is not None and sp.row_mm == 0.1 and sp.source is SpacingSource.IMAGER_PIXEL_SPACING
+    del ds.ImagerPixelSpacing
+    assert pixel_spacing(ds) is None
+    cal = DeviceCalibration(manufacturer="dermnode simulator", model="VIRTUAL DERMOSCOPE", pixel_spacing_mm=0.02)
+    sp = pixel_spacing(ds, [cal])
+    assert sp is not None and sp.column_mm == 0.02 and sp.source is SpacingSource.DEVICE_CALIBRATION
+    ds.PixelSpacing = ["0", "-1"]  # invalid values are ignored, not trusted
+    assert pixel_spacing(ds, [cal]) is not None and pixel_spacing(ds) is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: delattr(d, "PixelData"), "no Pixel Data"),
+        (lambda d: setattr(d, "PixelData", d.PixelData[:100]), "cannot be decoded"),
+        (lambda d: setattr(d, "Rows", 100000), "unsupported image size|cannot be decoded"),
+        (lambda d: setattr(d, "SamplesPerPixel", 4), "Samples per Pixel"),
+        (lambda d: delattr(d, "Rows"), "missing or invalid"),
+    ],
+)
+def test_malformed_pixel_data_is_a_decode_error(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    ds = wrap_rgb(RGB)
+    mutate(ds)
+    with pytest.raises(DecodeError, match=message):
+        decode_rgb(ds)
+
+
+def test_missing_uid_is_a_decode_error() -> None:
+    ds = wrap_rgb(RGB)
+    del ds.StudyInstanceUID
+    with pytest.raises(DecodeError, match="UID"):
+        to_source_image(ds)
+
+
+def test_unreadable_file_is_a_decode_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "x.dcm"
+    p.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff")
+    with pytest.raises(DecodeError):
+        read_dataset(p)
+
+
+BASE = _roundtrip(wrap_rgb(RGB, WrapOptions(jpeg=True)))
+BASE_BYTES = BytesIO()
+BASE.save_as(BASE_BYTES, enforce_file_format=True)
+ENCODED = BASE_BYTES.getvalue()
+ATTRS = ["Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+         "PlanarConfiguration", "NumberOfFrames", "PhotometricInterpretation"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    attr=st.sampled_from(ATTRS),
+    value=st.one_of(st.integers(-5, 70000), st.sampled_from(["RGB", "YBR_FULL", "MONOCHROME1", "PALETTE COLOR", "X"])),
+    cut=st.integers(0, len(BASE.PixelData)),
+)
+def test_fuzz_attribute_and_truncation_only_raise_decode_error(attr: str, value: object, cut: int) -> None:
+    """Fuzz campaign (dataset level): wrong image attributes and truncated compressed data."""
+    ds = copy.deepcopy(BASE)
+    try:
+        setattr(ds, attr, value)
+    except (TypeError, ValueError, OverflowError):
+        return
+    ds.PixelData = ds.PixelData[:cut]
+    try:
+        out = to_source_image(ds)
+    except DecodeError:
+        return
+    assert out.rgb.dtype == np.uint8 and out.rgb.ndim == 3 and out.rgb.shape[2] == 3
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pos=st.integers(132, len(ENCODED) - 1), data=st.binary(min_size=1, max_size=16))
+def test_fuzz_byte_corruption_only_raises_decode_error(tmp_path_factory, pos: int, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Fuzz campaign (stream level): overwrite bytes anywhere after the preamble of a JPEG-encoded file."""
+    blob = bytearray(ENCODED)
+    blob[pos : pos + len(data)] = data
+    path = tmp_path_factory.mktemp("fz") / "f.dcm"
+    path.write_bytes(bytes(blob))
+    try:
+        out = to_source_image(read_dataset(path))
+    except DecodeError:
+        return
+    assert out.rgb.dtype == np.uint8
