@@ -17,14 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from peers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require(binary: str) -> str:

@@ -149,15 +149,25 @@ class Orthanc:
         _stop(self.proc, timeout=30.0)
 
 
-def start_orthanc(root: Path, aet: str = "ORTHANC", timeout: float = 60.0) -> Orthanc:
+def start_orthanc(
+    root: Path,
+    aet: str = "ORTHANC",
+    timeout: float = 60.0,
+    *,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Orthanc:
     """Start ``Orthanc --no-jobs CONFIG`` with storage under ``root`` and free DICOM/HTTP ports.
 
     HTTP listens on loopback only (RemoteAccessAllowed false), without authentication, no plugins. Skips
-    the test when Orthanc is not installed.
+    the test when Orthanc is not installed. Give the ports of a stopped Orthanc (and the same ``root``) to
+    restart it on its database; ``extra`` adds configuration keys (e.g. ``DicomModalities``).
     """
     binary = _which(*ORTHANC_CANDIDATES)
     root.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port = dicom_port or free_port()
+    http_port = http_port or free_port()
     while http_port == dicom_port:
         http_port = free_port()
     config = {
@@ -174,6 +184,7 @@ def start_orthanc(root: Path, aet: str = "ORTHANC", timeout: float = 60.0) -> Or
         "UnknownSopClassAccepted": True,
         "Plugins": [],
         "StableAge": 1,
+        **(extra or {}),
     }
     cfg = root / "orthanc.json"
     cfg.write_text(json.dumps(config, indent=2))

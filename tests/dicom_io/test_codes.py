@@ -34,10 +34,14 @@ def test_every_isic_class_has_a_code() -> None:
     assert codes.suspected_finding_code("UNKNOWN") is None
 
 
-def test_clinical_findings_are_snomed_except_the_bkl_grouping() -> None:
+UNVERIFIED_OR_GROUPING = {codes.IsicClass.BKL, codes.IsicClass.VASC, codes.IsicClass.DF, codes.IsicClass.SK}
+
+
+def test_clinical_findings_are_snomed_except_groupings_and_unverified() -> None:
     for cls, code in codes.SUSPECTED_FINDING_CODES.items():
-        if cls is codes.IsicClass.BKL:
+        if cls in UNVERIFIED_OR_GROUPING:
             assert code.scheme_designator == codes.PRIVATE_SCHEME
+            assert not code.value.isdigit(), "a private code must never look like a SNOMED CT code"
         else:
             assert code.scheme_designator == "SCT", cls
             assert code.value.isdigit(), cls

@@ -83,8 +83,8 @@ def test_calibrated_content() -> None:
     assert dr["code"]["coding"][0] == C.REPORT_CODE.coding()
     assert dr["conclusionCode"][0]["coding"][0] == {
         "system": C.SNOMED,
-        "code": "93655004",
-        "display": "Malignant melanoma of skin",
+        "code": "1162635006",
+        "display": "Malignant melanoma",
     }
     assert len(dr["result"]) == len(resources(bundle, "Observation")) == 9
     prob = observation(bundle, C.MELANOMA_PROBABILITY)

@@ -122,19 +122,21 @@ class IsicClass(enum.StrEnum):
     VASC = "VASC"
 
 
-#: Suspected-finding value per ISIC class. BKL ("benign keratosis-like lesion": solar lentigo, seborrhoeic
-#: keratosis and lichen planus-like keratosis) is a grouping without a single SNOMED CT concept, so it is a
-#: private concept; see docs/dicom-conformance.md for the source of each code.
+#: Suspected-finding value per ISIC class: the single source of truth for both the SR and the FHIR report.
+#: SNOMED CT is used only where the concept is verified (DICOM PS3.16 via pydicom's code dictionary, or a
+#: SNOMED CT browser); BKL and VASC are ISIC groupings without a single SNOMED CT concept, and the DF and SK
+#: concepts could not be verified offline, so those four are private concepts until terminology review;
+#: see docs/dicom-conformance.md for the source of each code.
 SUSPECTED_FINDING_CODES: dict[IsicClass, Code] = {
     IsicClass.AK: Code("201101007", "SCT", "Actinic keratosis"),
     IsicClass.BCC: Code("254701007", "SCT", "Basal cell carcinoma of skin"),
-    IsicClass.DF: Code("427186000", "SCT", "Dermatofibroma"),
+    IsicClass.DF: _private("DF", "Dermatofibroma"),
     IsicClass.MEL: Code("1162635006", "SCT", "Malignant melanoma"),
     IsicClass.NV: Code("400096001", "SCT", "Melanocytic nevus"),
     IsicClass.BKL: _private("BKL", "Benign keratosis-like lesion"),
-    IsicClass.SK: Code("69322001", "SCT", "Seborrheic keratosis"),
+    IsicClass.SK: _private("SK", "Seborrheic keratosis"),
     IsicClass.SCC: Code("254651007", "SCT", "Squamous cell carcinoma of skin"),
-    IsicClass.VASC: Code("400210000", "SCT", "Hemangioma"),
+    IsicClass.VASC: _private("VASC", "Vascular lesion"),
 }
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from dermnode.dicom_io.codes import SUSPECTED_FINDING_CODES, IsicClass
+
 logger = logging.getLogger(__name__)
 
 # --- Code system URIs --------------------------------------------------------------------------------------
@@ -134,17 +136,27 @@ def _cls(code: str, display: str, snomed: tuple[str, str] | None) -> DiagnosisCl
     return DiagnosisClass(Code(LOCAL_DIAGNOSIS, code, display), None if snomed is None else Code(SNOMED, *snomed))
 
 
+_DISPLAY = {
+    "MEL": "Melanoma",
+    "NV": "Melanocytic nevus",
+    "BCC": "Basal cell carcinoma",
+    "SCC": "Squamous cell carcinoma",
+    "AK": "Actinic keratosis",
+    "DF": "Dermatofibroma",
+    "SK": "Seborrheic keratosis",
+    "BKL": "Benign keratosis-like lesion",
+    "VASC": "Vascular lesion",
+}
+
+
+def _snomed(label: str) -> tuple[str, str] | None:
+    """The SNOMED CT concept of a class from the DICOM code table (one source of truth for SR and FHIR)."""
+    code = SUSPECTED_FINDING_CODES[IsicClass(label)]
+    return (code.value, code.meaning) if code.scheme_designator == "SCT" else None
+
+
 DIAGNOSIS_CODES: dict[str, DiagnosisClass] = {
-    "MEL": _cls("MEL", "Melanoma", ("93655004", "Malignant melanoma of skin")),
-    "NV": _cls("NV", "Melanocytic nevus", ("400096001", "Melanocytic nevus")),
-    "BCC": _cls("BCC", "Basal cell carcinoma", ("254701007", "Basal cell carcinoma of skin")),
-    "SCC": _cls("SCC", "Squamous cell carcinoma", ("254651007", "Squamous cell carcinoma of skin")),
-    "AK": _cls("AK", "Actinic keratosis", ("201101007", "Actinic keratosis")),
-    # SNOMED CT mappings below are pending terminology review (no verified source was available offline).
-    "DF": _cls("DF", "Dermatofibroma", None),
-    "SK": _cls("SK", "Seborrheic keratosis", None),
-    "BKL": _cls("BKL", "Benign keratosis-like lesion", None),
-    "VASC": _cls("VASC", "Vascular lesion", None),
+    label: _cls(label, text, _snomed(label)) for label, text in _DISPLAY.items()
 }
 DIAGNOSIS_CODES["AKIEC"] = DIAGNOSIS_CODES["AK"]
 

@@ -1,0 +1,270 @@
+"""End to end with real peers: modality (storescu) → dermnode serve → Orthanc (PACS) + FHIR endpoint.
+
+Needs the shipped models (``models/``), DCMTK and Orthanc; the FHIR endpoint is ``tests/fhir_server.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dermnode_proc import DermnodeProcess, dermnode_env, free_port, require, run_tool, wait_for
+from fhir_server import FhirTestServer
+from peers import Orthanc, start_orthanc
+from synthetic import synthetic_dermoscopy
+
+from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+PATIENT_NAME = "Zzyzx^Quintessa"
+PATIENT_ID = "PHI-7731-XQ"
+
+
+def models_present() -> bool:
+    return (REPO / "models" / "segmentation.json").is_file() and (REPO / "models" / "classifier.json").is_file()
+
+
+needs_models = pytest.mark.skipif(not models_present(), reason="shipped models not found under models/")
+
+
+def lesion_image() -> np.ndarray:
+    """A real dermoscopy image when the shared data is present, else the synthetic lesion."""
+    from conftest import data_root
+
+    real = data_root() / "ham10000-sample" / "images" / "ISIC_0024311.jpg"
+    if real.is_file():
+        from dermnode.dicom_io.wrap import load_rgb
+
+        return load_rgb(real)
+    return synthetic_dermoscopy(450, 600)
+
+
+def write_source(path: Path, rgb: np.ndarray | None = None, *, seed: int = 0, jpeg: bool = True) -> pydicom.Dataset:
+    ds = wrap_rgb(lesion_image() if rgb is None else rgb,
+                  WrapOptions(patient_id=PATIENT_ID, patient_name=PATIENT_NAME, pixel_spacing_mm=0.02, jpeg=jpeg))
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@dataclass
+class Stack:
+    dermnode: DermnodeProcess
+    orthanc: Orthanc
+    fhir: FhirTestServer
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.dermnode.root / "var" / "dermnode.db")
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def store(self, *files: Path) -> None:
+        res = run_tool(["storescu", "-aet", "MODALITY", "-aec", "DERMNODE", "-R", "-xy", "127.0.0.1",
+                        str(self.dermnode.port), *map(str, files)])
+        assert res.returncode == 0, res.stdout + res.stderr
+
+    def deliveries(self, state: str | None = None) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM deliveries" + (" WHERE state = ?" if state else "")
+        return list(self.db().execute(sql, (state,) if state else ()))
+
+    def wait_delivered(self, n: int, timeout: float = 180.0) -> None:
+        wait_for(lambda: len(self.deliveries("done")) >= n, timeout=timeout, what=f"{n} deliveries")
+
+
+def start_dermnode(tmp: Path, orthanc: Orthanc, fhir: FhirTestServer, **extra: str) -> DermnodeProcess:
+    port = free_port()
+    cfg = tmp / "dermnode.toml"
+    cfg.write_text(
+        f'[[pacs]]\nname = "orthanc"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+    )
+    env = dermnode_env(tmp, port, {
+        "DERMNODE_WORKERS__COUNT": "1",
+        "DERMNODE_FHIR__BASE_URL": fhir.url,
+        "DERMNODE_DELIVERY__BACKOFF_INITIAL_S": "0.5",
+        "DERMNODE_DELIVERY__BACKOFF_MAX_S": "2",
+        "DERMNODE_ANALYSIS__TORCH_THREADS": "1",
+        **extra,
+    })
+    proc = DermnodeProcess(tmp, port, env, config=cfg)
+    proc.start(timeout=120)
+    return proc
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    require("storescu")
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    fhir = FhirTestServer().start()
+    dermnode = None
+    try:
+        dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir)
+        yield Stack(dermnode, orthanc, fhir)
+    finally:
+        if dermnode is not None:
+            dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
+
+
+def orthanc_study_instances(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
+    """SOP Instance UID -> Modality of every instance Orthanc holds in the study."""
+    out: dict[str, str] = {}
+    for iid in orthanc.instances():
+        tags = orthanc.get(f"/instances/{iid}/simplified-tags")
+        if tags.get("StudyInstanceUID") == study_uid:
+            out[tags["SOPInstanceUID"]] = tags.get("Modality", "")
+    return out
+
+
+@needs_models
+def test_image_becomes_seg_sr_in_pacs_and_fhir_report(stack: Stack, tmp_path: Path) -> None:
+    src = write_source(tmp_path / "src.dcm")
+    stack.store(tmp_path / "src.dcm")
+    stack.wait_delivered(3)  # SEG + SR to Orthanc, bundle to FHIR
+    job = stack.db().execute("SELECT * FROM jobs").fetchone()
+    assert job["state"] == "done" and job["outcome"] == "analysed"
+    inst = orthanc_study_instances(stack.orthanc, src.StudyInstanceUID)
+    assert sorted(inst.values()) == ["SEG", "SR"], inst
+    assert stack.fhir.count("DiagnosticReport") == 1
+    report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
+    assert "decision support" in report["conclusion"].lower()
+    # status agrees
+    doc = json.loads(stack.dermnode.cli("status", "--json").stdout)
+    assert doc["jobs"]["done"] == 1 and doc["deliveries"]["done"] == 3
+    # no PHI in the logs at INFO
+    log = stack.dermnode.log()
+    assert "Zzyzx" not in log and PATIENT_ID not in log
+    assert src.SOPInstanceUID in log  # the audit trail names the instance by UID
+
+
+@needs_models
+def test_orthanc_down_results_wait_then_delivered_once(tmp_path: Path) -> None:
+    require("storescu")
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    ports = (orthanc.dicom_port, orthanc.http_port)
+    orthanc.stop()  # the PACS is down
+    fhir = FhirTestServer().start()
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir)
+    stack = Stack(dermnode, orthanc, fhir)
+    try:
+        src = write_source(tmp_path / "src.dcm")
+        stack.store(tmp_path / "src.dcm")
+        wait_for(lambda: any(r["attempts"] >= 2 for r in stack.deliveries("pending")), timeout=180,
+                 what="failed delivery attempts while the PACS is down")
+        assert not orthanc_dicom_reachable(ports[0])
+        orthanc = start_orthanc(tmp_path / "orthanc", dicom_port=ports[0], http_port=ports[1])
+        stack.orthanc = orthanc
+        stack.wait_delivered(3)
+        inst = orthanc_study_instances(orthanc, src.StudyInstanceUID)
+        assert sorted(inst.values()) == ["SEG", "SR"]
+        assert len(orthanc.instances()) == 2  # delivered once
+    finally:
+        dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
+
+
+def orthanc_dicom_reachable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@needs_models
+def test_pacs_routes_image_to_dermnode_and_gets_results(tmp_path: Path) -> None:
+    """Orthanc knows dermnode as a modality and forwards an image, as an auto-router would."""
+    require("storescu")
+    dn_port = free_port()
+    orthanc = start_orthanc(tmp_path / "orthanc",
+                            extra={"DicomModalities": {"dermnode": ["DERMNODE", "127.0.0.1", dn_port]}})
+    fhir = FhirTestServer().start()
+    port_env = {"DERMNODE_SCP__PORT": str(dn_port)}
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir, **port_env)
+    try:
+        src = write_source(tmp_path / "src.dcm")
+        req = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/instances",
+                                     data=(tmp_path / "src.dcm").read_bytes(), method="POST")
+        with urllib.request.urlopen(req, timeout=30) as rsp:
+            orthanc_id = json.loads(rsp.read())["ID"]
+        body = json.dumps({"Resources": [orthanc_id], "Synchronous": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/modalities/dermnode/store",
+                                     data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            assert rsp.status == 200
+        wait_for(lambda: len(orthanc_study_instances(orthanc, src.StudyInstanceUID)) == 3, timeout=180,
+                 what="SEG and SR back in Orthanc")
+        assert sorted(orthanc_study_instances(orthanc, src.StudyInstanceUID).values()) == ["DMS", "SEG", "SR"]
+    finally:
+        dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
+
+
+@needs_models
+def test_not_analysable_image_gets_sr_with_reason_and_no_seg(stack: Stack, tmp_path: Path) -> None:
+    blank = np.full((300, 400, 3), 128, np.uint8)
+    src = write_source(tmp_path / "blank.dcm", blank, jpeg=False)
+    stack.store(tmp_path / "blank.dcm")
+    stack.wait_delivered(2)  # SR + FHIR
+    job = stack.db().execute("SELECT * FROM jobs").fetchone()
+    assert job["outcome"] == "not_analysable"
+    assert sorted(orthanc_study_instances(stack.orthanc, src.StudyInstanceUID).values()) == ["SR"]
+    report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
+    assert report["status"] == "final" and "conclusionCode" not in report
+
+
+@needs_models
+def test_fhir_endpoint_down_then_up_delivers_once(stack: Stack, tmp_path: Path) -> None:
+    stack.fhir.mode = "503"
+    write_source(tmp_path / "src.dcm")
+    stack.store(tmp_path / "src.dcm")
+    wait_for(lambda: any(r["kind"] == "fhir" and r["attempts"] >= 2 for r in stack.deliveries()), timeout=180,
+             what="FHIR retries")
+    stack.fhir.mode = "ok"
+    stack.wait_delivered(3)
+    assert stack.fhir.count("DiagnosticReport") == 1
+
+
+@needs_models
+def test_fhir_4xx_dead_letters_without_retry_storm(stack: Stack, tmp_path: Path) -> None:
+    stack.fhir.mode = "400"
+    write_source(tmp_path / "src.dcm")
+    stack.store(tmp_path / "src.dcm")
+    wait_for(lambda: [r for r in stack.deliveries("dead") if r["kind"] == "fhir"], timeout=180,
+             what="FHIR delivery dead-lettered")
+    (row,) = [r for r in stack.deliveries() if r["kind"] == "fhir"]
+    assert row["attempts"] == 1 and "400" in row["last_error"]
+    posts = [r for r in stack.fhir.requests if r.method == "POST"]
+    assert len(posts) == 1
+    dl = json.loads(stack.dermnode.cli("status", "--json", "--dead-letters").stdout)["dead_letters"]
+    assert any("400" in d["error"] for d in dl)
+
+
+def test_missing_or_corrupt_model_refuses_to_start(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    port = free_port()
+    proc = DermnodeProcess(tmp_path, port, dermnode_env(tmp_path, port, {"DERMNODE_ANALYSIS__MODELS_DIR": str(models)}))
+    res = proc.cli("serve", timeout=120)
+    assert res.returncode != 0 and "model" in res.stderr.lower()
+    if models_present():
+        import shutil
+
+        for f in (REPO / "models").glob("*.json"):
+            shutil.copy(f, models / f.name)
+        for f in (REPO / "models").glob("*.pt"):
+            blob = bytearray(f.read_bytes())
+            blob[len(blob) // 2] ^= 0xFF
+            (models / f.name).write_bytes(bytes(blob))
+        res = proc.cli("serve", timeout=120)
+        assert res.returncode != 0 and "sha256" in res.stderr.lower()
