@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dermnode_proc import DermnodeProcess, dermnode_env, free_port, require, run_tool, wait_for
-from fhir_server import FhirTestServer
-from peers import Orthanc, start_orthanc
-from synthetic import synthetic_dermoscopy
 
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, wait_for
+from fhir_server import FhirTestServer
+from peers import Orthanc, free_port, start_orthanc
+from synthetic import synthetic_dermoscopy
 
 pytestmark = pytest.mark.integration
 

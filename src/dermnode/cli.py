@@ -21,8 +21,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dermnode.logging_setup import configure_logging
     from dermnode.delivery import build_deliverers
+    from dermnode.logging_setup import configure_logging
     from dermnode.service import Service
 
     settings = _settings(args)

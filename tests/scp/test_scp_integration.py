@@ -28,7 +28,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 
-from synthetic import synthetic_dermoscopy
 from dermnode.dicom_io.reading import decode_rgb
 from dermnode.dicom_io.uids import (
     DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE,
@@ -37,7 +36,9 @@ from dermnode.dicom_io.uids import (
     VL_PHOTOGRAPHIC_IMAGE_STORAGE,
 )
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
-from dermnode_proc import DermnodeProcess, dermnode_env, free_port, require, run_tool, wait_for
+from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, wait_for
+from peers import free_port
+from synthetic import synthetic_dermoscopy
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dermnode_proc import DermnodeProcess, dermnode_env, free_port, require, run_tool
+
+from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool
+from peers import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +28,8 @@ def make_pki(d: Path) -> dict[str, Path]:
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(p[f"{who}.key"]), "-out", str(csr),
                  "-subj", f"/CN=dermnode test {who}")
         ext = d / f"{who}.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n" if who == "server" else "extendedKeyUsage=clientAuth\n")
+        server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        ext.write_text(server_ext if who == "server" else "extendedKeyUsage=clientAuth\n")
         _openssl("x509", "-req", "-in", str(csr), "-CA", str(p["ca.crt"]), "-CAkey", str(p["ca.key"]),
                  "-CAcreateserial", "-out", str(p[f"{who}.crt"]), "-days", "2", "-extfile", str(ext))
     return p
