@@ -1,0 +1,272 @@
+"""Ingest speed: DCMTK ``storescu`` → ``dermnode serve`` (receive-only) vs → DCMTK ``storescp`` (C++ reference).
+
+Usage::
+
+    .venv/bin/python bench/ingest.py [--n 200] [--repeats 3] [--associations 1 4] [--out bench/results/x.json]
+
+What is measured
+    ``N`` realistic Dermoscopic Photography Image files (768x576, real photographs from the shared data when
+    present, else synthetic; unique UIDs) in two encodings, native RGB (Explicit VR Little Endian, ~1.3 MB)
+    and JPEG Baseline (YBR_FULL_422, quality 92), are sent with ``storescu -R -xe`` (native) or
+    ``storescu -R -xy`` (JPEG) over 1 association, and split round-robin over K concurrent ``storescu``
+    processes (K associations at once). The wall time runs from the start of the first ``storescu`` to the exit
+    of the last one, i.e. until the last C-STORE response has been received; images/s = N / wall,
+    MB/s = total file bytes / 10^6 / wall.
+
+Receivers (a fresh one, on a free loopback port, for every run)
+    * ``dermnode serve`` with ``workers.count = 0`` (receive-only) and otherwise default settings: each
+      instance is written to a temporary file, fsync-ed, renamed, the directory fsync-ed, and its job committed
+      to SQLite (WAL, synchronous=FULL) before the response (durable).
+    * ``storescp -od DIR +xa`` (DCMTK; the same command as ``tests/peers.start_storescp``), with ``--fork`` when
+      K > 1 (without it storescp serves one association at a time). storescp does not fsync.
+    * optionally (``--no-fsync``) dermnode with ``storage.fsync = false`` as a diagnostic of what durability
+      costs (SQLite still commits with synchronous=FULL).
+
+Each run is preceded by a warm-up of 4 files (not timed) on the same receiver. Every response must be a
+success and every file must have arrived (dermnode: one job per instance in the state database; storescp: one
+file per instance), otherwise the run is reported as failed. Server CPU seconds (utime+stime, children
+included) and client (storescu) CPU seconds are recorded as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    REPO,
+    SourceFile,
+    busy_processes,
+    db_rows,
+    machine_info,
+    send_parallel,
+    source_images,
+    write_dicoms,
+)
+
+# the test helpers (tests/ is put on sys.path by common)
+from dermnode_proc import DermnodeProcess, dermnode_env
+from peers import _stop, _wait_listening, free_port
+
+SEND_TIMEOUT_S = 600.0
+WARMUP = 4
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process (``/proc/<pid>/stat``), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = sum(int(x) for x in fields[11:15])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _timed_send(port: int, aet: str, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,
+                associations: int, server_pid: int) -> dict[str, Any]:
+    w = send_parallel(port, [f.path for f in warm], jpeg=jpeg, called_aet=aet, associations=1, timeout_s=120)
+    if w.success_responses != len(warm):
+        raise RuntimeError(f"warm-up failed: {w.errors or w.returncodes}")
+    cpu0, ccpu0 = cpu_seconds(server_pid), children_cpu()
+    res = send_parallel(port, [f.path for f in files], jpeg=jpeg, called_aet=aet, associations=associations,
+                        timeout_s=SEND_TIMEOUT_S)
+    cpu1, ccpu1 = cpu_seconds(server_pid), children_cpu()
+    total = sum(f.size for f in files)
+    return {
+        "wall_s": res.wall_s,
+        "images_per_s": len(files) / res.wall_s,
+        "mb_per_s": total / 1e6 / res.wall_s,
+        "success_responses": res.success_responses,
+        "other_responses": res.other_responses,
+        "storescu_returncodes": res.returncodes,
+        "server_cpu_s": cpu1 - cpu0,
+        "client_cpu_s": ccpu1 - ccpu0,
+        "errors": res.errors[:2000],
+    }
+
+
+def run_dermnode(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,
+                 associations: int, fsync: bool = True) -> dict[str, Any]:
+    """One timed run against a fresh ``dermnode serve`` in receive-only mode."""
+    root = work / "dermnode"
+    port = free_port()
+    extra = {"DERMNODE_WORKERS__COUNT": "0"}
+    if not fsync:
+        extra["DERMNODE_STORAGE__FSYNC"] = "false"
+    proc = DermnodeProcess(root, port, dermnode_env(root, port, extra))
+    try:
+        proc.start(timeout=120)
+        assert proc.proc is not None
+        out = _timed_send(port, "DERMNODE", files, warm, jpeg=jpeg, associations=associations,
+                          server_pid=proc.proc.pid)
+        db = root / "var" / "dermnode.db"
+        queued = {r["sop_instance_uid"] for r in db_rows(db, "SELECT sop_instance_uid FROM jobs")}
+        out["received"] = sum(1 for f in files if f.sop_instance_uid in queued)
+    finally:
+        proc.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    out["ok"] = out["received"] == len(files) and out["success_responses"] == len(files)
+    return out
+
+
+def run_storescp(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,
+                 associations: int) -> dict[str, Any]:
+    """One timed run against a fresh DCMTK ``storescp -od DIR +xa`` (``--fork`` for K > 1)."""
+    directory = work / "storescp" / "in"
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [shutil.which("storescp") or "storescp", "-od", str(directory), "-aet", "STORESCP", "+xa"]
+    if associations > 1:
+        args.append("--fork")
+    log = directory.parent / "storescp.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([*args, str(port)], stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        _wait_listening(port, proc, 30.0, log)
+        out = _timed_send(port, "STORESCP", files, warm, jpeg=jpeg, associations=associations, server_pid=proc.pid)
+        out["received"] = sum(1 for p in directory.iterdir() if p.is_file()) - len(warm)
+    finally:
+        _stop(proc)
+        shutil.rmtree(directory.parent, ignore_errors=True)
+    out["ok"] = out["received"] == len(files) and out["success_responses"] == len(files)
+    return out
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if r["ok"]]
+    if not ok:
+        return {"ok": False, "runs": runs}
+    ips = [r["images_per_s"] for r in ok]
+    med = statistics.median(ips)
+    chosen = min(ok, key=lambda r: abs(r["images_per_s"] - med))
+    return {
+        "ok": len(ok) == len(runs),
+        "images_per_s": med,
+        "mb_per_s": statistics.median(r["mb_per_s"] for r in ok),
+        "images_per_s_min": min(ips),
+        "images_per_s_max": max(ips),
+        "server_cpu_ms_per_image": 1000 * statistics.median(r["server_cpu_s"] for r in ok) / chosen["n"],
+        "client_cpu_ms_per_image": 1000 * statistics.median(r["client_cpu_s"] for r in ok) / chosen["n"],
+        "runs": runs,
+    }
+
+
+def run(n: int = 200, repeats: int = 3, associations: Sequence[int] = (1, 4), no_fsync: bool = False,
+        encodings: Sequence[str] = ("native", "jpeg"), log: Any = print) -> dict[str, Any]:
+    images, described = source_images(60)
+    receivers = ["dermnode", "storescp"] + (["dermnode_nofsync"] if no_fsync else [])
+    results: dict[str, Any] = {
+        "params": {"n": n, "repeats": repeats, "associations": list(associations), "warmup_files": WARMUP,
+                   "images": described, "encodings": list(encodings), "receivers": receivers},
+        "busy_at_start": busy_processes(),
+        "files": {},
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="dermnode-bench-ingest-") as tmp:
+        work = Path(tmp)
+        for enc in encodings:
+            jpeg = enc == "jpeg"
+            files = write_dicoms(work / "src" / enc, n, jpeg=jpeg, images=images, tag=enc)
+            sizes = [f.size for f in files]
+            results["files"][enc] = {"n": n, "total_mb": sum(sizes) / 1e6, "mean_kb": sum(sizes) / n / 1e3,
+                                     "transfer_syntax": "JPEG Baseline 1.2.840.10008.1.2.4.50" if jpeg
+                                     else "Explicit VR Little Endian 1.2.840.10008.1.2.1"}
+            for k in associations:
+                for receiver in receivers:
+                    runs = []
+                    for rep in range(repeats):
+                        warm = write_dicoms(work / "warm" / f"{enc}-{k}-{receiver}-{rep}", WARMUP, jpeg=jpeg,
+                                            images=images, tag="w")
+                        if receiver == "storescp":
+                            r = run_storescp(work, files, warm, jpeg=jpeg, associations=k)
+                        else:
+                            r = run_dermnode(work, files, warm, jpeg=jpeg, associations=k,
+                                             fsync=receiver == "dermnode")
+                        r["n"] = n
+                        runs.append(r)
+                        log(f"ingest {enc:6s} K={k} {receiver:16s} run {rep + 1}/{repeats}: "
+                            f"{r['images_per_s']:7.1f} img/s {r['mb_per_s']:7.1f} MB/s "
+                            f"received={r['received']}/{n} ok={r['ok']}")
+                    results["cases"].append({"encoding": enc, "associations": k, "receiver": receiver,
+                                             **median_run(runs)})
+    # ratios dermnode / storescp per case
+    by_key = {(c["encoding"], c["associations"], c["receiver"]): c for c in results["cases"]}
+    ratios = []
+    for enc in encodings:
+        for k in associations:
+            d, s = by_key.get((enc, k, "dermnode")), by_key.get((enc, k, "storescp"))
+            if d and s and d.get("images_per_s") and s.get("images_per_s"):
+                ratios.append({"encoding": enc, "associations": k,
+                               "ratio": d["images_per_s"] / s["images_per_s"],
+                               "goal_met": d["images_per_s"] / s["images_per_s"] >= 0.5})
+    results["ratios"] = ratios
+    results["busy_at_end"] = busy_processes()
+    return results
+
+
+def markdown(res: dict[str, Any]) -> str:
+    p = res["params"]
+    lines = [
+        f"N = {p['n']} files per run, median of {p['repeats']} runs (min–max of images/s in brackets); "
+        f"inputs: {p['images']}.",
+        "",
+        "| encoding | mean file | associations | receiver | images/s | MB/s | server CPU ms/image | "
+        "storescu CPU ms/image |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for c in res["cases"]:
+        f = res["files"][c["encoding"]]
+        if not c.get("images_per_s"):
+            lines.append(f"| {c['encoding']} | {f['mean_kb']:.0f} kB | {c['associations']} | {c['receiver']} | "
+                         "FAILED | | | |")
+            continue
+        lines.append(
+            f"| {c['encoding']} | {f['mean_kb']:.0f} kB | {c['associations']} | {c['receiver']} | "
+            f"{c['images_per_s']:.1f} ({c['images_per_s_min']:.1f}–{c['images_per_s_max']:.1f}) | "
+            f"{c['mb_per_s']:.1f} | {c['server_cpu_ms_per_image']:.1f} | {c['client_cpu_ms_per_image']:.1f} |"
+        )
+    lines += ["", "| encoding | associations | dermnode / storescp (images/s) | goal ≥ 0.5 |", "|---|---:|---:|---|"]
+    for r in res["ratios"]:
+        lines.append(f"| {r['encoding']} | {r['associations']} | {r['ratio']:.2f} | "
+                     f"{'met' if r['goal_met'] else 'NOT met'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=200, help="files per run (default 200)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per case; the median is reported (default 3)")
+    ap.add_argument("--associations", type=int, nargs="+", default=[1, 4], help="concurrent associations")
+    ap.add_argument("--encodings", nargs="+", default=["native", "jpeg"], choices=["native", "jpeg"])
+    ap.add_argument("--no-fsync", action="store_true", help="also run dermnode with storage.fsync=false")
+    ap.add_argument("--out", type=Path, help="write the raw JSON here")
+    args = ap.parse_args(argv)
+    res = {"machine": machine_info(), "ingest": run(args.n, args.repeats, args.associations, args.no_fsync,
+                                                    args.encodings, log=lambda s: print(s, flush=True))}
+    print(markdown(res["ingest"]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")
+    return 0 if all(c["ok"] for c in res["ingest"]["cases"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
