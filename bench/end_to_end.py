@@ -1,0 +1,577 @@
+"""End-to-end speed of the full stack: modality (``storescu``) → ``dermnode serve`` → Orthanc (PACS) + FHIR.
+
+Usage::
+
+    .venv/bin/python bench/end_to_end.py [--sequential 20] [--load 10x5] [--throughput-images 30]
+                                         [--throughput-configs 1:0 2:0 2:1] [--out bench/results/x.json]
+
+The stack is the one of ``tests/test_end_to_end.py``, started with the test helpers: Orthanc 1.10 on free
+loopback ports (``tests/peers.start_orthanc``) as the PACS, the loopback FHIR server
+(``tests/fhir_server.FhirTestServer``) as the EHR, and ``dermnode serve`` as a subprocess
+(``tests/dermnode_proc.DermnodeProcess``) with one ``[[pacs]]`` table pointing to Orthanc and ``fhir.base_url``
+pointing to the FHIR server. dermnode runs on its default settings except: ``workers.count`` (1 unless said),
+``storage.min_free_mb = 1``; in particular the job poll interval (0.5 s), the outbox poll interval (1 s),
+``analysis.torch_threads = 0`` (torch's default) and fsync are the defaults. Every phase starts a fresh stack.
+
+Inputs: JPEG Baseline Dermoscopic Photography Images (768x576, 0.02 mm/pixel) built from real photographs
+when the shared data is present (see ``bench/common.py``), each with unique UIDs.
+
+Phases
+    (a) sequential: one image at a time (after 1 warm-up image); the next is sent when the previous one is
+        fully delivered. Latency = last ``deliveries.delivered_at`` of the job (SEG and SR accepted by Orthanc,
+        FHIR transaction answered) − ``jobs.received_at`` (the moment the job was committed, just before the
+        C-STORE response). Both timestamps come from the state database ``var/dermnode.db``.
+    (b) load: N concurrent associations (N ``storescu`` processes started together) × M images each; same
+        latency; peak RSS of the dermnode process (``VmHWM`` of ``/proc/<pid>/status``); exactly-once checks:
+        every acknowledged image has one job, the job is done, each of its results (SEG+SR+FHIR when analysed,
+        SR+FHIR when not analysable) was delivered on the first attempt, Orthanc's ``/instances`` holds exactly
+        the delivered SEG/SR SOP Instance UIDs, and the FHIR server got one POST per bundle.
+    (c) stage breakdown: ``timings_ms`` of every job's ``var/results/<SOPInstanceUID>/result.json`` (gate,
+        artefacts, segmentation, measurements, classification); ``decode`` and ``outputs`` are not in
+        result.json, they are read from the service's ``analysed <uid>: ... (decode=..ms, ...)`` log line.
+        Delivery, from the sequential phase (the outbox sends one job's objects back to back): outbox wait + SEG
+        C-STORE = SEG delivered − results queued; SR C-STORE = SR delivered − SEG delivered; FHIR POST = FHIR
+        delivered − SR delivered.
+    (d) throughput: T images are queued first with dermnode in receive-only mode (``workers.count = 0``), then
+        dermnode is restarted on the same storage with W workers (and a given ``analysis.torch_threads``);
+        analysed images/minute = (T − 1) / (last job done − first job done) (steady state, without model
+        loading), and T / (last delivery − first job done) for the whole drain including delivery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    REPO,
+    SourceFile,
+    busy_processes,
+    db_rows,
+    machine_info,
+    proc_status_kb,
+    send_parallel,
+    source_images,
+    summary,
+    wait_until,
+    write_dicoms,
+)
+
+# the test helpers (tests/ is put on sys.path by common)
+from dermnode_proc import DermnodeProcess, dermnode_env
+from fhir_server import FhirTestServer
+from peers import Orthanc, free_port, start_orthanc
+
+STAGES = ("decode", "gate", "artefacts", "segmentation", "measurements", "classification", "outputs")
+DEFAULT_POLLS = {"DERMNODE_WORKERS__POLL_INTERVAL_S": "0.5", "DERMNODE_DELIVERY__POLL_INTERVAL_S": "1.0"}
+LOG_TIMINGS = re.compile(r"analysed (?P<uid>[0-9.]+): .*\((?P<t>[^()]*)\)\s*$")
+
+
+def models_present(models_dir: Path) -> bool:
+    return (models_dir / "segmentation.json").is_file() and (models_dir / "classifier.json").is_file()
+
+
+@dataclass
+class Stack:
+    work: Path
+    orthanc: Orthanc
+    fhir: FhirTestServer
+    dermnode: DermnodeProcess
+
+    @property
+    def db(self) -> Path:
+        return self.dermnode.root / "var" / "dermnode.db"
+
+    @property
+    def pid(self) -> int:
+        assert self.dermnode.proc is not None
+        return self.dermnode.proc.pid
+
+    def stop(self) -> None:
+        try:
+            self.dermnode.stop()
+        finally:
+            try:
+                self.fhir.stop()
+            finally:
+                self.orthanc.stop()
+
+
+def dermnode_process(work: Path, *, workers: int, torch_threads: int = 0, max_associations: int = 10,
+                     pacs: Orthanc | None = None, fhir_url: str = "", models_dir: Path | None = None,
+                     fast_poll: bool = False) -> DermnodeProcess:
+    """A (not yet started) ``dermnode serve`` with its storage under ``work/dermnode``."""
+    root = work / "dermnode"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = root / "dermnode.toml"
+    text = ""
+    if pacs is not None:
+        text = (f'[[pacs]]\nname = "orthanc"\nae_title = "{pacs.aet}"\nhost = "127.0.0.1"\n'
+                f"port = {pacs.dicom_port}\n")
+    cfg.write_text(text)
+    port = free_port()
+    extra = {} if fast_poll else dict(DEFAULT_POLLS)
+    extra.update({
+        "DERMNODE_WORKERS__COUNT": str(workers),
+        "DERMNODE_ANALYSIS__TORCH_THREADS": str(torch_threads),
+        "DERMNODE_SCP__MAX_ASSOCIATIONS": str(max(10, max_associations)),
+    })
+    if fhir_url:
+        extra["DERMNODE_FHIR__BASE_URL"] = fhir_url
+    if models_dir is not None:
+        extra["DERMNODE_ANALYSIS__MODELS_DIR"] = str(models_dir)
+    return DermnodeProcess(root, port, dermnode_env(root, port, extra), config=cfg)
+
+
+def start_stack(work: Path, **kwargs: Any) -> Stack:
+    """Orthanc, the FHIR server and dermnode (models loaded) on free loopback ports; all stopped on failure."""
+    orthanc = start_orthanc(work / "orthanc")
+    fhir = None
+    try:
+        fhir = FhirTestServer().start()
+        dermnode = dermnode_process(work, pacs=orthanc, fhir_url=fhir.url, **kwargs)
+        try:
+            dermnode.start(timeout=180)
+        except BaseException:
+            dermnode.stop()
+            raise
+    except BaseException:
+        if fhir is not None:
+            fhir.stop()
+        orthanc.stop()
+        raise
+    return Stack(work, orthanc, fhir, dermnode)
+
+
+# --- reading the outcome -----------------------------------------------------------------------------------
+def job_rows(db: Path) -> list[dict[str, Any]]:
+    """One row per job with its deliveries aggregated."""
+    rows = db_rows(db, """
+        SELECT j.id, j.sop_instance_uid, j.state, j.outcome, j.attempts AS job_attempts, j.received_at,
+               j.updated_at AS done_at, COUNT(d.id) AS n_deliveries,
+               COALESCE(SUM(d.state = 'done'), 0) AS n_delivered, MAX(d.delivered_at) AS last_delivered_at,
+               MIN(d.created_at) AS results_at, COALESCE(SUM(d.attempts), 0) AS delivery_attempts
+        FROM jobs j LEFT JOIN deliveries d ON d.job_id = j.id GROUP BY j.id ORDER BY j.id""")
+    return [dict(r) for r in rows]
+
+
+def delivery_rows(db: Path) -> list[dict[str, Any]]:
+    return [dict(r) for r in db_rows(db, "SELECT * FROM deliveries ORDER BY id")]
+
+
+def expected_deliveries(outcome: str | None) -> int:
+    return 3 if outcome == "analysed" else 2  # SEG + SR + FHIR, or SR + FHIR
+
+
+def all_finished(db: Path, expected_jobs: int) -> bool:
+    if not db.exists():
+        return False
+    jobs = job_rows(db)
+    if len(jobs) < expected_jobs or any(j["state"] in ("pending", "running") for j in jobs):
+        return False
+    busy = db_rows(db, "SELECT COUNT(*) AS n FROM deliveries WHERE state IN ('pending', 'sending')")[0]["n"]
+    return busy == 0
+
+
+def wait_finished(stack: Stack, expected_jobs: int, timeout_s: float) -> bool:
+    def done() -> bool:
+        if stack.dermnode.proc is not None and stack.dermnode.proc.poll() is not None:
+            code = stack.dermnode.proc.returncode
+            raise RuntimeError(f"dermnode exited with {code}:\n{stack.dermnode.log()[-3000:]}")
+        return all_finished(stack.db, expected_jobs)
+
+    return bool(wait_until(done, timeout_s, 0.1))
+
+
+def orthanc_uids(orthanc: Orthanc) -> list[str]:
+    """SOP Instance UIDs of every instance Orthanc holds (duplicates kept, to count)."""
+    return [i["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances?expand", timeout=60)]
+
+
+def orthanc_has(orthanc: Orthanc, uid: str) -> bool:
+    req = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/tools/lookup", data=uid.encode(),
+                                 method="POST")
+    with urllib.request.urlopen(req, timeout=10) as rsp:
+        return any(r.get("Type") == "Instance" for r in json.loads(rsp.read()))
+
+
+def log_timings(log: str) -> dict[str, dict[str, float]]:
+    """``{uid: {stage: ms}}`` from the service's ``analysed <uid>: ... (decode=12ms, gate=3ms, ...)`` lines."""
+    out: dict[str, dict[str, float]] = {}
+    for line in log.splitlines():
+        m = LOG_TIMINGS.search(line)
+        if m:
+            parts = [p.strip().split("=") for p in m.group("t").split(",") if "=" in p]
+            out[m.group("uid")] = {k: float(v.rstrip("ms")) for k, v in parts}
+    return out
+
+
+def stage_timings(stack: Stack, uids: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per-stage summary over ``uids``: result.json ``timings_ms`` plus decode/outputs from the log."""
+    from_log = log_timings(stack.dermnode.log())
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    per_stage["total_processing"] = []
+    for uid in uids:
+        path = stack.dermnode.root / "var" / "results" / uid / "result.json"
+        if not path.is_file():
+            continue
+        timings = dict(json.loads(path.read_text())["timings_ms"])
+        for k in ("decode", "outputs"):
+            if k in from_log.get(uid, {}):
+                timings[k] = from_log[uid][k]
+        for k, v in timings.items():
+            per_stage.setdefault(k, []).append(float(v))
+        if uid in from_log:
+            per_stage["total_processing"].append(sum(from_log[uid].values()))
+    return {k: summary(v) for k, v in per_stage.items() if v}
+
+
+def check_exactly_once(stack: Stack, sent: Sequence[SourceFile], acknowledged: int) -> dict[str, Any]:
+    """Every acknowledged image analysed and each of its results delivered exactly once."""
+    jobs = job_rows(stack.db)
+    deliveries = delivery_rows(stack.db)
+    sent_uids = {f.sop_instance_uid for f in sent}
+    job_uids = {j["sop_instance_uid"] for j in jobs}
+    dicom_keys = [d["object_key"] for d in deliveries if d["kind"] == "dicom" and d["state"] == "done"]
+    in_orthanc = orthanc_uids(stack.orthanc)
+    fhir_posts = [r for r in stack.fhir.requests if r.method == "POST"]
+    n_fhir = sum(1 for d in deliveries if d["kind"] == "fhir")
+    checks = {
+        "sent": len(sent),
+        "acknowledged": acknowledged,
+        "jobs": len(jobs),
+        "jobs_match_sent": job_uids == sent_uids,
+        "jobs_done": sum(1 for j in jobs if j["state"] == "done"),
+        "jobs_dead": sum(1 for j in jobs if j["state"] == "dead"),
+        "job_attempts_gt1": sum(1 for j in jobs if j["job_attempts"] > 1),
+        "outcomes": {o: sum(1 for j in jobs if j["outcome"] == o) for o in {j["outcome"] for j in jobs}},
+        "deliveries": len(deliveries),
+        "deliveries_expected": sum(expected_deliveries(j["outcome"]) for j in jobs),
+        "deliveries_done": sum(1 for d in deliveries if d["state"] == "done"),
+        "delivery_attempts_gt1": sum(1 for d in deliveries if d["attempts"] > 1),
+        "orthanc_instances": len(in_orthanc),
+        "orthanc_duplicates": len(in_orthanc) - len(set(in_orthanc)),
+        "orthanc_matches_deliveries": sorted(in_orthanc) == sorted(dicom_keys),
+        "fhir_posts": len(fhir_posts),
+        "fhir_deliveries": n_fhir,
+        "fhir_diagnostic_reports": stack.fhir.count("DiagnosticReport"),
+    }
+    checks["ok"] = bool(
+        checks["acknowledged"] == len(sent) and checks["jobs_match_sent"] and checks["jobs_done"] == len(sent)
+        and checks["deliveries"] == checks["deliveries_expected"] == checks["deliveries_done"]
+        and checks["orthanc_matches_deliveries"] and checks["orthanc_duplicates"] == 0
+        and checks["fhir_posts"] == n_fhir == checks["fhir_diagnostic_reports"] == len(sent)
+    )
+    return checks
+
+
+def latencies(jobs: Sequence[dict[str, Any]], uids: set[str]) -> dict[str, list[float]]:
+    """Per job, in seconds: total (received → last delivered), queue+processing (received → done), delivery."""
+    out: dict[str, list[float]] = {"total_s": [], "received_to_done_s": [], "done_to_delivered_s": []}
+    for j in jobs:
+        if j["sop_instance_uid"] not in uids or j["last_delivered_at"] is None:
+            continue
+        if j["n_delivered"] != expected_deliveries(j["outcome"]):
+            continue
+        out["total_s"].append(j["last_delivered_at"] - j["received_at"])
+        out["received_to_done_s"].append(j["done_at"] - j["received_at"])
+        out["done_to_delivered_s"].append(j["last_delivered_at"] - j["done_at"])
+    return out
+
+
+# --- phases ------------------------------------------------------------------------------------------------
+def phase_sequential(work: Path, images: Sequence[Any], k: int, *, jpeg: bool, stack_kw: dict[str, Any],
+                     log: Any) -> dict[str, Any]:
+    files = write_dicoms(work / "src-seq", k + 1, jpeg=jpeg, images=images, tag="seq")
+    stack = start_stack(work / "seq", workers=1, **stack_kw)
+    try:
+        ack_minus_received = []
+        for i, f in enumerate(files):
+            res = send_parallel(stack.dermnode.port, [f.path], jpeg=jpeg, called_aet="DERMNODE", associations=1,
+                                timeout_s=60)
+            if res.success_responses != 1:
+                raise RuntimeError(f"C-STORE of {f.path.name} failed: {res.errors or res.returncodes}")
+            if not wait_finished(stack, i + 1, 180):
+                raise TimeoutError(f"image {i} not analysed and delivered within 180 s")
+            job = next(j for j in job_rows(stack.db) if j["sop_instance_uid"] == f.sop_instance_uid)
+            ack_minus_received.append(res.ack_times[0] - job["received_at"])
+            lat = (job["last_delivered_at"] or float("nan")) - job["received_at"]
+            log(f"e2e sequential {i}/{k}{' (warm-up)' if i == 0 else ''}: {job['outcome']} {lat * 1000:.0f} ms")
+        measured = files[1:]
+        uids = {f.sop_instance_uid for f in measured}
+        jobs = job_rows(stack.db)
+        deliveries = delivery_rows(stack.db)
+        # Orthanc holds the SEG and SR of every measured job
+        dicom = [d for d in deliveries if d["kind"] == "dicom"]
+        in_orthanc = sum(1 for d in dicom if orthanc_has(stack.orthanc, d["object_key"]))
+        # delivery breakdown (the outbox sends one job's objects back to back, SEG, SR, then FHIR)
+        by_job: dict[int, list[dict[str, Any]]] = {}
+        for d in deliveries:
+            by_job.setdefault(d["job_id"], []).append(d)
+        seg_wait, sr_send, fhir_send = [], [], []
+        uid_of = {j["id"]: j["sop_instance_uid"] for j in jobs}
+        for job_id, ds in by_job.items():
+            if uid_of.get(job_id) not in uids or len(ds) != 3 or any(d["delivered_at"] is None for d in ds):
+                continue
+            seg, sr, fh = sorted(ds, key=lambda d: d["id"])
+            seg_wait.append((seg["delivered_at"] - seg["created_at"]) * 1000)
+            sr_send.append((sr["delivered_at"] - seg["delivered_at"]) * 1000)
+            fhir_send.append((fh["delivered_at"] - sr["delivered_at"]) * 1000)
+        lat = latencies(jobs, uids)
+        return {
+            "k": k,
+            "latency_s": {name: summary(v) for name, v in lat.items()},
+            "latency_values_s": lat["total_s"],
+            "storescu_return_minus_received_at_s": summary(ack_minus_received[1:]),
+            "stages_ms": stage_timings(stack, sorted(uids)),
+            "delivery_ms": {"outbox_wait_plus_seg_cstore": summary(seg_wait), "sr_cstore": summary(sr_send),
+                            "fhir_post": summary(fhir_send)},
+            "orthanc_has_delivered_dicom": f"{in_orthanc}/{len(dicom)}",
+            "exactly_once": check_exactly_once(stack, files, len(files)),
+            "peak_rss_mb": (proc_status_kb(stack.pid, "VmHWM") or 0) / 1024,
+        }
+    finally:
+        stack.stop()
+
+
+def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg: bool, stack_kw: dict[str, Any],
+               log: Any) -> dict[str, Any]:
+    total = n_assoc * m
+    files = write_dicoms(work / "src-load", total, jpeg=jpeg, images=images, tag="load")
+    stack = start_stack(work / "load", workers=1, max_associations=n_assoc, **stack_kw)
+    try:
+        rss_idle = (proc_status_kb(stack.pid, "VmRSS") or 0) / 1024
+        t0 = time.time()
+        res = send_parallel(stack.dermnode.port, [f.path for f in files], jpeg=jpeg, called_aet="DERMNODE",
+                            associations=n_assoc, timeout_s=600)
+        log(f"e2e load: {res.success_responses}/{total} acknowledged in {res.wall_s:.1f} s over {n_assoc} "
+            "associations; waiting for analysis and delivery")
+        finished = wait_finished(stack, res.success_responses, 120 + 20 * total)
+        t_end = time.time()
+        jobs = job_rows(stack.db)
+        uids = {f.sop_instance_uid for f in files}
+        lat = latencies(jobs, uids)
+        last = max((j["last_delivered_at"] or 0) for j in jobs) if jobs else t_end
+        out = {
+            "associations": n_assoc,
+            "images_per_association": m,
+            "images": total,
+            "finished_in_time": finished,
+            "send_wall_s": res.wall_s,
+            "storescu_returncodes": res.returncodes,
+            "storescu_errors": res.errors[:2000],
+            "first_send_to_last_delivery_s": last - t0,
+            "latency_s": {name: summary(v) for name, v in lat.items()},
+            "latency_values_s": lat["total_s"],
+            "stages_ms": stage_timings(stack, sorted(uids)),
+            "rss_idle_after_start_mb": rss_idle,
+            "peak_rss_mb": (proc_status_kb(stack.pid, "VmHWM") or 0) / 1024,
+            "exactly_once": check_exactly_once(stack, files, res.success_responses),
+        }
+        log(f"e2e load: p50 {out['latency_s']['total_s']['p50']:.1f} s, p95 {out['latency_s']['total_s']['p95']:.1f}"
+            f" s, peak RSS {out['peak_rss_mb']:.0f} MB, exactly once: {out['exactly_once']['ok']}")
+        return out
+    finally:
+        stack.stop()
+
+
+def phase_throughput(work: Path, images: Sequence[Any], t: int, workers: int, torch_threads: int, *, jpeg: bool,
+                     stack_kw: dict[str, Any], log: Any) -> dict[str, Any]:
+    files = write_dicoms(work / "src", t, jpeg=jpeg, images=images, tag="tp")
+    # 1. queue the images with a receive-only dermnode
+    pre = dermnode_process(work, workers=0, models_dir=stack_kw.get("models_dir"))
+    try:
+        pre.start(timeout=120)
+        res = send_parallel(pre.port, [f.path for f in files], jpeg=jpeg, called_aet="DERMNODE", associations=1,
+                            timeout_s=300)
+    finally:
+        pre.stop()
+    if res.success_responses != t:
+        raise RuntimeError(f"queueing failed: {res.success_responses}/{t} acknowledged: {res.errors}")
+    # 2. restart on the same storage with the workers
+    kw = {k: v for k, v in stack_kw.items() if k != "torch_threads"}
+    t_start = time.time()
+    stack = start_stack(work, workers=workers, torch_threads=torch_threads, **kw)
+    t_listening = time.time()
+    try:
+        finished = wait_finished(stack, t, 120 + 20 * t)
+        jobs = job_rows(stack.db)
+        done = sorted(j["done_at"] for j in jobs if j["state"] == "done")
+        last_delivered = max((j["last_delivered_at"] or 0) for j in jobs)
+        steady = (len(done) - 1) / (done[-1] - done[0]) * 60 if len(done) > 1 else float("nan")
+        out = {
+            "workers": workers,
+            "torch_threads": torch_threads,
+            "images": t,
+            "finished_in_time": finished,
+            "start_to_listening_s": t_listening - t_start,
+            "analysed_per_min_steady": steady,
+            "analysed_per_min_from_listening": len(done) / (done[-1] - t_listening) * 60 if done else float("nan"),
+            "delivered_per_min_drain": len(done) / (last_delivered - done[0]) * 60 if done else float("nan"),
+            "peak_rss_mb": (proc_status_kb(stack.pid, "VmHWM") or 0) / 1024,
+            "stages_ms": stage_timings(stack, [f.sop_instance_uid for f in files]),
+            "exactly_once": check_exactly_once(stack, files, t),
+        }
+        log(f"e2e throughput workers={workers} torch_threads={torch_threads}: "
+            f"{steady:.1f} analysed/min (steady), {out['delivered_per_min_drain']:.1f} delivered/min")
+        return out
+    finally:
+        stack.stop()
+
+
+def run(sequential: int = 20, load: tuple[int, int] = (10, 5), throughput_images: int = 30,
+        throughput_configs: Sequence[tuple[int, int]] = ((1, 0), (2, 0)), jpeg: bool = True,
+        models_dir: Path | None = None, fast_poll: bool = False, log: Any = print) -> dict[str, Any]:
+    models = models_dir or REPO / "models"
+    if not models_present(models):
+        raise SystemExit(f"models not found in {models} (segmentation.json, classifier.json): cannot run")
+    images, described = source_images(60)
+    stack_kw: dict[str, Any] = {"fast_poll": fast_poll, "models_dir": models_dir}
+    out: dict[str, Any] = {
+        "params": {"sequential": sequential, "load": {"associations": load[0], "images_per_association": load[1]},
+                   "throughput_images": throughput_images, "throughput_configs": [list(c) for c in throughput_configs],
+                   "encoding": "jpeg" if jpeg else "native", "images": described,
+                   "polls": "test (0.1/0.2 s)" if fast_poll else "defaults (job 0.5 s, outbox 1 s)",
+                   "models_dir": str(models)},
+        "busy_at_start": busy_processes(),
+    }
+    with tempfile.TemporaryDirectory(prefix="dermnode-bench-e2e-") as tmp:
+        work = Path(tmp)
+        if sequential > 0:
+            out["sequential"] = phase_sequential(work, images, sequential, jpeg=jpeg, stack_kw=stack_kw, log=log)
+            shutil.rmtree(work / "seq", ignore_errors=True)
+        if load[0] > 0 and load[1] > 0:
+            out["load"] = phase_load(work, images, load[0], load[1], jpeg=jpeg, stack_kw=stack_kw, log=log)
+            shutil.rmtree(work / "load", ignore_errors=True)
+        out["throughput"] = []
+        for workers, threads in throughput_configs:
+            sub = work / f"tp-{workers}-{threads}"
+            out["throughput"].append(phase_throughput(sub, images, throughput_images, workers, threads, jpeg=jpeg,
+                                                      stack_kw=stack_kw, log=log))
+            shutil.rmtree(sub, ignore_errors=True)
+    out["busy_at_end"] = busy_processes()
+    return out
+
+
+def _fmt(x: float | None, scale: float = 1.0, nd: int = 0) -> str:
+    if x is None or x != x:
+        return "–"
+    return f"{x * scale:.{nd}f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    p = res["params"]
+    lines: list[str] = []
+    seq, load = res.get("sequential"), res.get("load")
+    lines += [f"Inputs: {p['encoding']} files, {p['images']}; dermnode polls: {p['polls']}.", "",
+              "**Latency** from the C-STORE acknowledgement (`jobs.received_at`) to the last result delivered "
+              "(SEG and SR stored in Orthanc, FHIR bundle accepted):", "",
+              "| scenario | images | p50 | p95 | max | of which received → analysed (p50) | "
+              "analysed → delivered (p50) | peak RSS | exactly once |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, ph in (("sequential, 1 at a time", seq),
+                     (f"load, {p['load']['associations']} associations × {p['load']['images_per_association']}",
+                      load)):
+        if not ph:
+            continue
+        t = ph["latency_s"]
+        lines.append(
+            f"| {name} | {t['total_s']['n']} | {_fmt(t['total_s']['p50'], 1, 2)} s | "
+            f"{_fmt(t['total_s']['p95'], 1, 2)} s"
+            f" | {_fmt(t['total_s']['max'], 1, 2)} s | {_fmt(t['received_to_done_s']['p50'], 1, 2)} s | "
+            f"{_fmt(t['done_to_delivered_s']['p50'], 1, 2)} s | {ph['peak_rss_mb']:.0f} MB | "
+            f"{'yes' if ph['exactly_once']['ok'] else 'NO'} |")
+    if load:
+        e = load["exactly_once"]
+        lines += ["", f"Load check: sent {e['sent']}, acknowledged {e['acknowledged']}, jobs {e['jobs']} "
+                  f"(done {e['jobs_done']}, dead {e['jobs_dead']}, outcomes {e['outcomes']}), deliveries "
+                  f"{e['deliveries_done']}/{e['deliveries_expected']} done ({e['delivery_attempts_gt1']} needed a "
+                  f"retry), Orthanc instances {e['orthanc_instances']} (duplicates {e['orthanc_duplicates']}, "
+                  f"match the delivered SEG/SR: {e['orthanc_matches_deliveries']}), FHIR POSTs {e['fhir_posts']}, "
+                  f"DiagnosticReports {e['fhir_diagnostic_reports']}. All {load['images']} sent in "
+                  f"{load['send_wall_s']:.1f} s; first send → last delivery {load['first_send_to_last_delivery_s']:.1f}"
+                  f" s. RSS after start (models loaded, idle) {load['rss_idle_after_start_mb']:.0f} MB."]
+    if seq or load:
+        lines += ["", "**Stages** (ms per image; decode and outputs from the service log, the others from "
+                  "result.json `timings_ms`):", "",
+                  "| stage | sequential mean | sequential p50 | under load mean | under load p50 |",
+                  "|---|---:|---:|---:|---:|"]
+        s_st = seq["stages_ms"] if seq else {}
+        l_st = load["stages_ms"] if load else {}
+        for st in (*STAGES, "total_processing"):
+            a, b = s_st.get(st, {}), l_st.get(st, {})
+            lines.append(f"| {st} | {_fmt(a.get('mean'), 1, 1)} | {_fmt(a.get('p50'), 1, 1)} | "
+                         f"{_fmt(b.get('mean'), 1, 1)} | {_fmt(b.get('p50'), 1, 1)} |")
+        if seq:
+            d = seq["delivery_ms"]
+            lines += ["", "Delivery (sequential phase, ms): outbox wait + SEG C-STORE mean "
+                      f"{_fmt(d['outbox_wait_plus_seg_cstore']['mean'], 1, 0)} / p50 "
+                      f"{_fmt(d['outbox_wait_plus_seg_cstore']['p50'], 1, 0)}; SR C-STORE mean "
+                      f"{_fmt(d['sr_cstore']['mean'], 1, 0)} / p50 {_fmt(d['sr_cstore']['p50'], 1, 0)}; FHIR POST mean "
+                      f"{_fmt(d['fhir_post']['mean'], 1, 0)} / p50 {_fmt(d['fhir_post']['p50'], 1, 0)}."]
+    if res.get("throughput"):
+        lines += ["", f"**Throughput** ({p['throughput_images']} images queued first, then analysed):", "",
+                  "| workers | torch threads | analysed/min (steady) | analysed/min (from ready) | "
+                  "delivered/min (drain) | processing p50 | peak RSS | exactly once |",
+                  "|---:|---|---:|---:|---:|---:|---:|---|"]
+        for t in res["throughput"]:
+            tt = "default" if t["torch_threads"] == 0 else str(t["torch_threads"])
+            proc = t["stages_ms"].get("total_processing", {}).get("p50")
+            lines.append(f"| {t['workers']} | {tt} | {_fmt(t['analysed_per_min_steady'], 1, 1)} | "
+                         f"{_fmt(t['analysed_per_min_from_listening'], 1, 1)} | "
+                         f"{_fmt(t['delivered_per_min_drain'], 1, 1)} | {_fmt(proc, 1, 0)} ms | "
+                         f"{t['peak_rss_mb']:.0f} MB | {'yes' if t['exactly_once']['ok'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pair(text: str) -> tuple[int, int]:
+    a, b = text.lower().split("x")
+    return int(a), int(b)
+
+
+def _config(text: str) -> tuple[int, int]:
+    a, b = text.split(":")
+    return int(a), int(b)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sequential", type=int, default=20, help="images sent one at a time (default 20; 0: skip)")
+    ap.add_argument("--load", type=_pair, default=(10, 5), help="NxM: N concurrent associations of M images "
+                    "(default 10x5; 0x0: skip)")
+    ap.add_argument("--throughput-images", type=int, default=30, help="images queued per throughput run (30)")
+    ap.add_argument("--throughput-configs", type=_config, nargs="*", default=[(1, 0), (2, 0)],
+                    help="WORKERS:TORCH_THREADS pairs (0 threads: torch default); default 1:0 2:0")
+    ap.add_argument("--native", action="store_true", help="send native RGB instead of JPEG Baseline")
+    ap.add_argument("--models", type=Path, help="models folder (default: the shipped models/)")
+    ap.add_argument("--fast-poll", action="store_true", help="the tests' poll intervals (0.1/0.2 s) instead of "
+                    "the defaults (0.5/1 s)")
+    ap.add_argument("--out", type=Path, help="write the raw JSON here")
+    args = ap.parse_args(argv)
+    res = {"machine": machine_info(),
+           "end_to_end": run(args.sequential, args.load, args.throughput_images, args.throughput_configs,
+                             not args.native, args.models, args.fast_poll, log=lambda s: print(s, flush=True))}
+    print(markdown(res["end_to_end"]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
+    e = res["end_to_end"]
+    ok = all(ph["exactly_once"]["ok"] for ph in [e.get("sequential"), e.get("load"), *e["throughput"]] if ph)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
