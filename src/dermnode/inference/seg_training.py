@@ -395,8 +395,9 @@ def train_segmentation(
             best_dice = float(ckpt["best_dice"])
             start_epoch = int(ckpt["epoch"])
             elapsed = float(ckpt.get("elapsed_s", 0.0))
-            if time_budget_s is not None:  # keep the cut made to fit the budget
-                plan["epochs"] = min(epochs, int(ckpt.get("planned_epochs", epochs)))
+            # ``epochs`` is the requested total; a time budget cuts it again below (with all elapsed time)
+            if time_budget_s is not None and elapsed > 0:
+                plan["epochs"] = max(start_epoch, min(epochs, int(time_budget_s / (elapsed / start_epoch))))
         except (OSError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot resume from {ckpt_path}: {exc}") from exc
         logger.info("resuming after epoch %d (best val Dice %.4f)", start_epoch, best_dice)
