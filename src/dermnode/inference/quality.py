@@ -1,0 +1,212 @@
+"""Quality and suitability gate: is this frame a usable dermoscopy image?
+
+:func:`assess_quality` computes a few cheap image statistics and applies the rules below, in order; the first
+failing rule gives the (short, human-readable) reason. Every statistic is returned in ``QualityReport.scores``.
+
+The image is first reduced to a working copy whose longer side is :data:`WORK_SIDE` (512) pixels (area
+interpolation; nearest-neighbour for the exact-colour statistic), so every threshold is independent of the
+source resolution (600 to 6000 px devices). Pixels darker than ``V < 0.12`` (HSV value) are treated as the
+dermoscope's dark vignette and excluded from the colour statistics.
+
+=================  ==========================================================================================
+score              definition
+=================  ==========================================================================================
+``grey_std``       standard deviation of the grey levels (0..255) of the whole frame
+``mean_v``         mean HSV value (0..1) of the whole frame
+``dark_frac``      fraction of pixels with ``V < 0.12``
+``bright_frac``    fraction of pixels with all channels ``>= 250`` (clipped highlights)
+``sharpness``      variance of the Laplacian of the grey working copy (sigma 1 Gaussian pre-filter removes
+                   JPEG/sensor noise) divided by the grey variance (so it is contrast-invariant), times 1000
+``skin_frac``      among non-vignette pixels, after a Shades-of-Gray white balance (p = 6, gains clipped to
+                   [0.6, 1.6]; dermoscopes often have a blue cast): fraction whose colour is skin/lesion-like: hue in
+                   [330, 360) or [0, 60) degrees with saturation in [0.05, 0.85], or a low-saturation grey-
+                   blue/grey (``S < 0.2``; blue-gray and white dermoscopic structures, pale skin)
+``foreign_frac``   among non-vignette pixels of the raw image: fraction of clearly non-skin colours (hue in
+                   [75, 300) with ``S >= 0.45``: green, cyan, saturated blue, purple)
+``flat_frac``      fraction of the pixels that are neither vignette-dark nor clipped white (all channels
+                   ``>= 250``) covered by the 8 most frequent *exact* RGB values (photos have sensor noise;
+                   screenshots and documents are made of flat colours); 1 when fewer than 2% of the pixels
+                   remain (a frame made only of black and white)
+``achromatic_frac`` among pixels neither vignette-dark nor clipped white: fraction with HSV saturation
+                   ``< 0.04`` (anti-aliased grey text of a document)
+``edge_density``   fraction of Canny edge pixels (thresholds 100/200) in the working copy
+=================  ==========================================================================================
+
+Rules (thresholds measured on the real ISIC 2017, ISIC 9-class and HAM10000 images, see
+``bench/gate_false_rejection.py``):
+
+1. ``mean_v < 0.15`` or ``dark_frac > 0.85`` -> "image too dark"
+2. ``grey_std < 4`` -> "blank or uniform frame"
+3. ``sharpness < 0.35`` -> "image too blurred"
+4. ``flat_frac > 0.50``, or ``achromatic_frac > 0.90`` with ``bright_frac + dark_frac > 0.30`` (grey text on a
+   white or black page) -> "looks like a screenshot or document, not a dermoscopy photograph"
+5. ``bright_frac > 0.50`` or ``mean_v > 0.985`` -> "image overexposed"
+6. ``edge_density > 0.32`` -> "too much fine high-contrast detail (text or pattern), not dermoscopy"
+7. ``skin_frac < 0.55`` or ``foreign_frac > 0.20`` -> "colours are not those of skin; not a dermoscopy image"
+
+Blur is judged on the 512-px working copy, i.e. relative to the frame size: a frame whose detail is washed out
+at the scale of the whole field of view is rejected, whatever the sensor resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from dermnode.inference.types import QualityReport
+
+logger = logging.getLogger(__name__)
+
+WORK_SIDE = 512
+VIGNETTE_V = 0.12
+
+MIN_GREY_STD = 4.0
+MIN_MEAN_V = 0.15
+MAX_DARK_FRAC = 0.85
+MAX_BRIGHT_FRAC = 0.50
+MAX_MEAN_V = 0.985
+MAX_FLAT_FRAC = 0.50
+MAX_ACHROMATIC_FRAC = 0.90
+MIN_DOC_BLACK_WHITE = 0.30
+MAX_EDGE_DENSITY = 0.32
+MIN_SKIN_FRAC = 0.55
+MAX_FOREIGN_FRAC = 0.20
+MIN_SHARPNESS = 0.35
+
+
+def _work_copies(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """(area-resized copy, nearest-resized copy) with the longer side at most WORK_SIDE."""
+    h, w = rgb.shape[:2]
+    s = WORK_SIDE / max(h, w)
+    if s >= 1.0:
+        return rgb, rgb
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    area = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+    near = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST), dtype=np.uint8)
+    return area, near
+
+
+def _colour_corrected(work: npt.NDArray[np.uint8], body: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    """Shades-of-Gray (p = 6) white balance estimated on the non-vignette pixels, gains clipped to [0.6, 1.6]."""
+    x = work.astype(np.float32) / 255.0
+    px = x[body] if body.any() else x.reshape(-1, 3)
+    illum = np.power(np.mean(np.power(px, 6.0), axis=0), 1.0 / 6.0) + 1e-6
+    gain = np.clip(illum.mean() / illum, 0.6, 1.6)
+    return np.asarray(np.clip(x * gain * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+
+
+def quality_scores(rgb: npt.NDArray[np.uint8]) -> dict[str, float]:
+    """Compute the gate statistics (see the module docstring).
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+
+    Returns
+    -------
+    dict
+        Score name -> value.
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an (H, W, 3) uint8 array.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or min(rgb.shape[:2]) < 8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image of at least 8x8 pixels, got {rgb.shape} {rgb.dtype}")
+    work, near = _work_copies(np.ascontiguousarray(rgb))
+    grey = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY)
+    hsv = cv2.cvtColor(work, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+    hue = hsv[..., 0] * (360.0 / 256.0)
+    sat = hsv[..., 1] / 255.0
+    val = hsv[..., 2] / 255.0
+    dark = val < VIGNETTE_V
+    body = ~dark
+    n_body = max(int(body.sum()), 1)
+
+    # skin colours are judged after a mild Shades-of-Gray correction (dermoscopes often have a blue cast)
+    hsv_c = cv2.cvtColor(_colour_corrected(work, body), cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+    hue_c = hsv_c[..., 0] * (360.0 / 256.0)
+    sat_c = hsv_c[..., 1] / 255.0
+    skin = (((hue_c >= 330.0) | (hue_c < 60.0)) & (sat_c >= 0.05) & (sat_c <= 0.85)) | (sat_c < 0.2)
+    # foreign colours are judged on the raw image: strongly saturated green/cyan/blue/purple
+    foreign = (hue >= 75.0) & (hue < 300.0) & (sat >= 0.45)
+
+    g = grey.astype(np.float64)
+    grey_var = float(g.var())
+    smooth = cv2.GaussianBlur(g, (0, 0), 1.0)
+    lap = cv2.Laplacian(smooth, cv2.CV_64F)
+    sharpness = 1000.0 * float(lap.var()) / max(grey_var, 1e-6)
+
+    keep = ~(cv2.cvtColor(near, cv2.COLOR_RGB2HSV_FULL)[..., 2] < VIGNETTE_V * 255) & ~(near >= 250).all(axis=2)
+    near_body = near[keep]
+    if len(near_body) >= 0.02 * keep.size:
+        codes = (
+            near_body[:, 0].astype(np.int64) << 16 | near_body[:, 1].astype(np.int64) << 8 | near_body[:, 2]
+        )
+        counts = np.bincount(np.unique(codes, return_inverse=True)[1])
+        flat = float(np.sort(counts)[-8:].sum()) / len(codes)
+    else:
+        flat = 1.0
+    edges = cv2.Canny(grey, 100, 200)
+    clipped = (work >= 250).all(axis=2)
+    mid = body & ~clipped
+    achrom = sat < 0.04
+    return {
+        "grey_std": float(np.sqrt(grey_var)),
+        "mean_v": float(val.mean()),
+        "dark_frac": float(dark.mean()),
+        "bright_frac": float((work >= 250).all(axis=2).mean()),
+        "sharpness": sharpness,
+        "skin_frac": float((skin & body).sum()) / n_body,
+        "foreign_frac": float((foreign & body).sum()) / n_body,
+        "flat_frac": flat,
+        "edge_density": float((edges > 0).mean()),
+        "achromatic_frac": float((achrom & mid).sum()) / max(int(mid.sum()), 1),
+    }
+
+
+def assess_quality(rgb: npt.NDArray[np.uint8]) -> QualityReport:
+    """Decide whether a frame is a usable dermoscopy image.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3) at source resolution.
+
+    Returns
+    -------
+    QualityReport
+        ``usable`` with ``reason = None``, or not usable with a short reason; ``scores`` holds every
+        statistic.
+
+    Raises
+    ------
+    ValueError
+        When ``rgb`` is not an (H, W, 3) uint8 image.
+    """
+    s = quality_scores(rgb)
+    reason: str | None = None
+    if s["mean_v"] < MIN_MEAN_V or s["dark_frac"] > MAX_DARK_FRAC:
+        reason = "image too dark"
+    elif s["grey_std"] < MIN_GREY_STD:
+        reason = "blank or uniform frame"
+    elif s["sharpness"] < MIN_SHARPNESS:
+        reason = "image too blurred"
+    elif s["flat_frac"] > MAX_FLAT_FRAC or (
+        s["achromatic_frac"] > MAX_ACHROMATIC_FRAC and s["bright_frac"] + s["dark_frac"] > MIN_DOC_BLACK_WHITE
+    ):
+        reason = "looks like a screenshot or document, not a dermoscopy photograph"
+    elif s["bright_frac"] > MAX_BRIGHT_FRAC or s["mean_v"] > MAX_MEAN_V:
+        reason = "image overexposed"
+    elif s["edge_density"] > MAX_EDGE_DENSITY:
+        reason = "too much fine high-contrast detail (text or pattern), not dermoscopy"
+    elif s["skin_frac"] < MIN_SKIN_FRAC or s["foreign_frac"] > MAX_FOREIGN_FRAC:
+        reason = "colours are not those of skin; not a dermoscopy image"
+    if reason is not None:
+        logger.info("quality gate rejected the image: %s", reason)
+    return QualityReport(usable=reason is None, reason=reason, scores=s)

@@ -1,0 +1,106 @@
+"""Quality and suitability gate: synthetic rejections and acceptance of real dermoscopy images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dermnode.inference.quality import assess_quality, quality_scores
+from synthetic import synthetic_dermoscopy
+
+
+def _text_screenshot() -> np.ndarray:
+    img = np.full((600, 800, 3), 255, np.uint8)
+    for i in range(24):
+        cv2.putText(img, f"Lorem ipsum dolor sit amet, consectetur {i}", (10, 25 + i * 23),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
+    return img
+
+
+def _app_screenshot() -> np.ndarray:
+    img = np.full((600, 800, 3), (240, 240, 240), np.uint8)
+    cv2.rectangle(img, (0, 0), (800, 40), (50, 90, 200), -1)
+    cv2.rectangle(img, (20, 60), (380, 580), (255, 255, 255), -1)
+    for i in range(20):
+        cv2.putText(img, f"Patient list item {i}", (30, 90 + i * 24), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (20, 20, 20), 1)
+    return img
+
+
+def _foliage_photo() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    n = cv2.GaussianBlur(rng.random((450, 600)).astype(np.float32), (0, 0), 3)
+    n = (n - n.min()) / (n.max() - n.min())
+    return np.stack([40 + 60 * n, 90 + 120 * n, 30 + 40 * n], -1).astype(np.uint8)
+
+
+def test_accepts_synthetic_dermoscopy() -> None:
+    rep = assess_quality(synthetic_dermoscopy())
+    assert rep.usable and rep.reason is None
+    assert set(rep.scores) >= {"sharpness", "skin_frac", "grey_std"}
+
+
+def test_rejects_blank_frame() -> None:
+    rep = assess_quality(np.full((450, 600, 3), 128, np.uint8))
+    assert not rep.usable and rep.reason is not None and "blank" in rep.reason
+
+
+def test_rejects_dark_frame() -> None:
+    rep = assess_quality((synthetic_dermoscopy().astype(np.float64) * 0.08).astype(np.uint8))
+    assert not rep.usable and rep.reason is not None and "dark" in rep.reason
+
+
+def test_rejects_overexposed_frame() -> None:
+    img = np.clip(synthetic_dermoscopy().astype(np.int64) * 3, 0, 255).astype(np.uint8)
+    rep = assess_quality(img)
+    assert not rep.usable and rep.reason is not None and "overexposed" in rep.reason
+
+
+def test_rejects_blurred_image() -> None:
+    img = synthetic_dermoscopy(450, 600)
+    assert assess_quality(img).usable
+    rng = np.random.default_rng(0)
+    blurred = cv2.GaussianBlur(img, (0, 0), 6) + rng.normal(0, 2, img.shape)  # optical blur, then sensor noise
+    rep = assess_quality(np.clip(blurred, 0, 255).astype(np.uint8))
+    assert not rep.usable and rep.reason is not None and "blur" in rep.reason
+
+
+@pytest.mark.parametrize("make", [_text_screenshot, _app_screenshot])
+def test_rejects_screenshots_and_documents(make) -> None:  # type: ignore[no-untyped-def]
+    rep = assess_quality(make())
+    assert not rep.usable and rep.reason is not None and "screenshot or document" in rep.reason
+
+
+def test_rejects_non_skin_photo() -> None:
+    rep = assess_quality(_foliage_photo())
+    assert not rep.usable and rep.reason is not None and "skin" in rep.reason
+
+
+def test_resolution_independent_scores() -> None:
+    img = synthetic_dermoscopy(450, 600)
+    big = cv2.resize(img, (2400, 1800), interpolation=cv2.INTER_LINEAR)
+    a, b = quality_scores(img), quality_scores(big)
+    assert assess_quality(big).usable
+    assert b["skin_frac"] == pytest.approx(a["skin_frac"], abs=0.02)
+
+
+def test_invalid_input_raises() -> None:
+    with pytest.raises(ValueError):
+        assess_quality(np.zeros((10, 10), np.uint8))
+
+
+@pytest.mark.data
+def test_accepts_real_dermoscopy(shared_data: Path) -> None:
+    files = sorted((shared_data / "ham10000-sample" / "images").glob("*.jpg"))
+    files += sorted((shared_data / "isic2017" / "images").glob("*.jpg"))[:: 200]
+    files += sorted((shared_data / "isic-9class" / "images").glob("*.jpg"))[:: 200]
+    assert files
+    rejected = []
+    for f in files:
+        rgb = cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB)
+        rep = assess_quality(rgb)
+        if not rep.usable:
+            rejected.append((f.name, rep.reason))
+    assert len(rejected) <= 1, rejected
