@@ -15,8 +15,15 @@ from synthetic import synthetic_dermoscopy
 def _text_screenshot() -> np.ndarray:
     img = np.full((600, 800, 3), 255, np.uint8)
     for i in range(24):
-        cv2.putText(img, f"Lorem ipsum dolor sit amet, consectetur {i}", (10, 25 + i * 23),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
+        cv2.putText(
+            img,
+            f"Lorem ipsum dolor sit amet, consectetur {i}",
+            (10, 25 + i * 23),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            0.6,
+            (0, 0, 0),
+            1,
+        )
     return img
 
 
@@ -94,8 +101,8 @@ def test_invalid_input_raises() -> None:
 @pytest.mark.data
 def test_accepts_real_dermoscopy(shared_data: Path) -> None:
     files = sorted((shared_data / "ham10000-sample" / "images").glob("*.jpg"))
-    files += sorted((shared_data / "isic2017" / "images").glob("*.jpg"))[:: 200]
-    files += sorted((shared_data / "isic-9class" / "images").glob("*.jpg"))[:: 200]
+    files += sorted((shared_data / "isic2017" / "images").glob("*.jpg"))[::200]
+    files += sorted((shared_data / "isic-9class" / "images").glob("*.jpg"))[::200]
     assert files
     rejected = []
     for f in files:

@@ -1,0 +1,244 @@
+"""Evaluation of the shipped classifier on a data split.
+
+:func:`evaluate_classification` runs the same inference path as :class:`~dermnode.inference.classification.
+Classifier` (crop from the ground-truth mask box for ISIC 2017, whole image for isic-9class; flip TTA;
+temperature scaling) and writes ``classification_metrics.json``, ``roc.png`` and ``confusion_matrix.png``.
+
+Which images a split means (see :func:`dermnode.inference.cls_training.load_samples`):
+
+* ``val`` — melanoma metrics on the ISIC 2017 official validation split (150 images, 30 melanomas); 9-class
+  metrics on the held-out 15% of the isic-9class train rows.
+* ``test`` — isic-9class test rows (ISIC 2017 has no labelled test masks here): MEL-vs-rest melanoma metrics and
+  9-class metrics.
+* ``train`` — the training images (sanity check only).
+
+Melanoma metrics: AUC with a stratified bootstrap 95% CI (2000 replicates), balanced accuracy at p = 0.5,
+sensitivity at 80% and 95% specificity, ECE (10 bins) of the calibrated and the uncalibrated probability, and
+the band distribution (fraction of cases and melanoma rate per band). 9-class: balanced accuracy, confusion
+matrix (rows = truth), top-class ECE; plus the MEL-vs-rest AUC of the melanoma head on those images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dermnode.errors import PipelineError
+from dermnode.inference.classification import band_for
+from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES, load_classifier
+from dermnode.inference.cls_metrics import (
+    balanced_accuracy,
+    bootstrap_auc_ci,
+    confusion_matrix,
+    expected_calibration_error,
+    roc_auc,
+    roc_curve,
+    sensitivity_at_specificity,
+)
+from dermnode.inference.cls_training import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
+from dermnode.settings import AnalysisSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
+def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    out: npt.NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def binary_report(
+    y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], p_uncal: npt.NDArray[np.float64]
+) -> dict[str, Any]:
+    """Melanoma-vs-rest metrics of calibrated probabilities ``p`` (and uncalibrated ``p_uncal``).
+
+    Parameters
+    ----------
+    y : ndarray
+        Binary labels.
+    p : ndarray
+        Calibrated probabilities.
+    p_uncal : ndarray
+        Probabilities before temperature scaling.
+
+    Returns
+    -------
+    dict
+        The metrics (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        When only one class is present.
+    """
+    lo, hi = bootstrap_auc_ci(y, p, n_boot=2000, seed=0)
+    settings = AnalysisSettings()
+    bands: dict[str, dict[str, float | None]] = {}
+    names = np.array([band_for(float(v), settings).value for v in p])
+    for b in ("benign", "indeterminate", "malignant"):
+        sel = names == b
+        bands[b] = {
+            "fraction": float(sel.mean()),
+            "n": int(sel.sum()),
+            "melanoma_rate": float(y[sel].mean()) if sel.any() else None,
+        }
+    return {
+        "n": len(y),
+        "n_positive": int(y.sum()),
+        "auc": roc_auc(y, p),
+        "auc_ci95": [lo, hi],
+        "balanced_accuracy_at_0.5": balanced_accuracy(y, (p >= 0.5).astype(np.int64)),
+        "sensitivity_at_80_specificity": sensitivity_at_specificity(y, p, 0.80),
+        "sensitivity_at_95_specificity": sensitivity_at_specificity(y, p, 0.95),
+        "ece_calibrated": expected_calibration_error(y, p),
+        "ece_uncalibrated": expected_calibration_error(y, p_uncal),
+        "bands": bands,
+    }
+
+
+def _plot_roc(curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.step(fpr, tpr, where="post", label=f"{label} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_confusion(cm: npt.NDArray[np.int64], classes: tuple[str, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    ax.set_xticks(range(len(classes)), classes, rotation=45)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Evaluate the classifier bundle in ``models_dir`` on ``split`` of the data under ``data_dir``.
+
+    Parameters
+    ----------
+    data_dir : Path
+        Shared data root (holding ``isic2017`` and/or ``isic-9class``) or one dataset folder.
+    split : str
+        ``val``, ``test`` or ``train``.
+    models_dir : Path
+        Folder holding ``classifier.pt`` / ``classifier.json``.
+    out_dir : Path
+        Where ``classification_metrics.json``, ``roc.png`` and ``confusion_matrix.png`` are written.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``classification_metrics.json``.
+
+    Raises
+    ------
+    ModelError
+        When the model bundle cannot be loaded.
+    PipelineError
+        When the split is unknown or holds no labelled images.
+    """
+    if split not in ("train", "val", "test"):
+        raise PipelineError(f"unknown split {split!r} (train, val or test)")
+    bundle = load_classifier(Path(models_dir))
+    seed = int(bundle.extra.get("seed", 0))
+    samples = load_samples([Path(data_dir)], seed=seed, splits=(split,))
+    if not samples:
+        raise PipelineError(f"no {split} images under {data_dir}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = bundle.input_size
+
+    def run(ss: list[Sample]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        return batched_logits(bundle.model, eval_batch(ss, size), tta=True)
+
+    result: dict[str, Any] = {
+        "model": bundle.identity.to_json(),
+        "split": split,
+        "temperatures": {"melanoma": bundle.temperature_melanoma, "diagnosis": bundle.temperature_diagnosis},
+        "band_thresholds": {"benign_below": 0.15, "malignant_above": 0.85},
+    }
+    curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]] = {}
+    s17 = [s for s in samples if s.source == "isic2017" and s.melanoma >= 0]
+    s9 = [s for s in samples if s.source == "isic-9class" and s.diagnosis >= 0]
+    if s17:
+        z, _ = run(s17)
+        y = np.array([s.melanoma for s in s17], dtype=np.int64)
+        if len(np.unique(y)) == 2:
+            p = _sigmoid(z / bundle.temperature_melanoma)
+            result["melanoma_isic2017"] = binary_report(y, p, _sigmoid(z))
+            fpr, tpr, _ = roc_curve(y, p)
+            curves[f"ISIC 2017 {split} melanoma"] = (fpr, tpr, result["melanoma_isic2017"]["auc"])
+    if s9:
+        zm, zd = run(s9)
+        yd = np.array([s.diagnosis for s in s9], dtype=np.int64)
+        ym = (yd == CLASS_INDEX["MEL"]).astype(np.int64)
+        if len(np.unique(ym)) == 2:
+            pm = _sigmoid(zm / bundle.temperature_melanoma)
+            result["melanoma_9class"] = binary_report(ym, pm, _sigmoid(zm))
+            fpr, tpr, _ = roc_curve(ym, pm)
+            curves[f"isic-9class {split} MEL vs rest"] = (fpr, tpr, result["melanoma_9class"]["auc"])
+        pd = _softmax(zd / bundle.temperature_diagnosis)
+        pred = pd.argmax(axis=1)
+        cm = confusion_matrix(yd, pred, len(DIAGNOSIS_CLASSES))
+        recalls = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(DIAGNOSIS_CLASSES)}
+        result["diagnosis_9class"] = {
+            "n": len(yd),
+            "classes": list(DIAGNOSIS_CLASSES),
+            "balanced_accuracy": balanced_accuracy(yd, pred),
+            "accuracy": float((pred == yd).mean()),
+            "per_class_recall": recalls,
+            "support": {c: int(cm[i].sum()) for i, c in enumerate(DIAGNOSIS_CLASSES)},
+            "confusion_matrix": cm.tolist(),
+            "ece_top_class_calibrated": expected_calibration_error(yd, pd),
+            "ece_top_class_uncalibrated": expected_calibration_error(yd, _softmax(zd)),
+        }
+        _plot_confusion(cm, DIAGNOSIS_CLASSES, out_dir / "confusion_matrix.png")
+    if curves:
+        _plot_roc(curves, out_dir / "roc.png")
+    if len(result) <= 4:
+        raise PipelineError(f"the {split} split holds no labelled images to evaluate")
+    (out_dir / "classification_metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    logger.info("classification metrics written to %s", out_dir / "classification_metrics.json")
+    return result
