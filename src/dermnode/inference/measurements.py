@@ -20,14 +20,18 @@ Geometry (``mask`` at source resolution; ``sx = column spacing``, ``sy = row spa
   ``asymmetry_axes`` = number of axes with ``a_k > ASYMMETRY_AXIS_THRESHOLD`` (0.10) — the ABCD "A" score.
 * **border irregularity** — compactness ``P^2 / (4 pi A_c)`` with ``P`` the smoothed perimeter and ``A_c`` the
   area enclosed by the same smoothed contours (1 for a circle, larger for irregular borders).
-* **border score** (ABCD "B", 0..8) — the image is resampled so that the lesion's equivalent diameter is about
-  256 px; ``L*`` (CIELAB lightness, Gaussian sigma 1) is averaged in four rings defined by the distance ``d`` to
-  the mask border (``w`` = 2% of the equivalent diameter, at least 2 px): near inside (``0 < d <= w``), near
-  outside, far inside (``2w < d <= 4w``) and far outside. The lesion is divided into 8 sectors of 45 degrees
-  around the centroid; in a sector the border is an **abrupt cut-off** when the far contrast
-  ``C_far = L_out,far - L_in,far >= 8`` (a visible lesion/skin step) and the near contrast carries at least half
-  of it (``C_near / C_far >= 0.5``): a gradual fade spreads the step over the wider rings and fails the test.
-  ``border_score`` = number of abrupt sectors.
+* **border score** (ABCD "B", 0..8) — the image is cropped around the lesion and resampled so that the lesion's
+  equivalent diameter ``D_eq = sqrt(4 A / pi)`` is at most 256 px; ``L*`` (CIELAB lightness, Gaussian sigma 1)
+  is averaged in 16 bins of signed distance to the mask border covering ``[-0.15 D_eq, +0.15 D_eq]`` (negative
+  inside), separately in 8 sectors of 45 degrees around the centroid. In each sector, with ``L_in`` / ``L_out``
+  the mean of the 3 innermost / outermost bins and ``C = L_out - L_in``, the 20% and 80% crossings of the
+  (monotone envelope of the) profile give the rise width ``x80 - x20``. The sector border is an **abrupt
+  cut-off** when ``C >= 8`` (a visible lesion/skin step) and the rise width is ``<= 0.08 D_eq``
+  (``BORDER_ABRUPT_RISE``). ``border_score`` = number of abrupt sectors. The 0.08 threshold was chosen on
+  ISIC 2017 training images (median rise width 0.086 D_eq; mean score 2.9 for melanomas vs 1.8 for benign
+  lesions on a 215-image subsample); a sharp synthetic edge measures about 0.015, a Gaussian edge of
+  sigma = 6% of the diameter about 0.10. Because the mask need not sit exactly on the edge, the profile
+  (not the mask outline) locates the transition.
 
 Colours (the six dermoscopic colours of the ABCD rule). Pixels inside the mask (eroded by 1% of the equivalent
 diameter to skip the boundary blend) are converted to CIELAB (D65, ``L*`` 0..100) after a 3x3 median filter;
@@ -68,7 +72,8 @@ logger = logging.getLogger(__name__)
 ASYMMETRY_AXIS_THRESHOLD = 0.10
 COLOR_MIN_FRACTION = 0.05
 BORDER_MIN_CONTRAST = 8.0
-BORDER_NEAR_RATIO = 0.5
+BORDER_ABRUPT_RISE = 0.08
+BORDER_PROFILE_REACH = 0.15
 COLOR_NAMES: tuple[str, ...] = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
 
 BoolArray = npt.NDArray[np.bool_]
@@ -225,39 +230,68 @@ def border_score(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> tuple[int, list
     tuple
         ``(score 0..8, per-sector flags)``.
     """
+    flags = [s <= BORDER_ABRUPT_RISE for s in border_rise_widths(rgb, mask)]
+    return int(sum(flags)), flags
+
+
+def border_rise_widths(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> list[float]:
+    """Per-sector 20-80% lightness rise width across the border, as a fraction of the equivalent diameter.
+
+    ``inf`` marks a sector without a clear lesion/skin contrast or without enough pixels.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    mask : ndarray
+        Boolean lesion mask (H, W).
+
+    Returns
+    -------
+    list of float
+        Eight values (sectors of 45 degrees counter-clockwise in image coordinates from the +x axis).
+    """
+    inf = float("inf")
     if not mask.any():
-        return 0, [False] * 8
-    crop, cm = _bbox_crop(rgb, mask, 0.25)
+        return [inf] * 8
+    crop, cm = _bbox_crop(rgb, mask, 0.3)
     assert crop is not None
     r, m = _resize_pair(np.ascontiguousarray(crop), cm, _working_scale(cm))
     if not m.any():
-        return 0, [False] * 8
+        return [inf] * 8
     L = cv2.GaussianBlur(_lab(r)[..., 0], (0, 0), 1.0)
     mu8 = m.astype(np.uint8)
-    d_in = cv2.distanceTransform(mu8, cv2.DIST_L2, 5)
-    d_out = cv2.distanceTransform(1 - mu8, cv2.DIST_L2, 5)
+    sd = np.where(m, -cv2.distanceTransform(mu8, cv2.DIST_L2, 5), cv2.distanceTransform(1 - mu8, cv2.DIST_L2, 5))
     eq_d = math.sqrt(4.0 * float(m.sum()) / math.pi)
-    w = max(2.0, 0.02 * eq_d)
+    reach = max(6.0, BORDER_PROFILE_REACH * eq_d)
+    n_bins = 16
+    bw = 2.0 * reach / n_bins
     ys, xs = np.nonzero(m)
     cx, cy = xs.mean(), ys.mean()
     yy, xx = np.mgrid[0 : m.shape[0], 0 : m.shape[1]]
     sector = ((np.degrees(np.arctan2(yy - cy, xx - cx)) + 360.0) % 360.0 // 45.0).astype(np.int64)
-    near_in = m & (d_in <= w)
-    near_out = ~m & (d_out <= w) & (d_out > 0)
-    far_in = m & (d_in > 2 * w) & (d_in <= 4 * w)
-    far_out = ~m & (d_out > 2 * w) & (d_out <= 4 * w)
-    flags = []
+    band = (sd > -reach) & (sd <= reach)
+    bins = np.clip(((sd + reach) / bw).astype(np.int64), 0, n_bins - 1)
+    centres = -reach + bw * (np.arange(n_bins) + 0.5)
+    out = []
     for s in range(8):
-        sel = sector == s
-        rings = [near_in & sel, near_out & sel, far_in & sel, far_out & sel]
-        if min(int(x.sum()) for x in rings) < 3:
-            flags.append(False)  # not enough pixels (lesion at the image edge, tiny lesion)
+        sel = band & (sector == s)
+        cnt = np.bincount(bins[sel], minlength=n_bins)
+        if (cnt < 3).any():
+            out.append(inf)  # lesion at the image edge or too small
             continue
-        ni, no, fi, fo = (float(L[x].mean()) for x in rings)
-        c_far = fo - fi
-        c_near = no - ni
-        flags.append(bool(c_far >= BORDER_MIN_CONTRAST and c_near / c_far >= BORDER_NEAR_RATIO))
-    return int(sum(flags)), flags
+        prof = np.bincount(bins[sel], weights=L[sel], minlength=n_bins) / cnt
+        lin, lout = prof[:3].mean(), prof[-3:].mean()
+        c = lout - lin
+        if c < BORDER_MIN_CONTRAST:
+            out.append(inf)
+            continue
+        # monotone envelope from inside to outside, then the 20% and 80% crossings (linear interpolation)
+        env = np.maximum.accumulate(prof)
+        x20 = float(np.interp(lin + 0.2 * c, env, centres))
+        x80 = float(np.interp(lin + 0.8 * c, env, centres))
+        out.append(max(0.0, x80 - x20) / eq_d)
+    return out
 
 
 def color_fractions(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> dict[str, float]:
