@@ -102,7 +102,8 @@ class DermnodeProcess:
 
 
 def dermnode_env(root: Path, port: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DERMNODE_") or k == "DERMNODE_DATA"}
+    keep = ("DERMNODE_DATA", "DERMNODE_ANALYSIS__MODELS_DIR")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DERMNODE_") or k in keep}
     env.update(
         {
             "DERMNODE_STORAGE__ROOT": str(root / "var"),

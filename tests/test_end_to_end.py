@@ -29,8 +29,14 @@ PATIENT_NAME = "Zzyzx^Quintessa"
 PATIENT_ID = "PHI-7731-XQ"
 
 
+def models_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("DERMNODE_ANALYSIS__MODELS_DIR") or REPO / "models")
+
+
 def models_present() -> bool:
-    return (REPO / "models" / "segmentation.json").is_file() and (REPO / "models" / "classifier.json").is_file()
+    return (models_dir() / "segmentation.json").is_file() and (models_dir() / "classifier.json").is_file()
 
 
 needs_models = pytest.mark.skipif(not models_present(), reason="shipped models not found under models/")
@@ -79,8 +85,10 @@ class Stack:
         wait_for(lambda: len(self.deliveries("done")) >= n, timeout=timeout, what=f"{n} deliveries")
 
 
-def start_dermnode(tmp: Path, orthanc: Orthanc, fhir: FhirTestServer, **extra: str) -> DermnodeProcess:
-    port = free_port()
+def start_dermnode(tmp: Path, orthanc: Orthanc, fhir: FhirTestServer, port: int | None = None,
+                   **extra: str) -> DermnodeProcess:
+    port = port or free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = tmp / "dermnode.toml"
     cfg.write_text(
         f'[[pacs]]\nname = "orthanc"\nae_title = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
@@ -188,8 +196,7 @@ def test_pacs_routes_image_to_dermnode_and_gets_results(tmp_path: Path) -> None:
     orthanc = start_orthanc(tmp_path / "orthanc",
                             extra={"DicomModalities": {"dermnode": ["DERMNODE", "127.0.0.1", dn_port]}})
     fhir = FhirTestServer().start()
-    port_env = {"DERMNODE_SCP__PORT": str(dn_port)}
-    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir, **port_env)
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir, port=dn_port)
     try:
         src = write_source(tmp_path / "src.dcm")
         req = urllib.request.Request(f"http://127.0.0.1:{orthanc.http_port}/instances",
@@ -260,9 +267,9 @@ def test_missing_or_corrupt_model_refuses_to_start(tmp_path: Path) -> None:
     if models_present():
         import shutil
 
-        for f in (REPO / "models").glob("*.json"):
+        for f in models_dir().glob("*.json"):
             shutil.copy(f, models / f.name)
-        for f in (REPO / "models").glob("*.pt"):
+        for f in models_dir().glob("*.pt"):
             blob = bytearray(f.read_bytes())
             blob[len(blob) // 2] ^= 0xFF
             (models / f.name).write_bytes(bytes(blob))

@@ -231,7 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from dermnode.logging_setup import configure_logging
+        from dermnode.settings import LoggingSettings
+
+        configure_logging(LoggingSettings())
     try:
         return int(args.func(args))
     except DermnodeError as exc:

@@ -44,3 +44,5 @@ def configure_logging(settings: LoggingSettings) -> None:
     root.setLevel(settings.level)
     # pynetdicom is chatty at INFO and logs dataset summaries at DEBUG: keep it at WARNING.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # highdicom narrates every module it copies at INFO: keep the service log about the service.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))

@@ -56,7 +56,7 @@ class Analyzer:
 
             torch.set_num_threads(settings.torch_threads)
         self.segmenter = Segmenter(load_model_bundle(directory, "segmentation"))
-        self.classifier = Classifier.load(directory, settings)
+        self.classifier = Classifier(directory, settings)
         self.models: tuple[ModelIdentity, ...] = (self.segmenter.identity, self.classifier.identity)
         logger.info(
             "models loaded: %s",

@@ -80,7 +80,7 @@ def evaluate_segmentation(
     data_dir:
         Folder with ``labels.csv`` (``image_id``, ``split``), ``images/<id>.jpg`` and ``masks/<id>.png``.
     split:
-        Split to evaluate (``"val"`` for ISIC 2017).
+        Split to evaluate (``"val"`` for ISIC 2017; ``"all"`` for every image of ``labels.csv``).
     models_dir:
         Folder holding ``segmentation.pt`` and ``segmentation.json``.
     out_dir:

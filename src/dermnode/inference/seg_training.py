@@ -59,7 +59,8 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
         Folder with ``labels.csv`` (columns ``image_id``, ``split``), ``images/<id>.jpg`` and
         ``masks/<id>.png``.
     split:
-        Value of the ``split`` column (``"train"`` or ``"val"``).
+        Value of the ``split`` column (``"train"`` or ``"val"``); ``"all"`` takes every row (also when the
+        file has no ``split`` column).
     limit:
         Load at most this many images (smoke runs).
 
@@ -77,7 +78,7 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
     """
     data_dir = Path(data_dir)
     with open(data_dir / "labels.csv", newline="", encoding="utf-8") as fh:
-        ids = [row["image_id"] for row in csv.DictReader(fh) if row.get("split") == split]
+        ids = [row["image_id"] for row in csv.DictReader(fh) if split == "all" or row.get("split") == split]
     if limit is not None:
         ids = ids[:limit]
     if not ids:
