@@ -275,3 +275,108 @@ def test_missing_or_corrupt_model_refuses_to_start(tmp_path: Path) -> None:
             (models / f.name).write_bytes(bytes(blob))
         res = proc.cli("serve", timeout=120)
         assert res.returncode != 0 and "sha256" in res.stderr.lower()
+
+
+@needs_models
+def test_kill9_during_burst_every_acknowledged_image_processed_exactly_once(tmp_path: Path) -> None:
+    """kill -9 mid-burst with workers running; after restart each acknowledged image has one job, done, and one
+    delivery per object (deterministic UIDs make any re-run idempotent)."""
+    import signal
+    import threading
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    from dermnode.dicom_io.uids import DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE
+
+    require("storescu")
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    fhir = FhirTestServer().start()
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir)
+    stack = Stack(dermnode, orthanc, fhir)
+    files = []
+    for i in range(40):
+        f = tmp_path / f"s{i}.dcm"
+        write_source(f, synthetic_dermoscopy(240, 320, seed=i), jpeg=False)
+        files.append(f)
+    acked: list[str] = []
+
+    def burst() -> None:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", dermnode.port, ae_title="DERMNODE")
+        try:
+            for f in files:
+                if not assoc.is_established:
+                    break
+                status = assoc.send_c_store(f)
+                if status and status.Status == 0x0000:
+                    acked.append(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+
+    try:
+        t = threading.Thread(target=burst)
+        t.start()
+        wait_for(lambda: len(acked) >= 10 and stack.db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0] >= 1, timeout=180, what="work under way")
+        assert dermnode.proc is not None
+        dermnode.proc.send_signal(signal.SIGKILL)
+        dermnode.proc.wait(10)
+        t.join(60)
+        dermnode.start(timeout=120)
+        wait_for(lambda: stack.db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE state != 'done'").fetchone()[0] == 0, timeout=600, what="all jobs done")
+        jobs = {r["sop_instance_uid"]: r for r in stack.db().execute("SELECT * FROM jobs")}
+        assert set(acked) <= set(jobs), "an acknowledged image was lost"
+        assert all(r["state"] == "done" for r in jobs.values())
+        n_objects = sum(2 if r["outcome"] == "analysed" else 1 for r in jobs.values())
+        wait_for(lambda: len(stack.deliveries("done")) == n_objects + len(jobs), timeout=300, what="deliveries")
+        keys = [(r["destination"], r["object_key"]) for r in stack.deliveries()]
+        assert len(keys) == len(set(keys)) == n_objects + len(jobs)  # one per object and destination
+        assert len(orthanc.instances()) == n_objects
+    finally:
+        dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
+
+
+@needs_models
+def test_sigterm_finishes_or_requeues_and_nothing_is_lost(stack: Stack, tmp_path: Path) -> None:
+    for i in range(3):
+        write_source(tmp_path / f"t{i}.dcm", synthetic_dermoscopy(240, 320, seed=i), jpeg=False)
+    stack.store(*(tmp_path / f"t{i}.dcm" for i in range(3)))
+    assert stack.dermnode.stop() == 0
+    states = [r["state"] for r in stack.db().execute("SELECT state FROM jobs")]
+    assert len(states) == 3 and set(states) <= {"pending", "done"}  # finished, or waiting for the next start
+    stack.dermnode.start(timeout=120)
+    wait_for(lambda: all(r["state"] == "done" for r in stack.db().execute("SELECT state FROM jobs")), timeout=300,
+             what="jobs done after restart")
+
+
+@needs_models
+def test_outputs_are_owner_only_and_token_is_never_logged(tmp_path: Path) -> None:
+    require("storescu")
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    fhir = FhirTestServer().start()
+    secret = "s3cr3t-token-9f8e7d"
+    fhir.token = secret
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir, DERMNODE_FHIR__BEARER_TOKEN=secret,
+                              DERMNODE_LOGGING__LEVEL="DEBUG")
+    stack = Stack(dermnode, orthanc, fhir)
+    try:
+        write_source(tmp_path / "src.dcm")
+        stack.store(tmp_path / "src.dcm")
+        stack.wait_delivered(3)
+        assert stack.fhir.count("DiagnosticReport") == 1
+        var = dermnode.root / "var"
+        files = [p for p in var.rglob("*") if p.is_file()]
+        assert any(p.name == "seg.dcm" for p in files) and any(p.suffix == ".dcm" for p in (var / "spool").rglob("*"))
+        for p in files:
+            assert p.stat().st_mode & 0o077 == 0, f"{p} is readable by others"
+    finally:
+        dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
+    assert secret not in dermnode.log()

@@ -295,3 +295,24 @@ def test_status_command_reports_queue(scp: DermnodeProcess, tmp_path: Path) -> N
 
     doc = json.loads(res.stdout)
     assert doc["jobs"]["pending"] == 2 and doc["jobs"]["done"] == 0
+
+
+def test_low_disk_space_answers_out_of_resources(tmp_path: Path) -> None:
+    """Below storage.min_free_mb the SCP answers 0xA700, logs why, and stores nothing."""
+    require("storescu")
+    port = free_port()
+    env = dermnode_env(tmp_path, port, {"DERMNODE_WORKERS__COUNT": "0", "DERMNODE_STORAGE__MIN_FREE_MB": "999999999"})
+    proc = DermnodeProcess(tmp_path, port, env)
+    proc.start()
+    try:
+        ds = pydicom.dcmread(make_source(tmp_path, "full"))
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DERMNODE")
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0xA700
+        assert _db(proc).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+    finally:
+        proc.stop()
+    assert "storage.min_free_mb" in proc.log()

@@ -1,0 +1,51 @@
+"""``dermnode evaluate``: the shipped models measured on a labelled folder.
+
+A folder laid out like ``../shared/data/<set>`` (``images/``, ``masks/``, ``labels.csv``) is evaluated for
+segmentation when it has masks and for classification when its labels have melanoma or diagnosis columns.
+The metrics of both are merged into ``metrics.json`` in the output folder, beside the per-task files and PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dermnode.errors import PipelineError
+from dermnode.inference.analyzer import models_dir
+from dermnode.inference.cls_evaluation import evaluate_classification
+from dermnode.inference.seg_evaluation import evaluate_segmentation
+from dermnode.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(data_dir: Path, split: str, settings: Settings, out_dir: Path, *, task: str = "all") -> dict[str, Any]:
+    """Evaluate segmentation and/or classification and write ``out_dir/metrics.json``.
+
+    Raises
+    ------
+    PipelineError
+        When the folder has nothing the requested task can be evaluated on.
+    ModelError
+        When a model cannot be loaded.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    directory = models_dir(settings.analysis)
+    metrics: dict[str, Any] = {"data": str(data_dir), "split": split}
+    if task in ("all", "segmentation") and (data_dir / "masks").is_dir():
+        metrics["segmentation"] = evaluate_segmentation(
+            data_dir, split, directory, out_dir, hair_removal=settings.analysis.hair_removal
+        )
+    if task in ("all", "classification"):
+        try:
+            metrics["classification"] = evaluate_classification(data_dir, split, directory, out_dir)
+        except PipelineError as exc:
+            if task == "classification":
+                raise
+            logger.warning("classification not evaluated: %s", exc)
+    if "segmentation" not in metrics and "classification" not in metrics:
+        raise PipelineError(f"nothing to evaluate in {data_dir} for task {task!r} (no masks or labels)")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
+    return metrics
