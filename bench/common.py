@@ -268,7 +268,7 @@ def orthanc_binary() -> str:
     return shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
-def busy_processes(pattern: str = "train") -> list[str]:
+def busy_processes(pattern: str = "train|pytest") -> list[str]:
     """Command lines of running processes that match ``pattern`` (to warn that numbers are disturbed)."""
     out = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True, timeout=30).stdout
     me = str(os.getpid())

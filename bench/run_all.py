@@ -92,7 +92,8 @@ SEG/SR UIDs; one FHIR POST per bundle); (c) per-stage times from each job's `res
 (decode and outputs, which result.json lacks, from the service's `analysed …` log line) and the delivery
 steps from the database timestamps of the sequential phase; (d) throughput: T images queued with a
 receive-only dermnode, then dermnode restarted on the same storage with W workers; analysed/min (steady) =
-(T − 1) / (last job done − first job done); delivered/min (drain) = T / (last delivery − first job done).
+(T − 1) / (last job done − first job done); from ready: T / (last job done, or last delivery, − the moment the
+restarted service listens, models loaded).
 """
 
 
