@@ -193,7 +193,8 @@ class Segmenter:
     """
 
     def __init__(self, bundle: ModelBundle, *, threshold: float | None = None, tta: bool | None = None) -> None:
-        self._module = bundle.module.eval()
+        # channels-last is markedly faster for the depthwise convolutions on CPU (converts in place)
+        self._module = bundle.module.to(memory_format=torch.channels_last).eval()
         self._manifest = bundle.manifest
         self.identity: ModelIdentity = bundle.identity
         extra = bundle.manifest.extra
