@@ -96,6 +96,7 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
 
     try:
         ds = event.dataset
+        ds.walk(lambda _ds, _elem: None)  # parse every element now: reject garbage before acknowledging
         ds_sop_uid = str(ds.SOPInstanceUID)
         ds_sop_class = str(ds.SOPClassUID)
         study_uid = str(ds.StudyInstanceUID)
