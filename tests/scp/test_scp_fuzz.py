@@ -1,7 +1,8 @@
 """Fuzz campaign at the network level: garbled C-STORE data sets against a live Store SCP.
 
 An announced data set must have at least one byte (a C-STORE whose data set never arrives is a protocol
-violation that the server ends with its DIMSE timeout and an abort). Every case must get either success (the bytes happened to form a valid dataset) or an error status in the
+violation that the server ends with its DIMSE timeout and an abort).
+Every case must get either success (the bytes happened to form a valid dataset) or an error status in the
 0xC000 range, and the server must keep answering. The number of cases tried is printed (run with ``-s``).
 """
 
@@ -52,7 +53,8 @@ tried = {"n": 0, "statuses": {}}
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     root = Path(tmp_path_factory.mktemp("fuzz"))
     queue = JobQueue(database_path(root))
-    srv = start_server(ScpSettings(port=free_port(), max_associations=50, dimse_timeout_s=5, network_timeout_s=5), Spool(root, 1, fsync=False), queue)
+    scp = ScpSettings(port=free_port(), max_associations=50, dimse_timeout_s=5, network_timeout_s=5)
+    srv = start_server(scp, Spool(root, 1, fsync=False), queue)
     yield srv, queue
     srv.shutdown()
     print(f"\nSCP fuzz campaign: {tried['n']} garbled data sets, statuses {tried['statuses']}")
