@@ -133,7 +133,22 @@ def orthanc_study_instances(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
 
 
 @needs_models
-def test_image_becomes_seg_sr_in_pacs_and_fhir_report(stack: Stack, tmp_path: Path) -> None:
+def test_image_becomes_seg_sr_in_pacs_and_fhir_report(tmp_path: Path) -> None:
+    require("storescu")
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    fhir = FhirTestServer().start()
+    http_port = free_port()
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir, DERMNODE_HTTP__ENABLED="true",
+                              DERMNODE_HTTP__PORT=str(http_port))
+    try:
+        _image_to_pacs_and_fhir(Stack(dermnode, orthanc, fhir), tmp_path, http_port)
+    finally:
+        dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
+
+
+def _image_to_pacs_and_fhir(stack: Stack, tmp_path: Path, http_port: int) -> None:
     src = write_source(tmp_path / "src.dcm")
     stack.store(tmp_path / "src.dcm")
     stack.wait_delivered(3)  # SEG + SR to Orthanc, bundle to FHIR
@@ -151,6 +166,15 @@ def test_image_becomes_seg_sr_in_pacs_and_fhir_report(stack: Stack, tmp_path: Pa
     log = stack.dermnode.log()
     assert "Zzyzx" not in log and PATIENT_ID not in log
     assert src.SOPInstanceUID in log  # the audit trail names the instance by UID
+    # operations endpoints agree with `dermnode status`
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=10) as rsp:
+        health = json.loads(rsp.read())
+    assert health["status"] == "ok" and health["jobs"] == doc["jobs"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as rsp:
+        metrics = rsp.read().decode()
+    assert "dermnode_received_total 1" in metrics and "dermnode_analysed_total 1" in metrics
+    assert "dermnode_delivered_total 3" in metrics and "dermnode_queue_depth 0" in metrics
+    assert 'dermnode_stage_latency_seconds_count{stage="segmentation"} 1' in metrics
 
 
 @needs_models
@@ -255,6 +279,12 @@ def test_fhir_4xx_dead_letters_without_retry_storm(stack: Stack, tmp_path: Path)
     assert len(posts) == 1
     dl = json.loads(stack.dermnode.cli("status", "--json", "--dead-letters").stdout)["dead_letters"]
     assert any("400" in d["error"] for d in dl)
+    # the cause is fixed: replay re-sends the same bundle, once
+    stack.fhir.mode = "ok"
+    res = stack.dermnode.cli("replay", "--dead-letter")
+    assert res.returncode == 0 and "re-queued 1" in res.stdout
+    stack.wait_delivered(3)
+    assert stack.fhir.count("DiagnosticReport") == 1
 
 
 def test_missing_or_corrupt_model_refuses_to_start(tmp_path: Path) -> None:
