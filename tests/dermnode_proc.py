@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from peers import _wait_listening
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,19 +27,6 @@ def require(binary: str) -> str:
     if path is None:
         pytest.skip(f"{binary} is not installed (make setup installs dcmtk and orthanc)")
     return path
-
-
-def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -76,7 +64,7 @@ class DermnodeProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(self.command("serve"), env=self.env, stdout=log, stderr=log)
         log.close()
-        wait_port(self.port, timeout, self.proc)
+        _wait_listening(self.port, self.proc, timeout, self.log_path)
 
     def kill9(self) -> None:
         assert self.proc is not None

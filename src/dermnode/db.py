@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from dermnode.errors import StorageError
@@ -92,3 +93,48 @@ def connect(path: Path) -> sqlite3.Connection:
     except (OSError, sqlite3.Error) as exc:
         raise StorageError(f"cannot open state database {path}: {exc}") from exc
     return conn
+
+
+def dead_letter(
+    conn: sqlite3.Connection,
+    table: str,
+    row_id: int,
+    *,
+    error: str,
+    attempts: int,
+    sop_instance_uid: str = "",
+    destination: str = "",
+) -> None:
+    """Mark a job or delivery ``dead`` and record why in ``dead_letters``, in one transaction."""
+    kind = {"jobs": "job", "deliveries": "delivery"}[table]
+    now = time.time()
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"UPDATE {table} SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
+                     (error, now, row_id))
+        conn.execute(
+            "INSERT INTO dead_letters (kind, ref_id, sop_instance_uid, destination, attempts, error, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (kind, row_id, sop_instance_uid, destination, attempts, error, now),
+        )
+
+
+def replay_dead(conn: sqlite3.Connection, table: str, row_id: int | None = None) -> int:
+    """Put dead-lettered jobs or deliveries (one, or all) back to ``pending`` with a fresh attempt count."""
+    kind = {"jobs": "job", "deliveries": "delivery"}[table]
+    now = time.time()
+    only = " AND id = ?" if row_id is not None else ""
+    args: tuple[int, ...] = (row_id,) if row_id is not None else ()
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        cur = conn.execute(
+            f"UPDATE {table} SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
+            f" WHERE state = 'dead'{only}",
+            (now, *args),
+        )
+        conn.execute(
+            "UPDATE dead_letters SET replayed_at = ? WHERE kind = ? AND replayed_at IS NULL"
+            + only.replace("id", "ref_id"),
+            (now, kind, *args),
+        )
+    return cur.rowcount

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermnode.db import connect
+from dermnode.db import connect, dead_letter, replay_dead
 from dermnode.errors import DeliveryError, StorageError
 from dermnode.settings import DeliverySettings
 
@@ -124,17 +124,8 @@ class Outbox:
         now = time.time()
         conn = self._conn()
         if permanent or delivery.attempts >= self.settings.max_attempts:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(
-                    "UPDATE deliveries SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
-                    (error, now, delivery.id),
-                )
-                conn.execute(
-                    "INSERT INTO dead_letters (kind, ref_id, destination, attempts, error, created_at)"
-                    " VALUES ('delivery', ?, ?, ?, ?, ?)",
-                    (delivery.id, delivery.destination, delivery.attempts, error, now),
-                )
+            dead_letter(conn, "deliveries", delivery.id, error=error, attempts=delivery.attempts,
+                        destination=delivery.destination)
             return True
         conn.execute(
             "UPDATE deliveries SET state = 'pending', last_error = ?, next_attempt_at = ?, updated_at = ?"
@@ -152,22 +143,7 @@ class Outbox:
 
     def replay(self, delivery_id: int | None = None) -> int:
         """Put dead-lettered deliveries (one, or all) back with a fresh attempt count."""
-        conn = self._conn()
-        now = time.time()
-        where, args = ("AND id = ?", (delivery_id,)) if delivery_id is not None else ("", ())
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
-                f" WHERE state = 'dead' {where}",
-                (now, *args),
-            )
-            conn.execute(
-                "UPDATE dead_letters SET replayed_at = ? WHERE kind = 'delivery' AND replayed_at IS NULL"
-                + (" AND ref_id = ?" if delivery_id is not None else ""),
-                (now, *args),
-            )
-        return cur.rowcount
+        return replay_dead(self._conn(), "deliveries", delivery_id)
 
     def counts(self) -> dict[str, int]:
         out = {"pending": 0, "sending": 0, "done": 0, "dead": 0}

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermnode.db import connect
+from dermnode.db import connect, dead_letter, replay_dead
 from dermnode.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -146,17 +146,8 @@ class JobQueue:
         now = time.time()
         conn = self._conn()
         if permanent or job.attempts >= self.max_attempts:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute(
-                    "UPDATE jobs SET state = 'dead', last_error = ?, owner = NULL, updated_at = ? WHERE id = ?",
-                    (error, now, job.id),
-                )
-                conn.execute(
-                    "INSERT INTO dead_letters (kind, ref_id, sop_instance_uid, attempts, error, created_at)"
-                    " VALUES ('job', ?, ?, ?, ?, ?)",
-                    (job.id, job.sop_instance_uid, job.attempts, error, now),
-                )
+            dead_letter(conn, "jobs", job.id, error=error, attempts=job.attempts,
+                        sop_instance_uid=job.sop_instance_uid)
             return True
         delay = self.retry_delay_s * 2 ** (job.attempts - 1)
         conn.execute(
@@ -187,22 +178,7 @@ class JobQueue:
 
     def replay(self, job_id: int | None = None) -> int:
         """Put dead-lettered jobs (one, or all) back into the queue with a fresh attempt count."""
-        conn = self._conn()
-        now = time.time()
-        where, args = ("AND id = ?", (job_id,)) if job_id is not None else ("", ())
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            cur = conn.execute(
-                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
-                f" WHERE state = 'dead' {where}",
-                (now, *args),
-            )
-            conn.execute(
-                "UPDATE dead_letters SET replayed_at = ? WHERE kind = 'job' AND replayed_at IS NULL"
-                + (" AND ref_id = ?" if job_id is not None else ""),
-                (now, *args),
-            )
-        return cur.rowcount
+        return replay_dead(self._conn(), "jobs", job_id)
 
     # -- reporting ----------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
