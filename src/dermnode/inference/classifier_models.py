@@ -329,6 +329,7 @@ def save_classifier(
     version: str,
     extra: dict[str, Any] | None = None,
     name: str = "classifier",
+    margin: float = DEFAULT_MARGIN,
 ) -> Path:
     """Write ``<name>.pt`` (float16 state_dict) and ``<name>.json`` (manifest with sha256).
 
@@ -350,6 +351,8 @@ def save_classifier(
         Further manifest values (validation metrics ...), stored under ``extra``.
     name : str
         Bundle name.
+    margin : float
+        Crop margin to use at inference.
 
     Returns
     -------
@@ -366,7 +369,7 @@ def save_classifier(
         {
             "temperatures": {"melanoma": float(temperatures[0]), "diagnosis": float(temperatures[1])},
             "classes": list(DIAGNOSIS_CLASSES),
-            "margin": DEFAULT_MARGIN,
+            "margin": float(margin),
             "colour_constancy": "shades_of_gray_p6",
             "tta": "mean logits over 4 flips",
         }

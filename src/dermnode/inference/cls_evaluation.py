@@ -191,7 +191,7 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
     size = bundle.input_size
 
     def run(ss: list[Sample]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        return batched_logits(bundle.model, eval_batch(ss, size), tta=True)
+        return batched_logits(bundle.model, eval_batch(ss, size, bundle.margin), tta=True)
 
     result: dict[str, Any] = {
         "model": bundle.identity.to_json(),

@@ -44,6 +44,7 @@ from torch import nn
 
 from dermnode.errors import PipelineError
 from dermnode.inference.classifier_models import (
+    DEFAULT_MARGIN,
     DIAGNOSIS_CLASSES,
     DermNet,
     lesion_crop_box,
@@ -329,7 +330,7 @@ class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch
         )
 
 
-def eval_batch(samples: list[Sample], size: int) -> npt.NDArray[np.float32]:
+def eval_batch(samples: list[Sample], size: int, margin: float = DEFAULT_MARGIN) -> npt.NDArray[np.float32]:
     """Deterministic inference-time inputs (crop box, no augmentation) for ``samples``.
 
     Parameters
@@ -338,6 +339,9 @@ def eval_batch(samples: list[Sample], size: int) -> npt.NDArray[np.float32]:
         Samples.
     size : int
         Input side.
+    margin : float
+        Crop margin; the stored boxes (built with ``DEFAULT_MARGIN``) are rescaled by
+        ``(1 + 2 margin) / (1 + 2 DEFAULT_MARGIN)`` around their centre.
 
     Returns
     -------
@@ -346,7 +350,8 @@ def eval_batch(samples: list[Sample], size: int) -> npt.NDArray[np.float32]:
     """
     if not samples:
         return np.zeros((0, 3, size, size), dtype=np.float32)
-    return np.stack([preprocess_crop(warp_crop(s.rgb, s.box, size)) for s in samples])
+    f = (1.0 + 2.0 * margin) / (1.0 + 2.0 * DEFAULT_MARGIN)
+    return np.stack([preprocess_crop(warp_crop(s.rgb, (s.box[0], s.box[1], s.box[2] * f), size)) for s in samples])
 
 
 def batched_logits(
@@ -661,10 +666,11 @@ def _calibrate_and_export(
     version: str,
     seed: int,
     epochs: int,
+    margin: float = DEFAULT_MARGIN,
 ) -> Path:
     """Fit the temperatures on the validation logits (flip TTA), report ECE, export the bundle."""
-    x17 = eval_batch(val17, image_size)
-    x9 = eval_batch(val9, image_size)
+    x17 = eval_batch(val17, image_size, margin)
+    x9 = eval_batch(val9, image_size, margin)
     y17 = np.array([s.melanoma for s in val17], dtype=np.int64)
     y9 = np.array([s.diagnosis for s in val9], dtype=np.int64)
     m17, d17 = batched_logits(final, x17, tta=True)
@@ -707,12 +713,15 @@ def _calibrate_and_export(
         temperatures=(t_mel, t_diag),
         version=version,
         extra=extra,
+        margin=margin,
     )
     logger.info("exported %s", path)
     return path
 
 
-def export_from_checkpoint(data_dirs: list[Path], run_dir: Path, *, version: str = "1.0.0", seed: int = 0) -> Path:
+def export_from_checkpoint(
+    data_dirs: list[Path], run_dir: Path, *, version: str = "1.0.0", seed: int = 0, margin: float = DEFAULT_MARGIN
+) -> Path:
     """Calibrate and export the best model of a (finished or interrupted) run from its ``checkpoint.pt``.
 
     Parameters
@@ -725,6 +734,8 @@ def export_from_checkpoint(data_dirs: list[Path], run_dir: Path, *, version: str
         Version written to the manifest.
     seed : int
         Seed used for the isic-9class train/val split (must match the training run).
+    margin : float
+        Crop margin used at inference (stored in the manifest; the temperatures are fitted with it).
 
     Returns
     -------
@@ -751,5 +762,15 @@ def export_from_checkpoint(data_dirs: list[Path], run_dir: Path, *, version: str
     val9 = [s for s in samples if s.source == "isic-9class"]
     history = list(ck["history"])
     return _calibrate_and_export(
-        final, arch, image_size, val17, val9, history, Path(run_dir), version, seed, int(ck.get("epochs", len(history)))
+        final,
+        arch,
+        image_size,
+        val17,
+        val9,
+        history,
+        Path(run_dir),
+        version,
+        seed,
+        int(ck.get("epochs", len(history))),
+        margin,
     )
