@@ -64,7 +64,12 @@ class DermnodeProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
         self.proc = subprocess.Popen(self.command("serve"), env=self.env, stdout=log, stderr=log)
         log.close()
-        _wait_listening(self.port, self.proc, timeout, self.log_path)
+        try:
+            _wait_listening(self.port, self.proc, timeout, self.log_path)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait(10)
+            raise
 
     def kill9(self) -> None:
         assert self.proc is not None
