@@ -410,3 +410,22 @@ def test_outputs_are_owner_only_and_token_is_never_logged(tmp_path: Path) -> Non
         fhir.stop()
         orthanc.stop()
     assert secret not in dermnode.log()
+
+
+@needs_models
+def test_undecodable_pixel_data_is_dead_lettered_with_its_reason(stack: Stack, tmp_path: Path) -> None:
+    """The data set parses (so the SCP stores it) but its JPEG stream is cut: the job dead-letters, explained."""
+    ds = write_source(tmp_path / "src.dcm")
+    from pydicom.encaps import encapsulate, generate_fragmented_frames
+
+    frame = b"".join(next(generate_fragmented_frames(ds.PixelData)))
+    ds.PixelData = encapsulate([frame[: len(frame) // 3]])
+    ds.save_as(tmp_path / "cut.dcm", enforce_file_format=True)
+    stack.store(tmp_path / "cut.dcm")
+    wait_for(lambda: stack.db().execute("SELECT state FROM jobs").fetchone()["state"] == "dead", timeout=120,
+             what="dead-lettered job")
+    doc = json.loads(stack.dermnode.cli("status", "--json", "--dead-letters").stdout)
+    assert doc["jobs"]["dead_letter"] == 1
+    (dl,) = doc["dead_letters"]
+    assert dl["sop_instance_uid"] == ds.SOPInstanceUID and "DecodeError" in dl["error"]
+    assert stack.dermnode.proc is not None and stack.dermnode.proc.poll() is None

@@ -16,7 +16,9 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, pixel_array
+from pydicom.uid import UID, RLELossless
 
 from dermnode.errors import DecodeError
 from dermnode.inference.types import PixelSpacing, SourceImage, SpacingSource
@@ -108,6 +110,7 @@ def decode_rgb(ds: Dataset) -> npt.NDArray[np.uint8]:
         raise DecodeError(f"unsupported image size {rows}x{cols} (limit {MAX_PIXELS} pixels)")
     if spp not in (1, 3):
         raise DecodeError(f"unsupported Samples per Pixel {spp}")
+    _check_end_of_image(ds)
     try:
         # pydicom converts YBR_FULL / YBR_FULL_422 to RGB itself (as_rgb=True), native or compressed.
         arr = pixel_array(ds, index=0)
@@ -126,6 +129,37 @@ def decode_rgb(ds: Dataset) -> npt.NDArray[np.uint8]:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != (rows, cols):
         raise DecodeError(f"decoded pixel array has unexpected shape {arr.shape}")
     return np.ascontiguousarray(_to_uint8(arr, bits_stored))
+
+
+def _check_end_of_image(ds: Dataset) -> None:
+    """A JPEG (ISO 10918) or JPEG 2000 frame must end with its EOI/EOC marker ``FF D9``.
+
+    libjpeg silently fills a truncated stream with grey, so a cut-off image would be analysed as if it were
+    whole; the marker check catches it before decoding.
+
+    Raises
+    ------
+    DecodeError
+        When the first frame lacks the end marker.
+    """
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None:
+        return
+    try:
+        encapsulated = isinstance(tsyntax, UID) and tsyntax.is_encapsulated
+    except ValueError as exc:  # not a transfer syntax UID at all
+        raise DecodeError(f"invalid Transfer Syntax UID {str(tsyntax)[:64]!r}") from exc
+    if not isinstance(tsyntax, UID):
+        raise DecodeError(f"invalid Transfer Syntax UID {str(tsyntax)[:64]!r}")
+    if not encapsulated or tsyntax == RLELossless:
+        return
+    try:
+        nr_frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frame = next(generate_frames(ds.PixelData, number_of_frames=nr_frames))
+    except Exception as exc:
+        raise DecodeError(f"encapsulated pixel data cannot be split into frames: {exc}") from exc
+    if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise DecodeError("compressed frame is truncated (no end-of-image marker)")
 
 
 def to_source_image(ds: Dataset, calibrations: Sequence[DeviceCalibration] = ()) -> SourceImage:
