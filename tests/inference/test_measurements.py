@@ -17,7 +17,7 @@ from dermnode.inference.measurements import (
 )
 from dermnode.inference.types import PixelSpacing, SpacingSource
 
-SKIN = (220, 170, 150)
+SKIN = (188, 163, 151)  # the reference skin colour: no white-balance change
 SPACING = PixelSpacing(0.05, 0.05, SpacingSource.PIXEL_SPACING)
 
 
@@ -114,6 +114,14 @@ def test_colour_patches(colour: tuple[int, int, int], name: str) -> None:
     assert set(fr) == set(COLOR_NAMES)
     assert fr[name] > 0.95
     assert measure(mask, rgb, SPACING).colors == (name,)
+
+
+def test_colours_are_judged_relative_to_skin() -> None:
+    # a brown lesion photographed with a strong pink cast: raw hue is red-ish, relative to the skin it is brown
+    mask, rgb = _disc(colour=(120, 75, 55))
+    cast = np.clip(rgb.astype(np.float64) * np.array([1.25, 0.95, 1.1]), 0, 255).astype(np.uint8)
+    assert "dark brown" in measure(mask, cast, SPACING).colors
+    assert "red" not in measure(mask, cast, SPACING).colors
 
 
 def test_multicolour_lesion_and_min_fraction() -> None:

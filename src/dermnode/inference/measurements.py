@@ -33,8 +33,14 @@ Geometry (``mask`` at source resolution; ``sx = column spacing``, ``sy = row spa
   sigma = 6% of the diameter about 0.10. Because the mask need not sit exactly on the edge, the profile
   (not the mask outline) locates the transition.
 
-Colours (the six dermoscopic colours of the ABCD rule). Pixels inside the mask (eroded by 1% of the equivalent
-diameter to skip the boundary blend) are converted to CIELAB (D65, ``L*`` 0..100) after a 3x3 median filter;
+Colours (the six dermoscopic colours of the ABCD rule). Colours are judged relative to the surrounding skin: the
+image is first white-balanced so that the median skin colour in the ring ``0.1 D_eq < d <= 0.5 D_eq`` outside the
+mask has the chromaticity of the reference skin ``REFERENCE_SKIN_RGB = (188, 163, 151)`` (the median skin colour
+of ISIC 2017 training images): ``R`` and ``B`` are scaled so that the skin's ``R/G`` and ``B/G`` match, gains
+clipped to [0.6, 1.6] (:func:`skin_normalised`; skipped when fewer than 50 skin pixels are visible). This
+removes device colour casts (e.g. the pink cast of HAM10000 images, which otherwise turns brown nevi "red").
+Pixels inside the mask (eroded by 1% of the equivalent
+diameter to skip the boundary blend) are then converted to CIELAB (D65, ``L*`` 0..100) after a 3x3 median filter;
 with chroma ``C* = sqrt(a*^2 + b*^2)`` and hue ``h = atan2(b*, a*)`` in degrees, each pixel gets the first
 matching label:
 
@@ -47,8 +53,7 @@ dark brown            ``22 <= L* < 45``, ``C* >= 10`` and ``38 <= h < 90``
 light brown           ``45 <= L* < 82``, ``C* >= 18`` and ``38 <= h < 90``
 ====================  ===============================================================
 
-A colour is *present* when at least ``COLOR_MIN_FRACTION`` (5%) of the lesion pixels carry it. No colour
-normalisation is applied (device colour casts shift these thresholds; see the known limits in the docs).
+A colour is *present* when at least ``COLOR_MIN_FRACTION`` (5%) of the lesion pixels carry it.
 
 TDS (Stolz): ``TDS = 1.3 A + 0.1 B + 0.5 C + 0.5 D`` with ``A`` = asymmetry_axes, ``B`` = border_score,
 ``C`` = number of colours and ``D`` = number of differential structures (network, structureless areas, dots,
@@ -74,6 +79,7 @@ COLOR_MIN_FRACTION = 0.05
 BORDER_MIN_CONTRAST = 8.0
 BORDER_ABRUPT_RISE = 0.08
 BORDER_PROFILE_REACH = 0.15
+REFERENCE_SKIN_RGB = (188, 163, 151)  # median skin colour around the lesions of ISIC 2017 training images
 COLOR_NAMES: tuple[str, ...] = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
 
 BoolArray = npt.NDArray[np.bool_]
@@ -294,6 +300,40 @@ def border_rise_widths(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> list[floa
     return out
 
 
+def skin_normalised(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> npt.NDArray[np.uint8]:
+    """White-balance the image so that the surrounding skin has the reference skin chromaticity.
+
+    The skin colour is the median RGB of the ring ``0.1 D_eq < d <= 0.5 D_eq`` outside the mask (pixels with
+    ``max(RGB) > 50`` and not clipped). Red and blue are scaled so that ``R/G`` and ``B/G`` of the skin equal
+    those of :data:`REFERENCE_SKIN_RGB` (green, hence most of the lightness, is kept); gains are clipped to
+    [0.6, 1.6]. Without at least 50 ring pixels the image is returned unchanged.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 image (H, W, 3).
+    mask : ndarray
+        Boolean lesion mask.
+
+    Returns
+    -------
+    ndarray
+        The normalised uint8 image.
+    """
+    eq_d = math.sqrt(4.0 * float(mask.sum()) / math.pi)
+    d_out = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5)
+    ring = (d_out > 0.1 * eq_d) & (d_out <= 0.5 * eq_d)
+    px = rgb[ring]
+    px = px[(px.max(axis=1) > 50) & (px.min(axis=1) < 250)]
+    if len(px) < 50:
+        return rgb
+    skin = np.median(px, axis=0).astype(np.float64) + 1.0
+    ref = np.asarray(REFERENCE_SKIN_RGB, dtype=np.float64)
+    gain = np.array([ref[0] / ref[1] * skin[1] / skin[0], 1.0, ref[2] / ref[1] * skin[1] / skin[2]])
+    gain = np.clip(gain, 0.6, 1.6)
+    return np.asarray(np.clip(rgb.astype(np.float64) * gain + 0.5, 0, 255), dtype=np.uint8)
+
+
 def color_fractions(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> dict[str, float]:
     """Fraction of lesion pixels carrying each of the six dermoscopic colours (rules in the module docstring).
 
@@ -312,9 +352,10 @@ def color_fractions(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> dict[str, fl
     out = dict.fromkeys(COLOR_NAMES, 0.0)
     if not mask.any():
         return out
-    crop, cm = _bbox_crop(rgb, mask, 0.0)
+    crop, cm = _bbox_crop(rgb, mask, 0.5)
     assert crop is not None
     r, m = _resize_pair(np.ascontiguousarray(crop), cm, _working_scale(cm, 384.0))
+    r = skin_normalised(r, m)
     eq_d = math.sqrt(4.0 * float(m.sum()) / math.pi)
     k = round(0.01 * eq_d)
     if k >= 1:
