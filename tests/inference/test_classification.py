@@ -121,3 +121,21 @@ def test_shipped_classifier_if_present() -> None:
     c = clf.classify(rgb, mask)
     assert sum(c.diagnosis_probabilities.values()) == pytest.approx(1.0, abs=1e-6)
     assert 0.0 <= c.melanoma_probability <= 1.0
+
+
+def test_ensemble_bundle_roundtrip(tmp_path: Path) -> None:
+    from dermnode.inference.classifier_models import DermNetEnsemble
+
+    torch.manual_seed(1)
+    ens = DermNetEnsemble(["dermnet-xs", "dermnet-xs"]).eval()
+    save_classifier(ens, tmp_path, input_size=64, temperatures=(1.0, 1.0), version="0.0.1")
+    clf = Classifier(tmp_path)
+    assert isinstance(clf.bundle.model, DermNetEnsemble)
+    rgb, mask = _lesion()
+    x = torch.randn(2, 3, 64, 64)
+    mel, diag = ens(x)
+    m0, d0 = ens.members[0](x)
+    m1, d1 = ens.members[1](x)
+    assert torch.allclose(mel, (m0 + m1) / 2, atol=1e-5) and torch.allclose(diag, (d0 + d1) / 2, atol=1e-5)
+    c = clf.classify(rgb, mask)
+    assert sum(c.diagnosis_probabilities.values()) == pytest.approx(1.0, abs=1e-6)

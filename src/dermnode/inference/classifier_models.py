@@ -21,7 +21,8 @@ Pre-processing (identical at training and inference time, see :func:`lesion_crop
 
 Model bundle: stored with the project's generic registry (:mod:`dermnode.inference.registry`):
 ``<models_dir>/classifier.pt`` (float16 ``state_dict``) and ``<models_dir>/classifier.json`` (manifest: name,
-version, ``arch = "dermnet"`` with ``arch_kwargs.variant``, input_size, normalisation, sha256 of the ``.pt`` file;
+version, ``arch = "dermnet"`` with ``arch_kwargs.variant`` (or ``"dermnet_ensemble"`` with
+``arch_kwargs.variants``: logits averaged over members), input_size, normalisation, sha256 of the ``.pt`` file;
 ``extra`` holds the temperatures, the class list, the crop margin and validation metrics).
 :func:`load_classifier` verifies the sha256 before loading and raises :class:`~dermnode.errors.ModelError` when a
 file is missing, corrupt or inconsistent.
@@ -101,6 +102,7 @@ class DermNet(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown classifier architecture {arch!r} (known: {', '.join(ARCHS)})")
+        self.variant = arch
         stem, stages = ARCHS[arch]
         layers: list[nn.Module] = [
             nn.Conv2d(3, stem, 3, 2, 1, bias=False),
@@ -129,6 +131,63 @@ class DermNet(nn.Module):
         """Return ``(melanoma_logit (N,), diagnosis_logits (N, K))``."""
         f = self.dropout(torch.flatten(self.pool(self.features(x)), 1))
         return self.melanoma_head(f).squeeze(1), self.diagnosis_head(f)
+
+
+class DermNetEnsemble(nn.Module):
+    """Average of the logits of several :class:`DermNet` members (e.g. runs with different seeds).
+
+    Parameters
+    ----------
+    variants : list of str
+        Architecture of each member.
+    n_classes : int
+        Number of diagnosis classes.
+
+    Raises
+    ------
+    ValueError
+        When ``variants`` is empty or names an unknown architecture.
+    """
+
+    def __init__(self, variants: list[str], n_classes: int = len(DIAGNOSIS_CLASSES)) -> None:
+        super().__init__()
+        if not variants:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList([DermNet(v, n_classes=n_classes) for v in variants])
+        self.variants = list(variants)
+        self.n_classes = n_classes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the member-averaged ``(melanoma_logit (N,), diagnosis_logits (N, K))``."""
+        outs = [m(x) for m in self.members]
+        mel = torch.stack([o[0] for o in outs]).mean(0)
+        diag = torch.stack([o[1] for o in outs]).mean(0)
+        return mel, diag
+
+
+def n_diagnosis_classes(model: nn.Module) -> int:
+    """Number of diagnosis logits of a :class:`DermNet` or :class:`DermNetEnsemble`.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The classifier network.
+
+    Returns
+    -------
+    int
+        Size of the diagnosis head.
+
+    Raises
+    ------
+    TypeError
+        When ``model`` is neither.
+    """
+    if isinstance(model, DermNet):
+        return int(model.diagnosis_head.out_features)
+    if isinstance(model, DermNetEnsemble):
+        return int(model.n_classes)
+    raise TypeError(f"{type(model).__name__} is not a dermnet classifier")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -305,11 +364,35 @@ def build_dermnet(variant: str = "dermnet-s", n_classes: int = len(DIAGNOSIS_CLA
     return DermNet(variant, n_classes=n_classes)
 
 
+@register_architecture("dermnet_ensemble")
+def build_dermnet_ensemble(variants: list[str], n_classes: int = len(DIAGNOSIS_CLASSES)) -> DermNetEnsemble:
+    """Registry constructor of :class:`DermNetEnsemble`.
+
+    Parameters
+    ----------
+    variants : list of str
+        Architecture of each member.
+    n_classes : int
+        Number of diagnosis classes.
+
+    Returns
+    -------
+    DermNetEnsemble
+        A freshly initialised ensemble.
+
+    Raises
+    ------
+    ValueError
+        When ``variants`` is empty or unknown.
+    """
+    return DermNetEnsemble(list(variants), n_classes=n_classes)
+
+
 @dataclass
 class ClassifierBundle:
     """A loaded classifier and its calibration/pre-processing parameters."""
 
-    model: DermNet
+    model: DermNet | DermNetEnsemble
     identity: ModelIdentity
     input_size: int
     margin: float
@@ -320,10 +403,10 @@ class ClassifierBundle:
 
 
 def save_classifier(
-    model: DermNet,
+    model: DermNet | DermNetEnsemble,
     models_dir: Path,
     *,
-    variant: str,
+    variant: str | None = None,
     input_size: int,
     temperatures: tuple[float, float],
     version: str,
@@ -335,12 +418,12 @@ def save_classifier(
 
     Parameters
     ----------
-    model : DermNet
+    model : DermNet or DermNetEnsemble
         Trained model.
     models_dir : Path
         Output folder (created).
-    variant : str
-        Architecture variant (``dermnet-s`` ...).
+    variant : str, optional
+        Architecture variant (``dermnet-s`` ...); default: the model's own.
     input_size : int
         Input crop side.
     temperatures : tuple of float
@@ -374,13 +457,19 @@ def save_classifier(
             "tta": "mean logits over 4 flips",
         }
     )
+    if isinstance(model, DermNetEnsemble):
+        arch = "dermnet_ensemble"
+        arch_kwargs: dict[str, Any] = {"variants": model.variants, "n_classes": model.n_classes}
+    else:
+        arch = "dermnet"
+        arch_kwargs = {"variant": variant or model.variant, "n_classes": len(DIAGNOSIS_CLASSES)}
     save_model_bundle(
         model,
         Path(models_dir),
         name=name,
         version=version,
-        arch="dermnet",
-        arch_kwargs={"variant": variant, "n_classes": len(DIAGNOSIS_CLASSES)},
+        arch=arch,
+        arch_kwargs=arch_kwargs,
         input_size=(input_size, input_size),
         mean=(float(MEAN[0]), float(MEAN[1]), float(MEAN[2])),
         std=(float(STD[0]), float(STD[1]), float(STD[2])),
@@ -412,7 +501,7 @@ def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBun
         fit the declared architecture.
     """
     bundle = load_model_bundle(Path(models_dir), name)
-    if not isinstance(bundle.module, DermNet):
+    if not isinstance(bundle.module, DermNet | DermNetEnsemble):
         raise ModelError(f"model {name} is a {type(bundle.module).__name__}, not a DermNet classifier")
     ex = bundle.manifest.extra
     try:
@@ -425,7 +514,7 @@ def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBun
         raise ModelError(f"classifier manifest of {name} has invalid calibration values: {exc}") from exc
     if not (t_mel > 0 and t_diag > 0):
         raise ModelError(f"classifier {name}: temperatures must be positive")
-    if len(classes) != bundle.module.diagnosis_head.out_features:
+    if len(classes) != n_diagnosis_classes(bundle.module):
         raise ModelError(f"classifier {name}: {len(classes)} classes but the head has a different size")
     h, w = bundle.manifest.input_size
     if h != w:
@@ -447,7 +536,7 @@ def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBun
 
 
 def predict_logits(
-    model: DermNet, batch: npt.NDArray[np.float32], *, tta: bool = True
+    model: nn.Module, batch: npt.NDArray[np.float32], *, tta: bool = True
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Raw (uncalibrated) logits for a batch of pre-processed crops.
 
@@ -455,7 +544,7 @@ def predict_logits(
 
     Parameters
     ----------
-    model : DermNet
+    model : DermNet or DermNetEnsemble
         Model in eval mode.
     batch : ndarray
         float32 (N, 3, S, S) from :func:`preprocess_crop`.

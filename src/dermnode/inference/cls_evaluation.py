@@ -182,7 +182,7 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
     if split not in ("train", "val", "test"):
         raise PipelineError(f"unknown split {split!r} (train, val or test)")
     bundle = load_classifier(Path(models_dir))
-    seed = int(bundle.extra.get("seed", 0))
+    seed = int(bundle.extra.get("split_seed", bundle.extra.get("seed", 0)))
     samples = load_samples([Path(data_dir)], seed=seed, splits=(split,))
     if not samples:
         raise PipelineError(f"no {split} images under {data_dir}")

@@ -47,6 +47,7 @@ from dermnode.inference.classifier_models import (
     DEFAULT_MARGIN,
     DIAGNOSIS_CLASSES,
     DermNet,
+    DermNetEnsemble,
     lesion_crop_box,
     predict_logits,
     preprocess_crop,
@@ -355,13 +356,13 @@ def eval_batch(samples: list[Sample], size: int, margin: float = DEFAULT_MARGIN)
 
 
 def batched_logits(
-    model: DermNet, inputs: npt.NDArray[np.float32], *, tta: bool, batch: int = 64
+    model: nn.Module, inputs: npt.NDArray[np.float32], *, tta: bool, batch: int = 64
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """:func:`predict_logits` over a large array in chunks.
 
     Parameters
     ----------
-    model : DermNet
+    model : DermNet or DermNetEnsemble
         Model in eval mode.
     inputs : ndarray
         float32 (N, 3, S, S).
@@ -440,6 +441,7 @@ def train_classification(
     weight_decay: float = 0.05,
     version: str = "1.0.0",
     limit: int | None = None,
+    split_seed: int = 0,
 ) -> Path:
     """Train the classifier, calibrate it and export the fp16 bundle.
 
@@ -471,6 +473,9 @@ def train_classification(
         Version written to the manifest.
     limit : int, optional
         Use at most this many training samples (smoke tests).
+    split_seed : int
+        Seed of the isic-9class train/val split (keep it fixed across runs so that an ensemble of runs with
+        different ``seed`` values shares one validation set).
 
     Returns
     -------
@@ -495,7 +500,7 @@ def train_classification(
     torch.manual_seed(seed)
 
     t0 = time.time()
-    samples = load_samples(data_dirs, seed=seed, splits=("train", "val"))
+    samples = load_samples(data_dirs, seed=split_seed, splits=("train", "val"))
     train = [s for s in samples if s.split == "train"]
     if limit is not None:
         train = train[:: max(1, len(train) // limit)][:limit]
@@ -656,7 +661,7 @@ def _best_epoch(history: list[dict[str, float]]) -> int:
 
 
 def _calibrate_and_export(
-    final: DermNet,
+    final: DermNet | DermNetEnsemble,
     arch: str,
     image_size: int,
     val17: list[Sample],
@@ -702,13 +707,13 @@ def _calibrate_and_export(
         "best_epoch": best_epoch,
         "epochs": epochs,
         "seed": seed,
+        "split_seed": seed,
         "parameters": int(sum(p.numel() for p in final.parameters())),
         "validation": calib,
     }
     path = save_classifier(
         final,
         out_dir,
-        variant=arch,
         input_size=image_size,
         temperatures=(t_mel, t_diag),
         version=version,
@@ -772,5 +777,79 @@ def export_from_checkpoint(
         version,
         seed,
         int(ck.get("epochs", len(history))),
+        margin,
+    )
+
+
+def export_ensemble(
+    data_dirs: list[Path],
+    run_dirs: list[Path],
+    out_dir: Path,
+    *,
+    version: str = "1.0.0",
+    split_seed: int = 0,
+    margin: float = DEFAULT_MARGIN,
+) -> Path:
+    """Average the best models of several runs (same input size), calibrate the ensemble and export it.
+
+    Parameters
+    ----------
+    data_dirs : list of Path
+        Data root(s) (for the validation images).
+    run_dirs : list of Path
+        Run folders holding ``checkpoint.pt`` (runs with different seeds, same ``split_seed``).
+    out_dir : Path
+        Output folder for ``classifier.{pt,json}`` and ``history.json``.
+    version : str
+        Version written to the manifest.
+    split_seed : int
+        Seed of the isic-9class train/val split shared by the runs.
+    margin : float
+        Crop margin used at inference.
+
+    Returns
+    -------
+    Path
+        The exported manifest.
+
+    Raises
+    ------
+    PipelineError
+        When a checkpoint is missing or the runs use different input sizes.
+    """
+    states, variants, sizes, histories = [], [], set(), []
+    for rd in run_dirs:
+        ck_path = Path(rd) / "checkpoint.pt"
+        if not ck_path.is_file():
+            raise PipelineError(f"no checkpoint at {ck_path}")
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        if ck.get("best_state") is None:
+            raise PipelineError(f"checkpoint {ck_path} holds no model")
+        states.append(ck["best_state"])
+        variants.append(str(ck["arch"]))
+        sizes.add(int(ck["image_size"]))
+        histories.append(list(ck["history"]))
+    if len(sizes) != 1:
+        raise PipelineError(f"runs use different input sizes {sorted(sizes)}")
+    ens = DermNetEnsemble(variants)
+    for member, state in zip(ens.members, states, strict=True):
+        member.load_state_dict(state)
+    ens.eval()
+    samples = load_samples(data_dirs, seed=split_seed, splits=("val",))
+    val17 = [s for s in samples if s.source == "isic2017"]
+    val9 = [s for s in samples if s.source == "isic-9class"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _calibrate_and_export(
+        ens,
+        "+".join(variants),
+        sizes.pop(),
+        val17,
+        val9,
+        histories[0],
+        out_dir,
+        version,
+        split_seed,
+        max(len(h) for h in histories),
         margin,
     )
