@@ -13,7 +13,8 @@ Geometry (``mask`` at source resolution; ``sx = column spacing``, ``sy = row spa
   every boundary pixel contributes its four corners (so a digital disc of diameter ``D`` pixels measures ``D``).
   In mm the hull vertices are mapped to ``(x * sx, y * sy)`` before the (exhaustive) pairwise search; an affine
   map keeps the hull a hull, so the maximum is exact for anisotropic pixels.
-* **asymmetry** — the mask is first resampled to square pixels when ``sx != sy``. Centroid ``c`` and principal
+* **asymmetry** — the mask is first resampled to square pixels when ``sx != sy`` (and reduced to an equivalent
+  diameter of at most 512 px; the fractions are scale-invariant). Centroid ``c`` and principal
   axes ``u1, u2`` (eigenvectors of the second-moment matrix). For each axis the mask is mirrored about the line
   through ``c`` along that axis (``p' = c + (2 u u^T - I)(p - c)``) and the non-overlap fraction
   ``a_k = 1 - |M ∩ M'_k| / |M|`` (0 = symmetric, 1 = no overlap) is computed. ``asymmetry = (a_1 + a_2) / 2``;
@@ -162,6 +163,17 @@ def asymmetry_scores(mask: BoolArray) -> tuple[float, float]:
     if not mask.any():
         raise ValueError("empty mask")
     _, mask = _bbox_crop(None, mask, 0.0)
+    scale = _working_scale(mask, 512.0)  # the non-overlap fraction is scale-invariant
+    if scale < 0.999:
+        h0, w0 = mask.shape
+        small = cv2.resize(
+            mask.astype(np.uint8) * 255,
+            (max(1, round(w0 * scale)), max(1, round(h0 * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        mask = np.asarray(small >= 128, dtype=bool)
+        if not mask.any():
+            raise ValueError("empty mask")
     ys, xs = np.nonzero(mask)
     n = len(xs)
     cx, cy = xs.mean(), ys.mean()
@@ -195,8 +207,9 @@ def _bbox_crop(
     rgb: npt.NDArray[np.uint8] | None, mask: BoolArray, margin: float
 ) -> tuple[npt.NDArray[np.uint8] | None, BoolArray]:
     """Crop to the mask bounding box enlarged by ``margin`` of its size (+4 px) on every side."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     py = int(margin * (y1 - y0)) + 4
     px = int(margin * (x1 - x0)) + 4
     y0, y1 = max(0, y0 - py), min(mask.shape[0], y1 + py)
