@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dermnode.inference.artefacts import remove_hair
+from dermnode.inference.artefacts import remove_artefacts, remove_hair
 from dermnode.inference.overlay import render_overlay
 from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.seg_metrics import mean_scores, score_masks
 from dermnode.inference.seg_training import load_segmentation_split
 from dermnode.inference.segmentation import Segmenter
+from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def evaluate_segmentation(
     out_dir: Path,
     *,
     hair_removal: str = "none",
+    artefacts: bool = False,
+    clahe: bool = False,
     tta: bool | None = None,
     limit: int | None = None,
 ) -> dict[str, Any]:
@@ -87,6 +90,12 @@ def evaluate_segmentation(
         Output folder (created if needed).
     hair_removal:
         Hair removal applied before segmentation (``"none"``, ``"blackhat"``, ``"multiscale"``).
+    artefacts:
+        Run the production preprocessing instead (:func:`~dermnode.inference.artefacts.remove_artefacts`:
+        frame detection and filling, hair removal ``hair_removal``, CLAHE if ``clahe``) and pass the frame's
+        complement to the segmenter as valid mask, as the analyser does.
+    clahe:
+        With ``artefacts``: apply CLAHE.
     tta:
         Override the manifest's flip test-time augmentation.
     limit:
@@ -117,8 +126,12 @@ def evaluate_segmentation(
     masks_pred: list[npt.NDArray[np.bool_]] = []
     t0 = time.perf_counter()
     for image_id, rgb, gt in zip(data.ids, data.images, data.masks, strict=True):
-        image = remove_hair(rgb, hair_removal).image if hair_removal != "none" else rgb
-        pred = segmenter.segment(image).mask
+        if artefacts:
+            cleaned = remove_artefacts(rgb, AnalysisSettings(hair_removal=hair_removal, clahe=clahe))
+            pred = segmenter.segment(cleaned.image, cleaned.frame.valid_mask).mask
+        else:
+            image = remove_hair(rgb, hair_removal).image if hair_removal != "none" else rgb
+            pred = segmenter.segment(image).mask
         s = score_masks(pred, gt.astype(bool))
         scores.append(s)
         masks_pred.append(pred)
@@ -132,6 +145,8 @@ def evaluate_segmentation(
         "n_images": len(per_image),
         "image_size": list(data.masks.shape[1:]),
         "hair_removal": hair_removal,
+        "artefacts": artefacts,
+        "clahe": clahe,
         "tta": segmenter.tta,
         "threshold": segmenter.threshold,
         "mean": mean,
