@@ -79,7 +79,7 @@ class AnalysisSettings:
     models_dir: str = ""  # empty: the models/ folder shipped with dermnode
     band_benign_below: float = 0.15
     band_malignant_above: float = 0.85
-    hair_removal: str = "blackhat"  # "none" | "blackhat" | "multiscale"
+    hair_removal: str = "multiscale"  # "none" | "blackhat" | "multiscale" (see models/segmentation.md)
     clahe: bool = False
     calibrations: tuple[DeviceCalibration, ...] = ()
     torch_threads: int = 0  # 0: torch's default
