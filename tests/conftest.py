@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from synthetic import synthetic_dermoscopy
+from synthetic import data_root, synthetic_dermoscopy
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("DERMNODE_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture

@@ -1,8 +1,18 @@
-"""Synthetic test images (no real data needed)."""
+"""Test images: synthetic ones (no data needed) and where the real shared data lives."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """``$DERMNODE_DATA``, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("DERMNODE_DATA", REPO.parent / "shared" / "data"))
 
 
 def synthetic_dermoscopy(h: int = 300, w: int = 400, seed: int = 0) -> np.ndarray:

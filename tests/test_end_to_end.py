@@ -20,7 +20,7 @@ from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
 from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, wait_for
 from fhir_server import FhirTestServer
 from peers import Orthanc, free_port, start_orthanc
-from synthetic import synthetic_dermoscopy
+from synthetic import data_root, synthetic_dermoscopy
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +44,6 @@ needs_models = pytest.mark.skipif(not models_present(), reason="shipped models n
 
 def lesion_image() -> np.ndarray:
     """A real dermoscopy image when the shared data is present, else the synthetic lesion."""
-    from conftest import data_root
-
     real = data_root() / "ham10000-sample" / "images" / "ISIC_0024311.jpg"
     if real.is_file():
         from dermnode.dicom_io.wrap import load_rgb
