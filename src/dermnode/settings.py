@@ -82,7 +82,7 @@ class AnalysisSettings:
     hair_removal: str = "multiscale"  # "none" | "blackhat" | "multiscale" (see models/segmentation.md)
     clahe: bool = False
     calibrations: tuple[DeviceCalibration, ...] = ()
-    torch_threads: int = 0  # 0: torch's default
+    torch_threads: int = 1  # intra-op threads per process; 0: torch's default (stalls on a busy 2-core host)
 
 
 @dataclass(frozen=True)
