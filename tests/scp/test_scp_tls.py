@@ -82,3 +82,35 @@ def test_client_certificate_from_another_ca_refused(tls_scp, tmp_path: Path) -> 
     res = run_tool(["echoscu", "-aet", "MODALITY", "-aec", "DERMNODE", "+tls", str(rogue["client.key"]),
                     str(rogue["client.crt"]), "+cf", str(pki["ca.crt"]), "127.0.0.1", str(proc.port)], timeout=90)
     assert res.returncode != 0
+
+
+def test_sender_delivers_over_mutual_tls_and_fails_without_client_certificate(tls_scp, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dermnode's C-STORE SCU (as used for [[pacs]] destinations) against a mutual-TLS Store SCP."""
+    import sqlite3
+
+    import pydicom
+
+    from dermnode.dicom_io.sender import send_files
+    from dermnode.dicom_io.wrap import wrap_rgb
+    from dermnode.errors import DeliveryError
+    from dermnode.settings import PacsDestination, TLSSettings
+    from synthetic import synthetic_dermoscopy
+
+    proc, pki = tls_scp
+    src = tmp_path / "src.dcm"
+    ds = wrap_rgb(synthetic_dermoscopy(48, 64))
+    ds.save_as(src, enforce_file_format=True)
+    tls = TLSSettings(enabled=True, certificate=str(pki["client.crt"]), private_key=str(pki["client.key"]),
+                      ca_certificates=str(pki["ca.crt"]))
+    dest = PacsDestination(name="tls", ae_title="DERMNODE", host="127.0.0.1", port=proc.port, tls=tls)
+    send_files(dest, "MODALITY", [src])
+    conn = sqlite3.connect(proc.root / "var" / "dermnode.db")
+    assert conn.execute("SELECT sop_instance_uid FROM jobs").fetchall() == [(str(ds.SOPInstanceUID),)]
+    no_cert = PacsDestination(name="tls", ae_title="DERMNODE", host="127.0.0.1", port=proc.port,
+                              tls=TLSSettings(enabled=True, ca_certificates=str(pki["ca.crt"])))
+    other = tmp_path / "other.dcm"
+    wrap_rgb(synthetic_dermoscopy(48, 64, seed=1)).save_as(other, enforce_file_format=True)
+    with pytest.raises(DeliveryError):
+        send_files(no_cert, "MODALITY", [other], timeout_s=10)
+    stored = {r[0] for r in conn.execute("SELECT sop_instance_uid FROM jobs")}
+    assert pydicom.dcmread(other).SOPInstanceUID not in stored

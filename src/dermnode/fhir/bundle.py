@@ -458,7 +458,7 @@ class _Builder:
             "status": status,
             "category": [C.CATEGORY_IMAGING.concept()],
             "code": {
-                "coding": [C.REPORT_CODE.coding(), C.REPORT_CODE_LOCAL.coding()],
+                "coding": [C.REPORT_CODE.coding(), C.REPORT_CODE_DERMOSCOPY.coding(), C.REPORT_CODE_LOCAL.coding()],
                 "text": f"Dermoscopy AI analysis ({DISCLAIMER})",
             },
             "subject": self.patient_ref,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dermnode.dicom_io.codes import SUSPECTED_FINDING_CODES, IsicClass
+from dermnode.dicom_io.codes import PROCEDURE_DERMOSCOPY, SUSPECTED_FINDING_CODES, IsicClass
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,10 @@ class Code:
 # --- Report and categories ---------------------------------------------------------------------------------
 #: LOINC 18748-4 "Diagnostic imaging study" (Document Ontology; the generic imaging report code).
 REPORT_CODE = Code(LOINC, "18748-4", "Diagnostic imaging study")
-#: Local refinement of the report code (sent as a second coding).
+#: SNOMED CT 446078004 "Dermoscopic photography (procedure)": the dermoscopy code of the report, shared with the
+#: SR's Procedure Reported (DICOM PS3.16, pydicom codedict ``SCT.DermoscopicPhotography``).
+REPORT_CODE_DERMOSCOPY = Code(SNOMED, PROCEDURE_DERMOSCOPY.value, "Dermoscopic photography")
+#: Local refinement of the report code (sent as a further coding).
 REPORT_CODE_LOCAL = Code(LOCAL_REPORT, "dermoscopy-ai-report", "Dermoscopy AI analysis report")
 #: Observation category "imaging" (also used as the DiagnosticReport category, see docs/fhir.md).
 CATEGORY_IMAGING = Code(OBSERVATION_CATEGORY, "imaging", "Imaging")
