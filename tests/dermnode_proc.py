@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,3 +114,32 @@ def dermnode_env(root: Path, port: int, extra: Mapping[str, str] | None = None) 
 
 def run_tool(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def store_burst(port: int, files: list[Path], acked: list[str], called_aet: str = "DERMNODE") -> threading.Thread:
+    """Send ``files`` over one pynetdicom association in a background thread, appending the SOP Instance UID of
+    every instance answered with success to ``acked`` (the server may be killed at any point)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    from dermnode.dicom_io.uids import DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE
+
+    def burst() -> None:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)
+        try:
+            for f in files:
+                if not assoc.is_established:
+                    break
+                status = assoc.send_c_store(f)
+                if status and status.Status == 0x0000:
+                    acked.append(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+        finally:
+            if assoc.is_established:
+                assoc.abort()
+
+    thread = threading.Thread(target=burst, name="store-burst")
+    thread.start()
+    return thread

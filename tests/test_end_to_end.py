@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
-from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, wait_for
+from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, store_burst, wait_for
 from fhir_server import FhirTestServer
 from peers import Orthanc, free_port, start_orthanc
 from synthetic import data_root, synthetic_dermoscopy
@@ -310,12 +310,6 @@ def test_kill9_during_burst_every_acknowledged_image_processed_exactly_once(tmp_
     """kill -9 mid-burst with workers running; after restart each acknowledged image has one job, done, and one
     delivery per object (deterministic UIDs make any re-run idempotent)."""
     import signal
-    import threading
-
-    from pydicom.uid import ExplicitVRLittleEndian
-    from pynetdicom import AE
-
-    from dermnode.dicom_io.uids import DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE
 
     require("storescu")
     orthanc = start_orthanc(tmp_path / "orthanc")
@@ -329,24 +323,8 @@ def test_kill9_during_burst_every_acknowledged_image_processed_exactly_once(tmp_
         files.append(f)
     acked: list[str] = []
 
-    def burst() -> None:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", dermnode.port, ae_title="DERMNODE")
-        try:
-            for f in files:
-                if not assoc.is_established:
-                    break
-                status = assoc.send_c_store(f)
-                if status and status.Status == 0x0000:
-                    acked.append(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
-        finally:
-            if assoc.is_established:
-                assoc.abort()
-
     try:
-        t = threading.Thread(target=burst)
-        t.start()
+        t = store_burst(dermnode.port, files, acked)
         wait_for(lambda: len(acked) >= 10 and stack.db().execute(
             "SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0] >= 1, timeout=180, what="work under way")
         assert dermnode.proc is not None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from dermnode.dicom_io.uids import (
     VL_PHOTOGRAPHIC_IMAGE_STORAGE,
 )
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
-from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, wait_for
+from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, store_burst, wait_for
 from peers import free_port
 from synthetic import synthetic_dermoscopy
 
@@ -251,30 +250,11 @@ def test_kill9_mid_burst_keeps_every_acknowledged_image(tmp_path: Path) -> None:
     proc.start()
     files = [make_source(tmp_path, f"b{i}", seed=i, size=(48, 64)) for i in range(400)]
     acked: list[str] = []
-    done = threading.Event()
-
-    def burst() -> None:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DERMNODE")
-        try:
-            for f in files:
-                if not assoc.is_established:
-                    break
-                status = assoc.send_c_store(f)
-                if status and status.Status == 0x0000:
-                    acked.append(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID))
-        finally:
-            if assoc.is_established:
-                assoc.abort()
-            done.set()
-
-    t = threading.Thread(target=burst)
-    t.start()
+    t = store_burst(port, files, acked)
     wait_for(lambda: len(acked) >= 20, timeout=60, what="first acknowledgements")
     proc.kill9()
     t.join(60)
-    assert done.is_set()
+    assert not t.is_alive()
     assert 20 <= len(acked) < len(files)
     proc.start()  # restart on the same storage: recovery must not lose or duplicate anything
     try:

@@ -789,6 +789,7 @@ def export_ensemble(
     version: str = "1.0.0",
     split_seed: int = 0,
     margin: float = DEFAULT_MARGIN,
+    final_weights: bool = False,
 ) -> Path:
     """Average the best models of several runs (same input size), calibrate the ensemble and export it.
 
@@ -806,6 +807,8 @@ def export_ensemble(
         Seed of the isic-9class train/val split shared by the runs.
     margin : float
         Crop margin used at inference.
+    final_weights : bool
+        Use each run's last EMA weights instead of its best-validation-epoch weights.
 
     Returns
     -------
@@ -825,7 +828,7 @@ def export_ensemble(
         ck = torch.load(ck_path, map_location="cpu", weights_only=False)
         if ck.get("best_state") is None:
             raise PipelineError(f"checkpoint {ck_path} holds no model")
-        states.append(ck["best_state"])
+        states.append(ck["ema"] if final_weights else ck["best_state"])
         variants.append(str(ck["arch"]))
         sizes.add(int(ck["image_size"]))
         histories.append(list(ck["history"]))
