@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/end_to_end.py [--sequential 20] [--load 10x5] [--throughput-images 30]
-                                         [--throughput-configs 1:0 2:0 2:1] [--out bench/results/x.json]
+                                         [--throughput-configs 1 2 2:2] [--out bench/results/x.json]
 
 The stack is the one of ``tests/test_end_to_end.py``, started with the test helpers: Orthanc 1.10 on free
 loopback ports (``tests/peers.start_orthanc``) as the PACS, the loopback FHIR server
@@ -11,7 +11,7 @@ loopback ports (``tests/peers.start_orthanc``) as the PACS, the loopback FHIR se
 (``tests/dermnode_proc.DermnodeProcess``) with one ``[[pacs]]`` table pointing to Orthanc and ``fhir.base_url``
 pointing to the FHIR server. dermnode runs on its default settings except: ``workers.count`` (1 unless said),
 ``storage.min_free_mb = 1``; in particular the job poll interval (0.5 s), the outbox poll interval (1 s),
-``analysis.torch_threads = 0`` (torch's default) and fsync are the defaults. Every phase starts a fresh stack.
+``analysis.torch_threads`` and fsync are the defaults. Every phase starts a fresh stack.
 
 Inputs: JPEG Baseline Dermoscopic Photography Images (768x576, 0.02 mm/pixel) built from real photographs
 when the shared data is present (see ``bench/common.py``), each with unique UIDs.
@@ -110,7 +110,7 @@ class Stack:
                 self.orthanc.stop()
 
 
-def dermnode_process(work: Path, *, workers: int, torch_threads: int = 0, max_associations: int = 10,
+def dermnode_process(work: Path, *, workers: int, torch_threads: int | None = None, max_associations: int = 10,
                      pacs: Orthanc | None = None, fhir_url: str = "", models_dir: Path | None = None,
                      fast_poll: bool = False) -> DermnodeProcess:
     """A (not yet started) ``dermnode serve`` with its storage under ``work/dermnode``."""
@@ -126,9 +126,10 @@ def dermnode_process(work: Path, *, workers: int, torch_threads: int = 0, max_as
     extra = {} if fast_poll else dict(DEFAULT_POLLS)
     extra.update({
         "DERMNODE_WORKERS__COUNT": str(workers),
-        "DERMNODE_ANALYSIS__TORCH_THREADS": str(torch_threads),
         "DERMNODE_SCP__MAX_ASSOCIATIONS": str(max(10, max_associations)),
     })
+    if torch_threads is not None:  # None: the service's default (analysis.torch_threads)
+        extra["DERMNODE_ANALYSIS__TORCH_THREADS"] = str(torch_threads)
     if fhir_url:
         extra["DERMNODE_FHIR__BASE_URL"] = fhir_url
     if models_dir is not None:
@@ -388,7 +389,8 @@ def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg:
         stack.stop()
 
 
-def phase_throughput(work: Path, images: Sequence[Any], t: int, workers: int, torch_threads: int, *, jpeg: bool,
+def phase_throughput(work: Path, images: Sequence[Any], t: int, workers: int, torch_threads: int | None, *,
+                     jpeg: bool,
                      stack_kw: dict[str, Any], log: Any) -> dict[str, Any]:
     files = write_dicoms(work / "src", t, jpeg=jpeg, images=images, tag="tp")
     # 1. queue the images with a receive-only dermnode
@@ -434,7 +436,7 @@ def phase_throughput(work: Path, images: Sequence[Any], t: int, workers: int, to
 
 
 def run(sequential: int = 20, load: tuple[int, int] = (10, 5), throughput_images: int = 30,
-        throughput_configs: Sequence[tuple[int, int]] = ((1, 0), (2, 0)), jpeg: bool = True,
+        throughput_configs: Sequence[tuple[int, int | None]] = ((1, None), (2, None)), jpeg: bool = True,
         models_dir: Path | None = None, fast_poll: bool = False, log: Any = print) -> dict[str, Any]:
     models = models_dir or REPO / "models"
     if not models_present(models):
@@ -529,7 +531,8 @@ def markdown(res: dict[str, Any]) -> str:
                   "delivered/min (from ready) | processing p50 | peak RSS | exactly once |",
                   "|---:|---|---:|---:|---:|---:|---:|---|"]
         for t in res["throughput"]:
-            tt = "default" if t["torch_threads"] == 0 else str(t["torch_threads"])
+            tt = (f"default ({default_threads()})" if t["torch_threads"] is None
+                  else "torch default" if t["torch_threads"] == 0 else str(t["torch_threads"]))
             proc = t["stages_ms"].get("total_processing", {}).get("p50")
             lines.append(f"| {t['workers']} | {tt} | {_fmt(t['analysed_per_min_steady'], 1, 1)} | "
                          f"{_fmt(t['analysed_per_min_from_listening'], 1, 1)} | "
@@ -543,9 +546,15 @@ def _pair(text: str) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _config(text: str) -> tuple[int, int]:
-    a, b = text.split(":")
-    return int(a), int(b)
+def _config(text: str) -> tuple[int, int | None]:
+    a, _, b = text.partition(":")
+    return int(a), (int(b) if b else None)
+
+
+def default_threads() -> int:
+    from dermnode.settings import AnalysisSettings
+
+    return AnalysisSettings().torch_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -554,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", type=_pair, default=(10, 5), help="NxM: N concurrent associations of M images "
                     "(default 10x5; 0x0: skip)")
     ap.add_argument("--throughput-images", type=int, default=30, help="images queued per throughput run (30)")
-    ap.add_argument("--throughput-configs", type=_config, nargs="*", default=[(1, 0), (2, 0)],
-                    help="WORKERS:TORCH_THREADS pairs (0 threads: torch default); default 1:0 2:0")
+    ap.add_argument("--throughput-configs", type=_config, nargs="*", default=[(1, None), (2, None)],
+                    help="WORKERS[:TORCH_THREADS] (no threads: the service default analysis.torch_threads; 0: "
+                    "torch's own default); default 1 2")
     ap.add_argument("--native", action="store_true", help="send native RGB instead of JPEG Baseline")
     ap.add_argument("--models", type=Path, help="models folder (default: the shipped models/)")
     ap.add_argument("--fast-poll", action="store_true", help="the tests' poll intervals (0.1/0.2 s) instead of "

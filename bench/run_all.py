@@ -82,7 +82,7 @@ receiver process (children included) and of the storescu processes during the ti
 
 **End to end** (`bench/end_to_end.py`). Orthanc 1.10 (PACS), the loopback FHIR server of the tests (EHR) and
 `dermnode serve` (one `[[pacs]]` table to Orthanc, `fhir.base_url` to the FHIR server, `workers.count = 1`,
-otherwise defaults: job poll 0.5 s, outbox poll 1 s, torch's default thread count). JPEG Baseline inputs.
+otherwise defaults: job poll 0.5 s, outbox poll 1 s, `analysis.torch_threads`). JPEG Baseline inputs.
 Latency = last `deliveries.delivered_at` of the job (SEG and SR accepted by Orthanc, FHIR transaction answered)
 − `jobs.received_at` (committed just before the C-STORE response), both from `var/dermnode.db`.
 (a) sequential: one image at a time after one warm-up image; (b) load: N `storescu` processes together × M
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", type=int, default=20)
     ap.add_argument("--load", type=end_to_end._pair, default=(10, 5))
     ap.add_argument("--throughput-images", type=int, default=30)
-    ap.add_argument("--throughput-configs", type=end_to_end._config, nargs="*", default=[(1, 0), (2, 0)])
+    ap.add_argument("--throughput-configs", type=end_to_end._config, nargs="*", default=[(1, None), (2, None), (1, 2)])
     ap.add_argument("--models", type=Path, help="models folder (default: the shipped models/)")
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
