@@ -157,8 +157,40 @@ def build_processor(settings: Settings, outbox: Outbox, stage_metrics: StageMetr
     ------
     ModelError
         When a model file is missing, corrupt or does not match its manifest.
+    PipelineError
+        When the start-up self-test fails.
     """
-    return JobProcessor(settings, Analyzer(settings.analysis), outbox, stage_metrics)
+    processor = JobProcessor(settings, Analyzer(settings.analysis), outbox, stage_metrics)
+    self_test(processor.analyzer, settings)
+    return processor
+
+
+def self_test(analyzer: Analyzer, settings: Settings) -> None:
+    """Run one synthetic image through every stage and output builder before the service accepts work.
+
+    This loads everything that is loaded lazily (codecs, highdicom, FHIR models), so the first real image is
+    not slowed down, and proves that the installed stack can build valid outputs.
+
+    Raises
+    ------
+    PipelineError
+        When the synthetic image cannot be analysed or its outputs cannot be built.
+    """
+    import tempfile
+
+    from dermnode.dicom_io.wrap import WrapOptions, synthetic_dermoscopy, wrap_rgb
+    from dermnode.errors import PipelineError
+
+    options = WrapOptions(patient_id="SELFTEST", patient_name="Self^Test", pixel_spacing_mm=0.05)
+    ds = wrap_rgb(synthetic_dermoscopy(240, 320), options)
+    t0 = time.perf_counter()
+    try:
+        result = analyzer.analyze(to_source_image(ds, settings.analysis.calibrations))
+        with tempfile.TemporaryDirectory(prefix="dermnode-selftest-") as tmp:
+            write_outputs(ds, result, settings, Path(tmp))
+    except Exception as exc:
+        raise PipelineError(f"start-up self-test failed: {type(exc).__name__}: {exc}") from exc
+    logger.info("start-up self-test passed (%s, %.0f ms)", result.status.value, (time.perf_counter() - t0) * 1000)
 
 
 def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[tuple[str, str]]:

@@ -44,6 +44,20 @@ class WrapOptions:
     model_name: str = "virtual dermoscope"
 
 
+def synthetic_dermoscopy(h: int = 300, w: int = 400, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """A simulated dermoscopy image: skin-toned background, a darker brown elliptical lesion (semi-axes
+    0.22 h and 0.18 w) in the middle, mild Gaussian noise. Used by the start-up self-test, tests and benchmarks.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.empty((h, w, 3), np.float64)
+    img[...] = (214, 160, 140)
+    inside = ((yy - h / 2) / (h * 0.22)) ** 2 + ((xx - w / 2) / (w * 0.18)) ** 2 <= 1.0
+    img[inside] = (120, 72, 50)
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def load_rgb(path: Path) -> npt.NDArray[np.uint8]:
     """Read a JPEG/PNG/BMP photograph as an RGB uint8 array.
 
