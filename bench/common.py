@@ -117,6 +117,19 @@ class SendResult:
     other_responses: int
     ack_times: list[float]  # time.time() when each storescu process returned
     errors: str
+    acknowledged: list[str]  # paths of the files answered with a success status
+
+
+def _acknowledged(text: str) -> list[str]:
+    """Files answered with success, from ``storescu -v`` output ("Sending file: X" ... "Store Response (Success)")."""
+    current, out = None, []
+    for line in text.splitlines():
+        if line.startswith("I: Sending file: "):
+            current = line[len("I: Sending file: "):].strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            out.append(current)
+            current = None
+    return out
 
 
 def split(items: Sequence[T], k: int) -> list[list[T]]:
@@ -126,19 +139,21 @@ def split(items: Sequence[T], k: int) -> list[list[T]]:
 
 
 def send_parallel(port: int, files: Sequence[Path], *, jpeg: bool, called_aet: str, associations: int,
-                  timeout_s: float) -> SendResult:
+                  timeout_s: float, env: dict[str, str] | None = None) -> SendResult:
     """Send ``files`` with ``associations`` concurrent ``storescu`` processes (one association each).
 
     The wall time runs from just before the first process is started until the last one has exited.
-    Every process is killed (by its PID) if it is still running after ``timeout_s``.
+    Every process is killed (by its PID) if it is still running after ``timeout_s``. ``env`` adds environment
+    variables for storescu (e.g. ``TCP_NODELAY=1``).
     """
     parts = split(list(files), associations)
     logs = []
     procs: list[subprocess.Popen[str]] = []
+    penv = {**os.environ, **(env or {})}
     t0 = time.perf_counter()
     try:
         for part in parts:
-            procs.append(subprocess.Popen(storescu_args(port, part, jpeg=jpeg, called_aet=called_aet),
+            procs.append(subprocess.Popen(storescu_args(port, part, jpeg=jpeg, called_aet=called_aet), env=penv,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         deadline = time.monotonic() + timeout_s
         ack_times = []
@@ -156,7 +171,8 @@ def send_parallel(port: int, files: Sequence[Path], *, jpeg: bool, called_aet: s
     ok = len(re.findall(r"Received Store Response \(Success\)", text))
     other = len(re.findall(r"Received Store Response \((?!Success)", text))
     errors = "\n".join(line for line in text.splitlines() if line.startswith(("E:", "F:")))
-    return SendResult(wall, [p.returncode for p in procs], ok, other, ack_times, errors)
+    acked = [a for log in logs for a in _acknowledged(log)]
+    return SendResult(wall, [p.returncode for p in procs], ok, other, ack_times, errors, acked)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

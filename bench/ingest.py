@@ -22,7 +22,13 @@ Receivers (a fresh one, on a free loopback port, for every run)
     * optionally (``--no-fsync``) dermnode with ``storage.fsync = false`` as a diagnostic of what durability
       costs (SQLite still commits with synchronous=FULL).
 
-Each run is preceded by a warm-up of 4 files (not timed) on the same receiver. Every response must be a
+Senders: DCMTK 3.6.2+ leaves Nagle's algorithm on unless the environment variable ``TCP_NODELAY=1`` is set; with it
+on, every image over one association stalls on the delayed-ACK timer (~40 ms), which measures TCP and not the
+receiver. The main table therefore runs ``storescu`` and ``storescp`` with ``TCP_NODELAY=1``; a second table keeps
+DCMTK's defaults (``--senders`` picks).
+
+Each run is preceded by a warm-up of 4 files (not timed) on the same receiver, then ``sync`` (so that the
+receiver's fsyncs do not wait for the write-back of the freshly generated inputs). Every response must be a
 success and every file must have arrived (dermnode: one job per instance in the state database; storescp: one
 file per instance), otherwise the run is reported as failed. Server CPU seconds (utime+stime, children
 included) and client (storescu) CPU seconds are recorded as well.
@@ -80,13 +86,15 @@ def children_cpu() -> float:
 
 
 def _timed_send(port: int, aet: str, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,
-                associations: int, server_pid: int) -> dict[str, Any]:
-    w = send_parallel(port, [f.path for f in warm], jpeg=jpeg, called_aet=aet, associations=1, timeout_s=120)
+                associations: int, server_pid: int, env: dict[str, str]) -> dict[str, Any]:
+    w = send_parallel(port, [f.path for f in warm], jpeg=jpeg, called_aet=aet, associations=1, timeout_s=120,
+                      env=env)
     if w.success_responses != len(warm):
         raise RuntimeError(f"warm-up failed: {w.errors or w.returncodes}")
+    os.sync()  # no dirty pages of the inputs or of earlier runs left to compete with the receiver's fsyncs
     cpu0, ccpu0 = cpu_seconds(server_pid), children_cpu()
     res = send_parallel(port, [f.path for f in files], jpeg=jpeg, called_aet=aet, associations=associations,
-                        timeout_s=SEND_TIMEOUT_S)
+                        timeout_s=SEND_TIMEOUT_S, env=env)
     cpu1, ccpu1 = cpu_seconds(server_pid), children_cpu()
     total = sum(f.size for f in files)
     return {
@@ -103,7 +111,7 @@ def _timed_send(port: int, aet: str, files: Sequence[SourceFile], warm: Sequence
 
 
 def run_dermnode(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,
-                 associations: int, fsync: bool = True) -> dict[str, Any]:
+                 associations: int, env: dict[str, str], fsync: bool = True) -> dict[str, Any]:
     """One timed run against a fresh ``dermnode serve`` in receive-only mode."""
     root = work / "dermnode"
     port = free_port()
@@ -115,7 +123,7 @@ def run_dermnode(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceF
         proc.start(timeout=120)
         assert proc.proc is not None
         out = _timed_send(port, "DERMNODE", files, warm, jpeg=jpeg, associations=associations,
-                          server_pid=proc.proc.pid)
+                          server_pid=proc.proc.pid, env=env)
         db = root / "var" / "dermnode.db"
         queued = {r["sop_instance_uid"] for r in db_rows(db, "SELECT sop_instance_uid FROM jobs")}
         out["received"] = sum(1 for f in files if f.sop_instance_uid in queued)
@@ -127,7 +135,7 @@ def run_dermnode(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceF
 
 
 def run_storescp(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,
-                 associations: int) -> dict[str, Any]:
+                 associations: int, env: dict[str, str]) -> dict[str, Any]:
     """One timed run against a fresh DCMTK ``storescp -od DIR +xa`` (``--fork`` for K > 1)."""
     directory = work / "storescp" / "in"
     directory.mkdir(parents=True, exist_ok=True)
@@ -137,10 +145,11 @@ def run_storescp(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceF
         args.append("--fork")
     log = directory.parent / "storescp.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([*args, str(port)], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*args, str(port)], stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         _wait_listening(port, proc, 30.0, log)
-        out = _timed_send(port, "STORESCP", files, warm, jpeg=jpeg, associations=associations, server_pid=proc.pid)
+        out = _timed_send(port, "STORESCP", files, warm, jpeg=jpeg, associations=associations, server_pid=proc.pid,
+                          env=env)
         out["received"] = sum(1 for p in directory.iterdir() if p.is_file()) - len(warm)
     finally:
         _stop(proc)
@@ -168,13 +177,20 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+#: DCMTK configurations of the sender (and of storescp): Nagle's algorithm off (TCP_NODELAY=1, DCMTK's documented
+#: environment variable; the receiver is what is measured) and DCMTK's default (Nagle on since DCMTK 3.6.2).
+SENDERS = {"nodelay": {"TCP_NODELAY": "1"}, "dcmtk_default": {}}
+
+
 def run(n: int = 200, repeats: int = 3, associations: Sequence[int] = (1, 4), no_fsync: bool = False,
-        encodings: Sequence[str] = ("native", "jpeg"), log: Any = print) -> dict[str, Any]:
+        encodings: Sequence[str] = ("native", "jpeg"), senders: Sequence[str] = ("nodelay", "dcmtk_default"),
+        log: Any = print) -> dict[str, Any]:
     images, described = source_images(60)
     receivers = ["dermnode", "storescp"] + (["dermnode_nofsync"] if no_fsync else [])
     results: dict[str, Any] = {
         "params": {"n": n, "repeats": repeats, "associations": list(associations), "warmup_files": WARMUP,
-                   "images": described, "encodings": list(encodings), "receivers": receivers},
+                   "images": described, "encodings": list(encodings), "receivers": receivers,
+                   "senders": {k: SENDERS[k] for k in senders}},
         "busy_at_start": busy_processes(),
         "files": {},
         "cases": [],
@@ -188,37 +204,46 @@ def run(n: int = 200, repeats: int = 3, associations: Sequence[int] = (1, 4), no
             results["files"][enc] = {"n": n, "total_mb": sum(sizes) / 1e6, "mean_kb": sum(sizes) / n / 1e3,
                                      "transfer_syntax": "JPEG Baseline 1.2.840.10008.1.2.4.50" if jpeg
                                      else "Explicit VR Little Endian 1.2.840.10008.1.2.1"}
-            for k in associations:
-                for receiver in receivers:
-                    runs = []
-                    for rep in range(repeats):
-                        warm = write_dicoms(work / "warm" / f"{enc}-{k}-{receiver}-{rep}", WARMUP, jpeg=jpeg,
-                                            images=images, tag="w")
-                        if receiver == "storescp":
-                            r = run_storescp(work, files, warm, jpeg=jpeg, associations=k)
-                        else:
-                            r = run_dermnode(work, files, warm, jpeg=jpeg, associations=k,
-                                             fsync=receiver == "dermnode")
-                        r["n"] = n
-                        runs.append(r)
-                        log(f"ingest {enc:6s} K={k} {receiver:16s} run {rep + 1}/{repeats}: "
-                            f"{r['images_per_s']:7.1f} img/s {r['mb_per_s']:7.1f} MB/s "
-                            f"received={r['received']}/{n} ok={r['ok']}")
-                    results["cases"].append({"encoding": enc, "associations": k, "receiver": receiver,
-                                             **median_run(runs)})
+            for sender in senders:
+                env = SENDERS[sender]
+                # the Nagle-on sender is the secondary table: the two main receivers only
+                recv = receivers if sender == senders[0] else ["dermnode", "storescp"]
+                for k in associations:
+                    for receiver in recv:
+                        runs = []
+                        for rep in range(repeats):
+                            warm = write_dicoms(work / "warm" / f"{enc}-{sender}-{k}-{receiver}-{rep}", WARMUP,
+                                                jpeg=jpeg, images=images, tag="w")
+                            if receiver == "storescp":
+                                r = run_storescp(work, files, warm, jpeg=jpeg, associations=k, env=env)
+                            else:
+                                r = run_dermnode(work, files, warm, jpeg=jpeg, associations=k, env=env,
+                                                 fsync=receiver == "dermnode")
+                            r["n"] = n
+                            runs.append(r)
+                            log(f"ingest {enc:6s} {sender:13s} K={k} {receiver:16s} run {rep + 1}/{repeats}: "
+                                f"{r['images_per_s']:7.1f} img/s {r['mb_per_s']:7.1f} MB/s "
+                                f"received={r['received']}/{n} ok={r['ok']}")
+                        results["cases"].append({"encoding": enc, "sender": sender, "associations": k,
+                                                 "receiver": receiver, **median_run(runs)})
     # ratios dermnode / storescp per case
-    by_key = {(c["encoding"], c["associations"], c["receiver"]): c for c in results["cases"]}
+    by_key = {(c["encoding"], c["sender"], c["associations"], c["receiver"]): c for c in results["cases"]}
     ratios = []
-    for enc in encodings:
-        for k in associations:
-            d, s = by_key.get((enc, k, "dermnode")), by_key.get((enc, k, "storescp"))
-            if d and s and d.get("images_per_s") and s.get("images_per_s"):
-                ratios.append({"encoding": enc, "associations": k,
-                               "ratio": d["images_per_s"] / s["images_per_s"],
-                               "goal_met": d["images_per_s"] / s["images_per_s"] >= 0.5})
+    for sender in senders:
+        for enc in encodings:
+            for k in associations:
+                d, s = by_key.get((enc, sender, k, "dermnode")), by_key.get((enc, sender, k, "storescp"))
+                if d and s and d.get("images_per_s") and s.get("images_per_s"):
+                    ratio = d["images_per_s"] / s["images_per_s"]
+                    ratios.append({"sender": sender, "encoding": enc, "associations": k, "ratio": ratio,
+                                   "goal_met": ratio >= 0.5})
     results["ratios"] = ratios
     results["busy_at_end"] = busy_processes()
     return results
+
+
+SENDER_TITLES = {"nodelay": "DCMTK with `TCP_NODELAY=1` (Nagle off; main comparison)",
+                 "dcmtk_default": "DCMTK defaults (Nagle on)"}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -227,24 +252,30 @@ def markdown(res: dict[str, Any]) -> str:
         f"N = {p['n']} files per run, median of {p['repeats']} runs (min–max of images/s in brackets); "
         f"inputs: {p['images']}.",
         "",
-        "| encoding | mean file | associations | receiver | images/s | MB/s | server CPU ms/image | "
-        "storescu CPU ms/image |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for c in res["cases"]:
-        f = res["files"][c["encoding"]]
-        if not c.get("images_per_s"):
-            lines.append(f"| {c['encoding']} | {f['mean_kb']:.0f} kB | {c['associations']} | {c['receiver']} | "
-                         "FAILED | | | |")
+    senders = list(p.get("senders", {"nodelay": {}}))
+    for sender in senders:
+        cases = [c for c in res["cases"] if c.get("sender", "nodelay") == sender]
+        if not cases:
             continue
-        lines.append(
-            f"| {c['encoding']} | {f['mean_kb']:.0f} kB | {c['associations']} | {c['receiver']} | "
-            f"{c['images_per_s']:.1f} ({c['images_per_s_min']:.1f}–{c['images_per_s_max']:.1f}) | "
-            f"{c['mb_per_s']:.1f} | {c['server_cpu_ms_per_image']:.1f} | {c['client_cpu_ms_per_image']:.1f} |"
-        )
-    lines += ["", "| encoding | associations | dermnode / storescp (images/s) | goal ≥ 0.5 |", "|---|---:|---:|---|"]
+        lines += [f"Sender and storescp: {SENDER_TITLES.get(sender, sender)}", "",
+                  "| encoding | mean file | associations | receiver | images/s | MB/s | receiver CPU ms/image | "
+                  "storescu CPU ms/image |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]
+        for c in cases:
+            f = res["files"][c["encoding"]]
+            head = f"| {c['encoding']} | {f['mean_kb']:.0f} kB | {c['associations']} | {c['receiver']} | "
+            if not c.get("images_per_s"):
+                lines.append(head + "FAILED | | | |")
+                continue
+            lines.append(head + f"{c['images_per_s']:.1f} ({c['images_per_s_min']:.1f}–{c['images_per_s_max']:.1f})"
+                         f" | {c['mb_per_s']:.1f} | {c['server_cpu_ms_per_image']:.1f} | "
+                         f"{c['client_cpu_ms_per_image']:.1f} |")
+        lines.append("")
+    lines += ["| sender | encoding | associations | dermnode / storescp (images/s) | goal ≥ 0.5 |",
+              "|---|---|---:|---:|---|"]
     for r in res["ratios"]:
-        lines.append(f"| {r['encoding']} | {r['associations']} | {r['ratio']:.2f} | "
+        lines.append(f"| {r.get('sender', 'nodelay')} | {r['encoding']} | {r['associations']} | {r['ratio']:.2f} | "
                      f"{'met' if r['goal_met'] else 'NOT met'} |")
     return "\n".join(lines) + "\n"
 
@@ -256,10 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 4], help="concurrent associations")
     ap.add_argument("--encodings", nargs="+", default=["native", "jpeg"], choices=["native", "jpeg"])
     ap.add_argument("--no-fsync", action="store_true", help="also run dermnode with storage.fsync=false")
+    ap.add_argument("--senders", nargs="+", default=["nodelay", "dcmtk_default"], choices=list(SENDERS),
+                    help="DCMTK configurations: nodelay (TCP_NODELAY=1) and/or dcmtk_default (Nagle on)")
     ap.add_argument("--out", type=Path, help="write the raw JSON here")
     args = ap.parse_args(argv)
     res = {"machine": machine_info(), "ingest": run(args.n, args.repeats, args.associations, args.no_fsync,
-                                                    args.encodings, log=lambda s: print(s, flush=True))}
+                                                    args.encodings, args.senders,
+                                                    log=lambda s: print(s, flush=True))}
     print(markdown(res["ingest"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,38 +62,41 @@ def report_md(res: dict[str, Any], json_name: str) -> str:
 
 METHOD = """## Method
 
-Everything runs on this one machine over loopback; every server is started fresh on free ports by the
-benchmark (with the test helpers of `tests/`) and stopped by PID at the end.
+Everything runs on this one machine over loopback; every server is started fresh on free ports by the benchmark
+(with the test helpers of `tests/`) and stopped by PID at the end.
 
 **Ingest** (`bench/ingest.py`). N realistic Dermoscopic Photography Image files, 768×576, built with
 `dermnode.dicom_io.wrap.wrap_rgb` from real photographs of the shared data (HAM10000 sample and ISIC 2017 val,
 resized; unique UIDs per file), in two encodings: native RGB (Explicit VR Little Endian) and JPEG Baseline
 (YBR_FULL_422, quality 92). They are sent with DCMTK `storescu -R -xe` (native) / `storescu -R -xy` (JPEG), over
-one association, and split round-robin over 4 `storescu` processes started together (4 concurrent
-associations). The time runs from the start of the first `storescu` to the exit of the last, i.e. to the last
-C-STORE response; images/s = N / time, MB/s = file bytes / 10⁶ / time. Receivers: `dermnode serve` in
-receive-only mode (`workers.count = 0`, default settings: temp file + fsync + rename + directory fsync, then the
-job committed in SQLite WAL with synchronous=FULL, before the response), and the C++ reference
-`storescp -od DIR +xa` (with `--fork` for 4 associations; storescp does not fsync). A diagnostic row runs
-dermnode with `storage.fsync = false` (SQLite still syncs). Each case: a fresh receiver, a 4-file warm-up, then
-the timed send; repeated, the median is reported; every response must be a success and every instance must
-have arrived (a job in the database / a file in the storescp folder). CPU ms/image are utime+stime of the
-receiver process (children included) and of the storescu processes during the timed send.
+one association, and split round-robin over 4 `storescu` processes started together (4 concurrent associations).
+DCMTK ≥ 3.6.2 leaves Nagle's algorithm on unless `TCP_NODELAY=1` is set in the environment; with it on, each image
+stalls on the ~40 ms delayed-ACK timer, so the main table runs storescu and storescp with `TCP_NODELAY=1` (the
+receiver is what is measured) and a second table keeps DCMTK's defaults. The time runs from the start of the first
+`storescu` to the exit of the last, i.e. to the last C-STORE response; images/s = N / time, MB/s = file bytes /
+10⁶ / time. Receivers: `dermnode serve` in receive-only mode (`workers.count = 0`, default settings: temp file +
+fsync + rename + directory fsync, then the job committed in SQLite WAL with synchronous=FULL, before the
+response), and the C++ reference `storescp -od DIR +xa` (with `--fork` for 4 associations; storescp does not
+fsync). A diagnostic row runs dermnode with `storage.fsync = false` (SQLite still syncs). Each case: a fresh
+receiver, a 4-file warm-up, `sync`, then the timed send; repeated, the median is reported; every response must be
+a success and every instance must have arrived (a job in the database / a file in the storescp folder). CPU
+ms/image are utime+stime of the receiver process (children included) and of the storescu processes during the
+timed send.
 
 **End to end** (`bench/end_to_end.py`). Orthanc 1.10 (PACS), the loopback FHIR server of the tests (EHR) and
 `dermnode serve` (one `[[pacs]]` table to Orthanc, `fhir.base_url` to the FHIR server, `workers.count = 1`,
-otherwise defaults: job poll 0.5 s, outbox poll 1 s, `analysis.torch_threads`). JPEG Baseline inputs.
-Latency = last `deliveries.delivered_at` of the job (SEG and SR accepted by Orthanc, FHIR transaction answered)
-− `jobs.received_at` (committed just before the C-STORE response), both from `var/dermnode.db`.
-(a) sequential: one image at a time after one warm-up image; (b) load: N `storescu` processes together × M
-images each, peak RSS = `VmHWM` of the dermnode process, and exactly-once checks (every acknowledged image has
-one job, done; each result delivered on the first attempt; Orthanc's `/instances` holds exactly the delivered
-SEG/SR UIDs; one FHIR POST per bundle); (c) per-stage times from each job's `result.json` `timings_ms`
-(decode and outputs, which result.json lacks, from the service's `analysed …` log line) and the delivery
-steps from the database timestamps of the sequential phase; (d) throughput: T images queued with a
-receive-only dermnode, then dermnode restarted on the same storage with W workers; analysed/min (steady) =
-(T − 1) / (last job done − first job done); from ready: T / (last job done, or last delivery, − the moment the
-restarted service listens, models loaded).
+otherwise defaults: job poll 0.5 s, outbox poll 1 s, `analysis.torch_threads`). JPEG Baseline inputs. Latency =
+last `deliveries.delivered_at` of the job (SEG and SR accepted by Orthanc, FHIR transaction answered) −
+`jobs.received_at` (committed just before the C-STORE response), both from `var/dermnode.db`. (a) sequential: one
+image at a time after one warm-up image; (b) load: N `storescu` processes together × M images each (sent 31 s
+after start, once the harness's own readiness probe has expired, see the notes), peak RSS = `VmHWM` of the
+dermnode process, and exactly-once checks (every acknowledged image has one job, done; each result delivered on
+the first attempt; Orthanc's `/instances` holds exactly the delivered SEG/SR UIDs; one FHIR POST per bundle); (c)
+per-stage times from each job's `result.json` `timings_ms` (decode and outputs, which result.json lacks, from the
+service's `analysed …` log line) and the delivery steps from the database timestamps of the sequential phase; (d)
+throughput: T images queued with a receive-only dermnode, then dermnode restarted on the same storage with W
+workers; analysed/min (steady) = (T − 1) / (last job done − first job done); from ready: T / (last job done, or
+last delivery, − the moment the restarted service listens, models loaded).
 """
 
 
