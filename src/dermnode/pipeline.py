@@ -70,6 +70,7 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
     StorageError
         When a file cannot be written.
     """
+    t_outputs = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     overlay = encode_png(render_overlay(result.source.rgb, result.mask))
     overlay_path = directory / "overlay.png"
@@ -97,6 +98,7 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
     bundle_path = directory / "diagnostic-report.json"
     atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
     doc = result.to_json()
+    doc["timings_ms"]["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
     doc["outputs"] = {
         "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
@@ -131,11 +133,12 @@ class JobProcessor:
         t_start = time.perf_counter()
         ds = read_dataset(job.path)
         source = to_source_image(ds, self.settings.analysis.calibrations)
+        decode_ms = (time.perf_counter() - t_start) * 1000.0
         result = self.analyzer.analyze(source)
+        result.timings_ms["decode"] = round(decode_ms, 2)
         t0 = time.perf_counter()
         files = write_outputs(ds, result, self.settings, self.results_root / source.sop_instance_uid)
-        timings = {"decode": (t0 - t_start) * 1000.0 - sum(result.timings_ms.values()), **result.timings_ms,
-                   "outputs": (time.perf_counter() - t0) * 1000.0}
+        timings = {**result.timings_ms, "outputs": (time.perf_counter() - t0) * 1000.0}
         objects = [(files.sr_sop_instance_uid, files.sr)]
         if files.seg is not None and files.seg_sop_instance_uid is not None:
             objects.insert(0, (files.seg_sop_instance_uid, files.seg))

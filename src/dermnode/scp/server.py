@@ -163,9 +163,23 @@ def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
+class _StoreAE(AE):
+    """An AE whose association limit counts associations, not bare TCP connections.
+
+    pynetdicom counts an acceptor thread from the moment the TCP connection opens, so load-balancer health
+    checks (connect, no A-ASSOCIATE-RQ, held until the ACSE timeout) made real associations below
+    ``scp.max_associations`` be rejected (measured in bench/results). Only connections that have sent their
+    A-ASSOCIATE-RQ count here.
+    """
+
+    @property
+    def active_associations(self) -> list[Any]:
+        return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+
+
 def build_ae(settings: ScpSettings) -> AE:
     """An application entity configured with dermnode's association policy and presentation contexts."""
-    ae = AE(ae_title=settings.ae_title)
+    ae = _StoreAE(ae_title=settings.ae_title)
     ae.require_called_aet = True
     if settings.allowed_calling_aets:
         ae.require_calling_aet = list(settings.allowed_calling_aets)
