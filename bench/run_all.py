@@ -85,7 +85,7 @@ timed send.
 
 **End to end** (`bench/end_to_end.py`). Orthanc 1.10 (PACS), the loopback FHIR server of the tests (EHR) and
 `dermnode serve` (one `[[pacs]]` table to Orthanc, `fhir.base_url` to the FHIR server, `workers.count = 1`,
-otherwise defaults: job poll 0.5 s, outbox poll 1 s, `analysis.torch_threads`). JPEG Baseline inputs. Latency =
+otherwise defaults: job poll 0.1 s, outbox poll 0.2 s, `analysis.torch_threads`). JPEG Baseline inputs. Latency =
 last `deliveries.delivered_at` of the job (SEG and SR accepted by Orthanc, FHIR transaction answered) −
 `jobs.received_at` (committed just before the C-STORE response), both from `var/dermnode.db`. (a) sequential: one
 image at a time after one warm-up image; (b) load: N `storescu` processes together × M images each (sent 31 s

@@ -61,7 +61,7 @@ class WorkerSettings:
     count: int = 1
     max_attempts: int = 3
     retry_delay_s: float = 5.0
-    poll_interval_s: float = 0.5
+    poll_interval_s: float = 0.1  # idle workers look for new jobs this often (one indexed SQLite query)
     shutdown_grace_s: float = 30.0
 
 
@@ -111,7 +111,7 @@ class DeliverySettings:
     max_attempts: int = 8
     backoff_initial_s: float = 5.0
     backoff_max_s: float = 600.0
-    poll_interval_s: float = 1.0
+    poll_interval_s: float = 0.2  # an idle outbox looks for due deliveries this often
 
 
 @dataclass(frozen=True)
