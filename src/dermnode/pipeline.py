@@ -63,6 +63,8 @@ def _save(ds: pydicom.Dataset, path: Path) -> None:
 def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Settings, directory: Path) -> OutputFiles:
     """Build and write every output object of one result into ``directory``.
 
+    The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``).
+
     Raises
     ------
     OutputError
@@ -97,8 +99,8 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
     )
     bundle_path = directory / "diagnostic-report.json"
     atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
+    result.timings_ms["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
     doc = result.to_json()
-    doc["timings_ms"]["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
     doc["outputs"] = {
         "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
@@ -118,6 +120,32 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
     )
 
 
+def analyse_dataset(
+    ds: pydicom.Dataset, analyzer: Analyzer, settings: Settings, results_root: Path, *, started: float | None = None
+) -> tuple[AnalysisResult, OutputFiles]:
+    """Decode, analyse and write the outputs of one instance under ``results_root/<SOPInstanceUID>/``.
+
+    ``result.timings_ms`` gets ``decode`` (from ``started``, e.g. before the file was read) and ``outputs``
+    besides the analysis stages.
+
+    Raises
+    ------
+    DecodeError
+        When the pixel data cannot be decoded or a required UID is missing.
+    OutputError
+        When an output object cannot be built.
+    StorageError
+        When an output file cannot be written.
+    """
+    t_start = time.perf_counter() if started is None else started
+    source = to_source_image(ds, settings.analysis.calibrations)
+    decode_ms = (time.perf_counter() - t_start) * 1000.0
+    result = analyzer.analyze(source)
+    result.timings_ms["decode"] = round(decode_ms, 2)
+    files = write_outputs(ds, result, settings, results_root / source.sop_instance_uid)
+    return result, files
+
+
 class JobProcessor:
     """What a worker runs for one received instance: analyse, write outputs, queue the deliveries."""
 
@@ -130,15 +158,10 @@ class JobProcessor:
         self.results_root = Path(settings.storage.root) / "results"
 
     def __call__(self, job: Job) -> str:
-        t_start = time.perf_counter()
+        started = time.perf_counter()
         ds = read_dataset(job.path)
-        source = to_source_image(ds, self.settings.analysis.calibrations)
-        decode_ms = (time.perf_counter() - t_start) * 1000.0
-        result = self.analyzer.analyze(source)
-        result.timings_ms["decode"] = round(decode_ms, 2)
-        t0 = time.perf_counter()
-        files = write_outputs(ds, result, self.settings, self.results_root / source.sop_instance_uid)
-        timings = {**result.timings_ms, "outputs": (time.perf_counter() - t0) * 1000.0}
+        result, files = analyse_dataset(ds, self.analyzer, self.settings, self.results_root, started=started)
+        timings = result.timings_ms
         objects = [(files.sr_sop_instance_uid, files.sr)]
         if files.seg is not None and files.seg_sop_instance_uid is not None:
             objects.insert(0, (files.seg_sop_instance_uid, files.seg))
@@ -148,7 +171,7 @@ class JobProcessor:
         if self.settings.fhir.base_url:
             self.outbox.add(job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle)
         self.stage_metrics.observe(timings, result.status.value)
-        logger.info("analysed %s: %s %s (%s)", source.sop_instance_uid, result.status.value,
+        logger.info("analysed %s: %s %s (%s)", result.source.sop_instance_uid, result.status.value,
                     result.reason or "", ", ".join(f"{k}={v:.0f}ms" for k, v in timings.items()))
         return result.status.value
 
@@ -188,9 +211,8 @@ def self_test(analyzer: Analyzer, settings: Settings) -> None:
     ds = wrap_rgb(synthetic_dermoscopy(240, 320), options)
     t0 = time.perf_counter()
     try:
-        result = analyzer.analyze(to_source_image(ds, settings.analysis.calibrations))
         with tempfile.TemporaryDirectory(prefix="dermnode-selftest-") as tmp:
-            write_outputs(ds, result, settings, Path(tmp))
+            result, _ = analyse_dataset(ds, analyzer, settings, Path(tmp))
     except Exception as exc:
         raise PipelineError(f"start-up self-test failed: {type(exc).__name__}: {exc}") from exc
     logger.info("start-up self-test passed (%s, %.0f ms)", result.status.value, (time.perf_counter() - t0) * 1000)
@@ -212,10 +234,7 @@ def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[
     done: list[tuple[str, str]] = []
     for path in files:
         try:
-            ds = read_dataset(path)
-            source = to_source_image(ds, settings.analysis.calibrations)
-            result = analyzer.analyze(source)
-            write_outputs(ds, result, settings, out / source.sop_instance_uid)
+            result, _ = analyse_dataset(read_dataset(path), analyzer, settings, out)
         except (DecodeError, OutputError) as exc:
             logger.error("%s: %s", path, exc)
             done.append((str(path), f"error: {exc}"))
@@ -226,5 +245,5 @@ def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[
             label += f" melanoma_probability={c.melanoma_probability:.3f} band={c.band.value} top={c.top_diagnosis}"
         elif result.reason:
             label += f" ({result.reason})"
-        done.append((source.sop_instance_uid, label))
+        done.append((result.source.sop_instance_uid, label))
     return done
