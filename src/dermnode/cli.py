@@ -49,7 +49,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dermnode.scp.queue import JobQueue
 
     settings = _settings(args)
-    db = database_path(Path(settings.storage.root))
+    db = database_path(settings.storage_root)
     queue = JobQueue(db)
     outbox = Outbox(db, settings.delivery)
     doc: dict[str, object] = {"jobs": queue.counts(), "deliveries": outbox.counts()}
@@ -82,7 +82,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from dermnode.scp.queue import JobQueue
 
     settings = _settings(args)
-    db = database_path(Path(settings.storage.root))
+    db = database_path(settings.storage_root)
     if args.delivery is not None:
         n = Outbox(db, settings.delivery).replay(args.delivery)
     elif args.dead_letter:

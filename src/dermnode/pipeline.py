@@ -155,7 +155,7 @@ class JobProcessor:
         self.stage_metrics = stage_metrics or StageMetrics()
         self.analyzer = analyzer
         self.outbox = outbox
-        self.results_root = Path(settings.storage.root) / "results"
+        self.results_root = settings.storage_root / "results"
 
     def __call__(self, job: Job) -> str:
         started = time.perf_counter()

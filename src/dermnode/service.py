@@ -7,7 +7,6 @@ import signal
 import threading
 from collections.abc import Mapping
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from types import FrameType
 
 from dermnode.db import database_path
@@ -57,7 +56,7 @@ class Service:
 
     def __init__(self, settings: Settings, deliverers: Mapping[str, Deliverer]) -> None:
         self.settings = settings
-        root = Path(settings.storage.root)
+        root = settings.storage_root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         db = database_path(root)
         self.spool = Spool(root, settings.storage.min_free_mb, fsync=settings.storage.fsync)
