@@ -106,7 +106,14 @@ def binary_report(
     }
 
 
-def _plot_roc(curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]], path: Path) -> None:
+def plot_roc(curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]], path: Path) -> None:
+    """Write ROC curves (label -> (false-positive rates, true-positive rates, AUC)) to a PNG at ``path``.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +131,14 @@ def _plot_roc(curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.fl
     plt.close(fig)
 
 
-def _plot_confusion(cm: npt.NDArray[np.int64], classes: tuple[str, ...], path: Path) -> None:
+def plot_confusion(cm: npt.NDArray[np.int64], classes: tuple[str, ...], path: Path) -> None:
+    """Write a confusion matrix (rows: truth, columns: prediction, in ``classes`` order) to a PNG at ``path``.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,9 +248,9 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
             "ece_top_class_calibrated": expected_calibration_error(yd, pd),
             "ece_top_class_uncalibrated": expected_calibration_error(yd, _softmax(zd)),
         }
-        _plot_confusion(cm, DIAGNOSIS_CLASSES, out_dir / "confusion_matrix.png")
+        plot_confusion(cm, DIAGNOSIS_CLASSES, out_dir / "confusion_matrix.png")
     if curves:
-        _plot_roc(curves, out_dir / "roc.png")
+        plot_roc(curves, out_dir / "roc.png")
     if len(result) <= 4:
         raise PipelineError(f"the {split} split holds no labelled images to evaluate")
     (out_dir / "classification_metrics.json").write_text(json.dumps(result, indent=2, default=float) + "\n")

@@ -91,6 +91,12 @@ def _find_dataset(data_dirs: list[Path], name: str) -> Path | None:
     return None
 
 
+def is_training_dataset(data_dir: Path) -> bool:
+    """Whether ``data_dir`` is (or holds) one of the training sets this module knows (``isic2017``,
+    ``isic-9class``), i.e. whether their labels, splits and cleaning rules apply."""
+    return any(_find_dataset([Path(data_dir)], name) is not None for name in ("isic2017", "isic-9class"))
+
+
 def _read_rgb(path: Path) -> npt.NDArray[np.uint8]:
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:

@@ -29,11 +29,19 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = "segmentation"
 
 
-def _save_figures(
+def save_segmentation_figures(
     out_dir: Path,
     per_image: list[dict[str, Any]],
     examples: list[tuple[str, npt.NDArray[np.uint8]]],
 ) -> None:
+    """Write ``dice_histogram.png`` (from ``per_image[i]["dice"]``) and, when ``examples`` (title, RGB image)
+    are given, ``segmentation_examples.png`` into ``out_dir``.
+
+    Raises
+    ------
+    OSError
+        When a file cannot be written.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +171,7 @@ def evaluate_segmentation(
         img = render_overlay(data.images[i], data.masks[i].astype(bool), color=(0, 80, 255), label=None)
         img = render_overlay(img, masks_pred[i], color=(0, 255, 0), label=None)
         examples.append((f"{tag}: {data.ids[i]} Dice {per_image[i]['dice']:.3f}", img))
-    _save_figures(out_dir, per_image, examples)
+    save_segmentation_figures(out_dir, per_image, examples)
     logger.info(
         "segmentation %s on %s (%d images): Dice %.4f Jaccard %.4f thresholded Jaccard %.4f",
         bundle.identity.version,
