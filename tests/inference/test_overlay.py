@@ -44,3 +44,18 @@ def test_encode_png_roundtrip() -> None:
     assert cv2.imdecode(np.frombuffer(grey, np.uint8), cv2.IMREAD_UNCHANGED).shape == (20, 30)
     with pytest.raises(OutputError):
         encode_png(rgb.astype(np.float32))  # type: ignore[arg-type]
+
+
+def test_large_images_are_drawn_reduced_to_the_overlay_size() -> None:
+    img = np.full((3000, 4000, 3), 180, np.uint8)
+    mask = np.zeros((3000, 4000), bool)
+    mask[1000:2000, 1500:2500] = True
+    out = render_overlay(img, mask, label=None)
+    assert out.shape == (768, 1024, 3)  # longer side OVERLAY_MAX_SIDE, aspect ratio kept
+    changed = (out != 180).any(axis=2)
+    ys, xs = np.nonzero(changed)
+    # the outline sits where the mask's border lands after scaling by 1024 / 4000
+    assert abs(ys.min() - 1000 * 0.256) <= 3 and abs(xs.max() - 2500 * 0.256) <= 3
+    full = render_overlay(img[:300, :400], mask[:300, :400], max_side=None)
+    assert full.shape == (300, 400, 3)
+    assert render_overlay(img, None, max_side=2000).shape == (1500, 2000, 3)

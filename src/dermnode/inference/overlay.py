@@ -1,4 +1,9 @@
-"""Lesion outline overlays for human review (FHIR attachment, reports)."""
+"""Lesion outline overlays for human review (FHIR attachment, reports).
+
+An overlay is a picture for a person, not a measurement: it is drawn on a copy of the image reduced to at most
+:data:`OVERLAY_MAX_SIDE` pixels on its longer side (the DICOM SEG keeps the mask at the source resolution). A
+6000 x 4500 dermoscope image would otherwise give a ~15 MB PNG and a ~20 MB FHIR DiagnosticReport.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 OUTLINE_RGB = (0, 255, 0)
 LABEL = "decision support only"
+#: Longer side, in pixels, of the overlays dermnode writes (smaller images are drawn at their own size).
+OVERLAY_MAX_SIDE = 1024
 
 
 def render_overlay(
@@ -23,6 +30,7 @@ def render_overlay(
     color: tuple[int, int, int] = OUTLINE_RGB,
     thickness: int | None = None,
     label: str | None = LABEL,
+    max_side: int | None = OVERLAY_MAX_SIDE,
 ) -> npt.NDArray[np.uint8]:
     """Draw the lesion outline (and a small label) on a copy of the image.
 
@@ -38,11 +46,14 @@ def render_overlay(
         Outline width in pixels; default 2 px, 3 px for images wider than 1500 px.
     label:
         Text written in the top-left corner; ``None`` for none.
+    max_side:
+        Reduce the image (area interpolation) and the mask so that the longer side is at most this many pixels
+        before drawing; ``None`` draws at the source size.
 
     Returns
     -------
     numpy.ndarray
-        ``(H, W, 3)`` uint8 RGB overlay.
+        ``(H, W, 3)`` uint8 RGB overlay, ``(H, W)`` scaled by ``max_side / max(H, W)`` when that is below 1.
 
     Raises
     ------
@@ -51,13 +62,21 @@ def render_overlay(
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-    out = np.ascontiguousarray(rgb).copy()
-    h, w = out.shape[:2]
+    h, w = rgb.shape[:2]
+    if mask is not None and mask.shape != (h, w):
+        raise ValueError(f"mask shape {mask.shape} does not match the image {(h, w)}")
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        out = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+        if mask is not None:
+            mask = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5
+        h, w = out.shape[:2]
+    else:
+        out = np.ascontiguousarray(rgb).copy()
     if thickness is None:
         thickness = 3 if max(h, w) > 1500 else 2
     if mask is not None:
-        if mask.shape != (h, w):
-            raise ValueError(f"mask shape {mask.shape} does not match the image {(h, w)}")
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, color, thickness, lineType=cv2.LINE_AA)
     if label:
