@@ -156,3 +156,98 @@ def test_send_delivers_to_a_real_storescp(tmp_path: Path) -> None:
         assert pydicom.dcmread(received[0]).SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID
     finally:
         scp.stop()
+
+
+def test_analyze_wraps_a_photograph_pixel_exact_with_content_derived_uids(tmp_path: Path) -> None:
+    from dermnode.dicom_io.reading import decode_rgb, pixel_spacing
+    from dermnode.pipeline import PHOTOGRAPH_PATIENT_ID, load_source
+
+    rgb = synthetic_dermoscopy(300, 400)
+    photo = tmp_path / "lesion.png"
+    Image.fromarray(rgb).save(photo)
+    ds = load_source(photo)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.7" and ds.PatientID == PHOTOGRAPH_PATIENT_ID
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # native: the photograph's pixels exactly
+    assert np.array_equal(decode_rgb(ds), rgb)
+    assert pixel_spacing(ds) is None and "PixelSpacing" not in ds
+    copy = tmp_path / "copy-of-lesion.bin"  # same bytes, other name: same UIDs (content, not name)
+    copy.write_bytes(photo.read_bytes())
+    again = load_source(copy)
+    for key in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        assert again[key].value == ds[key].value
+    other = tmp_path / "other.png"
+    Image.fromarray(synthetic_dermoscopy(300, 400, seed=1)).save(other)
+    assert load_source(other).SOPInstanceUID != ds.SOPInstanceUID
+    out = tmp_path / "wrapped.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    assert dciodvfy_errors(out) == []
+
+
+@needs_models
+def test_analyze_accepts_a_photograph_with_a_stable_uid(tmp_path: Path) -> None:
+    photo = tmp_path / "lesion.png"
+    Image.fromarray(synthetic_dermoscopy(300, 400)).save(photo)
+    uids = []
+    for run in ("out1", "out2"):
+        res = dermnode("analyze", str(photo), "--out", str(tmp_path / run))
+        assert res.returncode == 0, res.stderr
+        uid, _, status = res.stdout.strip().partition(": ")
+        assert status.startswith("analysed") and "measurements in pixels" in status
+        doc = json.loads((tmp_path / run / uid / "result.json").read_text())
+        assert doc["status"] == "analysed" and doc["sop_instance_uid"] == uid
+        assert doc["source_file"] == str(photo)
+        assert doc["pixel_spacing_mm"] is None and doc["measurements"]["area_mm2"] is None
+        assert doc["measurements"]["area_px"] > 0
+        seg = pydicom.dcmread(tmp_path / run / uid / "seg.dcm")
+        assert seg.PatientID == "UNKNOWN"
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == uid
+        uids.append(uid)
+    assert uids[0] == uids[1]
+    assert dciodvfy_errors(tmp_path / "out1" / uids[0] / "seg.dcm") == []
+    assert dciodvfy_errors(tmp_path / "out1" / uids[0] / "sr.dcm") == []
+
+
+@needs_models
+def test_analyze_a_folder_of_dicom_photograph_and_garbage(tmp_path: Path) -> None:
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    photo = tmp_path / "src.png"
+    Image.fromarray(synthetic_dermoscopy(300, 400, seed=2)).save(photo)
+    dcm = folder / "a-wrapped"  # no .dcm extension: recognised by content
+    assert dermnode("wrap", str(photo), "--out", str(dcm), "--pixel-spacing", "0.05").returncode == 0
+    Image.fromarray(synthetic_dermoscopy(300, 400, seed=3)).save(folder / "b.jpg", quality=90)
+    (folder / "c.jpg").write_bytes(b"this is not an image")
+    (folder / ".hidden.jpg").write_bytes(b"skipped")
+    (folder / "sub").mkdir()
+    Image.fromarray(synthetic_dermoscopy(300, 400, seed=4)).save(folder / "sub" / "d.png")  # not recursive
+    out = tmp_path / "out"
+    res = dermnode("analyze", str(folder), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 3, lines
+    errors = [line for line in lines if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(str(folder / "c.jpg"))
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    assert len(results) == 2
+    by_source = {doc["source_file"]: doc for doc in results}
+    assert set(by_source) == {str(dcm), str(folder / "b.jpg")}
+    assert by_source[str(dcm)]["sop_instance_uid"] == str(pydicom.dcmread(dcm).SOPInstanceUID)
+    assert by_source[str(dcm)]["pixel_spacing_mm"]["row"] == pytest.approx(0.05)
+    assert by_source[str(folder / "b.jpg")]["pixel_spacing_mm"] is None
+    assert all(doc["status"] == "analysed" for doc in results)
+
+
+def test_analyze_recognises_a_dicom_dataset_without_preamble(tmp_path: Path) -> None:
+    from dermnode.dicom_io.reading import decode_rgb
+    from dermnode.dicom_io.wrap import wrap_rgb
+    from dermnode.pipeline import load_source
+
+    rgb = synthetic_dermoscopy(60, 80)
+    ds = wrap_rgb(rgb)
+    del ds.file_meta
+    raw = tmp_path / "raw.jpg"  # misleading extension, no preamble, no file meta: still DICOM by content
+    pydicom.dcmwrite(raw, ds, implicit_vr=True, little_endian=True)
+    assert raw.read_bytes()[128:132] != b"DICM"
+    got = load_source(raw)
+    assert got.SOPInstanceUID == ds.SOPInstanceUID
+    assert np.array_equal(decode_rgb(got), rgb)

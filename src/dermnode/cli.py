@@ -200,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=30.0)
     s.set_defaults(func=cmd_send)
 
-    s = sub.add_parser("analyze", help="analyse DICOM files offline (result.json, overlay, SEG, SR, FHIR)")
-    s.add_argument("files", nargs="+")
+    s = sub.add_parser("analyze", help="analyse DICOM files, photographs or folders offline "
+                       "(result.json, overlay, SEG, SR, FHIR)")
+    s.add_argument("files", nargs="+", metavar="FILE",
+                   help="a DICOM file (recognised by content), a photograph (JPEG, PNG, TIFF, BMP, ...) or a "
+                        "folder (its files, not recursive, hidden files skipped)")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_analyze)
 
@@ -209,7 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="val")
     s.add_argument("--out", required=True)
-    s.add_argument("--task", choices=["all", "segmentation", "classification"], default="all")
+    s.add_argument(
+        "--task",
+        choices=["all", "segmentation", "classification", "pipeline"],
+        default="all",
+        help="pipeline: the whole production analyser on every image (the default for a folder that is not one "
+        "of the training sets)",
+    )
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("train", help="train a model with the project's own training code")

@@ -7,20 +7,24 @@ outputs; this module only joins them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dermnode import __version__
 from dermnode.dicom_io.reading import read_dataset, to_source_image
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
-from dermnode.errors import OutputError
+from dermnode.dicom_io.uids import derived_uid
+from dermnode.errors import DecodeError, OutputError
 from dermnode.fhir.bundle import build_bundle
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import encode_png, render_overlay
@@ -35,6 +39,10 @@ from dermnode.settings import Settings
 logger = logging.getLogger(__name__)
 
 SOFTWARE_VERSION = f"dermnode {__version__}"
+
+#: Patient ID and name given to a photograph analysed by ``dermnode analyze``: it carries no identity.
+PHOTOGRAPH_PATIENT_ID = "UNKNOWN"
+PHOTOGRAPH_PATIENT_NAME = "Unidentified^"  # one-component name; the caret makes that explicit (PS3.5 6.2.1)
 
 
 @dataclass(frozen=True)
@@ -60,10 +68,15 @@ def _save(ds: pydicom.Dataset, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Settings, directory: Path) -> OutputFiles:
+def write_outputs(
+    ds: pydicom.Dataset, result: AnalysisResult, settings: Settings, directory: Path, *,
+    source_file: str | None = None,
+) -> OutputFiles:
     """Build and write every output object of one result into ``directory``.
 
-    The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``).
+    The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``). When
+    ``source_file`` is given (``dermnode analyze``: the input path as given), ``result.json`` records it as
+    ``source_file``.
 
     Raises
     ------
@@ -105,6 +118,8 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
         "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
     }
+    if source_file is not None:
+        doc["source_file"] = source_file
     result_path = directory / "result.json"
     atomic_write(result_path, json.dumps(doc, indent=2).encode("utf-8"))
     return OutputFiles(
@@ -121,12 +136,13 @@ def write_outputs(ds: pydicom.Dataset, result: AnalysisResult, settings: Setting
 
 
 def analyse_dataset(
-    ds: pydicom.Dataset, analyzer: Analyzer, settings: Settings, results_root: Path, *, started: float | None = None
+    ds: pydicom.Dataset, analyzer: Analyzer, settings: Settings, results_root: Path, *, started: float | None = None,
+    source_file: str | None = None,
 ) -> tuple[AnalysisResult, OutputFiles]:
     """Decode, analyse and write the outputs of one instance under ``results_root/<SOPInstanceUID>/``.
 
     ``result.timings_ms`` gets ``decode`` (from ``started``, e.g. before the file was read) and ``outputs``
-    besides the analysis stages.
+    besides the analysis stages. ``source_file`` is passed on to :func:`write_outputs`.
 
     Raises
     ------
@@ -142,7 +158,7 @@ def analyse_dataset(
     decode_ms = (time.perf_counter() - t_start) * 1000.0
     result = analyzer.analyze(source)
     result.timings_ms["decode"] = round(decode_ms, 2)
-    files = write_outputs(ds, result, settings, results_root / source.sop_instance_uid)
+    files = write_outputs(ds, result, settings, results_root / source.sop_instance_uid, source_file=source_file)
     return result, files
 
 
@@ -218,23 +234,191 @@ def self_test(analyzer: Analyzer, settings: Settings) -> None:
     logger.info("start-up self-test passed (%s, %.0f ms)", result.status.value, (time.perf_counter() - t0) * 1000)
 
 
-def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[tuple[str, str]]:
-    """Analyse DICOM files offline and write per-instance outputs under ``out/<SOPInstanceUID>/``.
+def expand_inputs(paths: Sequence[Path]) -> list[Path]:
+    """The input files of ``dermnode analyze``: a folder stands for the files directly inside it.
 
-    A file that cannot be read or decoded is reported (``error: ...``) and the others go on.
+    A folder is expanded non-recursively to its files (not its sub-folders), sorted by name, hidden files
+    (name starting with ``.``) skipped; any other path is kept as given (a missing file is reported later).
+
+    Parameters
+    ----------
+    paths:
+        Files and folders as given on the command line.
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files to analyse, in order.
+
+    Raises
+    ------
+    OSError
+        When a folder cannot be listed.
+    """
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+            if not inside:
+                logger.warning("%s: no files in this folder", path)
+            files.extend(inside)
+        else:
+            files.append(path)
+    return files
+
+
+def _read_headerless_dicom(path: Path) -> pydicom.Dataset | None:
+    """``path`` read as a DICOM dataset without the 128-byte preamble and ``DICM`` prefix, else ``None``.
+
+    Only a dataset with SOP Class and Instance UIDs counts (pydicom reads almost any bytes when forced). A
+    missing Transfer Syntax UID is set from the encoding the dataset was read with.
+
+    Raises
+    ------
+    DecodeError
+        When the start of the file is such a dataset but the whole file cannot be parsed.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            probe = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            if "SOPClassUID" not in probe or "SOPInstanceUID" not in probe:
+                return None
+        except Exception:  # pydicom raises many types on bytes that are not DICOM: try it as a photograph
+            return None
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            ds.walk(lambda _ds, _elem: None)  # parse every element now, not lazily somewhere later
+        except Exception as exc:
+            raise DecodeError(f"cannot parse DICOM file {path.name}: {type(exc).__name__}: {exc}") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        elif little is False:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def wrap_photograph(path: Path) -> pydicom.Dataset:
+    """Wrap the photograph at ``path`` in memory as a Dermoscopic Photography Image for analysis.
+
+    The pixels are stored natively (RGB, not re-encoded), so they are exactly the photograph's. Study, Series
+    and SOP Instance UIDs are derived from the sha256 of the file's bytes: the same photograph always gets the
+    same UIDs, and so the same output folder and SEG/SR UIDs. No Pixel Spacing is set (a photograph's scale is
+    unknown: measurements stay in pixels) and the patient is :data:`PHOTOGRAPH_PATIENT_ID` /
+    :data:`PHOTOGRAPH_PATIENT_NAME`.
+
+    Parameters
+    ----------
+    path:
+        Any image file Pillow can open (JPEG, PNG, TIFF, BMP, ...); the first frame is used.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The wrapped instance, with file meta.
+
+    Raises
+    ------
+    DecodeError
+        When the file cannot be read or is not an image Pillow can decode.
+    """
+    from PIL import Image
+
+    from dermnode.dicom_io.wrap import WrapOptions, load_rgb, wrap_rgb
+
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        rgb = load_rgb(path)
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"cannot read image {path}: {exc}") from exc
+    except OSError as exc:
+        raise DecodeError(f"cannot read {path}: {exc}") from exc
+    sha = digest.hexdigest()
+    options = WrapOptions(
+        patient_id=PHOTOGRAPH_PATIENT_ID,
+        patient_name=PHOTOGRAPH_PATIENT_NAME,
+        pixel_spacing_mm=None,
+        jpeg=False,
+        study_instance_uid=derived_uid("photograph-study", sha),
+        series_instance_uid=derived_uid("photograph-series", sha),
+        sop_instance_uid=derived_uid("photograph-instance", sha),
+        manufacturer="unknown",
+        model_name="photograph imported by dermnode analyze",
+    )
+    return wrap_rgb(rgb, options)
+
+
+def load_source(path: Path) -> pydicom.Dataset:
+    """Read one input of ``dermnode analyze``: a DICOM file, else a photograph wrapped in memory.
+
+    DICOM is recognised by content, not by the file name: the ``DICM`` prefix at offset 128, or a dataset
+    pydicom can read without them (SOP Class and Instance UIDs present). Anything else is read as a photograph
+    (:func:`wrap_photograph`).
+
+    Parameters
+    ----------
+    path:
+        The input file.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The source instance, with file meta.
+
+    Raises
+    ------
+    DecodeError
+        When the file cannot be read, is a corrupt DICOM file, or is neither DICOM nor a readable image.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise DecodeError(f"cannot read {path}: {exc}") from exc
+    if head[128:132] == b"DICM":
+        return read_dataset(path)
+    ds = _read_headerless_dicom(path)
+    if ds is not None:
+        return ds
+    return wrap_photograph(path)
+
+
+def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[tuple[str, str]]:
+    """Analyse files offline and write per-instance outputs under ``out/<SOPInstanceUID>/``.
+
+    Each input is a DICOM file or a photograph (:func:`load_source`); a folder stands for the files directly
+    inside it (:func:`expand_inputs`). ``result.json`` records the input path as given as ``source_file``. A
+    file that cannot be read or decoded is reported (``error: ...``) and the others go on.
+
+    Returns
+    -------
+    list of (str, str)
+        Per input: (SOP Instance UID, status line), or (path, ``error: ...``).
 
     Raises
     ------
     ModelError
         When the models cannot be loaded.
     """
-    from dermnode.errors import DecodeError
-
     analyzer = Analyzer(settings.analysis)
     done: list[tuple[str, str]] = []
-    for path in files:
+    inputs: list[Path] = []
+    for given in files:
         try:
-            result, _ = analyse_dataset(read_dataset(path), analyzer, settings, out)
+            inputs.extend(expand_inputs([given]))
+        except OSError as exc:
+            logger.error("%s: %s", given, exc)
+            done.append((str(given), f"error: cannot list folder: {exc}"))
+    for path in inputs:
+        try:
+            result, _ = analyse_dataset(load_source(path), analyzer, settings, out, source_file=str(path))
         except (DecodeError, OutputError) as exc:
             logger.error("%s: %s", path, exc)
             done.append((str(path), f"error: {exc}"))
@@ -245,5 +429,7 @@ def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[
             label += f" melanoma_probability={c.melanoma_probability:.3f} band={c.band.value} top={c.top_diagnosis}"
         elif result.reason:
             label += f" ({result.reason})"
+        if result.measurements is not None and result.source.spacing is None:
+            label += " (no pixel spacing: measurements in pixels)"
         done.append((result.source.sop_instance_uid, label))
     return done
