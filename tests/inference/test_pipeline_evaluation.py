@@ -12,9 +12,9 @@ import pytest
 
 from dermnode.errors import PipelineError
 from dermnode.inference.analyzer import Analyzer
+from dermnode.inference.cls_evaluation import binary_metrics
 from dermnode.inference.evaluation import evaluate
 from dermnode.inference.pipeline_evaluation import (
-    binary_metrics,
     evaluate_pipeline,
     normalise_diagnosis,
     read_labelled_folder,

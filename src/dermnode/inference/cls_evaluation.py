@@ -57,6 +57,55 @@ def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return out
 
 
+def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSettings) -> dict[str, Any]:
+    """Metrics of probabilities ``p`` for binary labels ``y``: ROC AUC with a bootstrap 95 % interval (2000
+    resamples), sensitivity at 80 % and 95 % specificity, balanced accuracy at 0.5, expected calibration error
+    (10 bins), and per confidence band (``settings``) its share of the cases and their positive rate.
+
+    Parameters
+    ----------
+    y:
+        0/1 labels.
+    p:
+        Probabilities of the positive class.
+    settings:
+        Band thresholds.
+
+    Returns
+    -------
+    dict
+        ``n``, ``n_positive``, ``auc``, ``auc_ci95``, sensitivities, balanced accuracy, ECE and bands.
+
+    Raises
+    ------
+    ValueError
+        When only one class is present.
+    """
+    yy = np.asarray(y, dtype=np.int64)
+    pp = np.asarray(p, dtype=np.float64)
+    lo, hi = bootstrap_auc_ci(yy, pp, n_boot=2000, seed=0)
+    names = np.array([band_for(float(v), settings).value for v in pp])
+    bands = {
+        b: {
+            "fraction": float((names == b).mean()),
+            "n": int((names == b).sum()),
+            "positive_rate": float(yy[names == b].mean()) if (names == b).any() else None,
+        }
+        for b in ("benign", "indeterminate", "malignant")
+    }
+    return {
+        "n": len(yy),
+        "n_positive": int(yy.sum()),
+        "auc": roc_auc(yy, pp),
+        "auc_ci95": [lo, hi],
+        "sensitivity_at_80_specificity": sensitivity_at_specificity(yy, pp, 0.80),
+        "sensitivity_at_95_specificity": sensitivity_at_specificity(yy, pp, 0.95),
+        "balanced_accuracy_at_0.5": balanced_accuracy(yy, (pp >= 0.5).astype(np.int64)),
+        "ece": expected_calibration_error(yy, pp),
+        "bands": bands,
+    }
+
+
 def binary_report(
     y: npt.NDArray[np.int64], p: npt.NDArray[np.float64], p_uncal: npt.NDArray[np.float64]
 ) -> dict[str, Any]:
@@ -74,36 +123,18 @@ def binary_report(
     Returns
     -------
     dict
-        The metrics (see the module docstring).
+        :func:`binary_metrics` of ``p`` (default bands) with ``ece`` reported as ``ece_calibrated``, plus
+        ``ece_uncalibrated``.
 
     Raises
     ------
     ValueError
         When only one class is present.
     """
-    lo, hi = bootstrap_auc_ci(y, p, n_boot=2000, seed=0)
-    settings = AnalysisSettings()
-    bands: dict[str, dict[str, float | None]] = {}
-    names = np.array([band_for(float(v), settings).value for v in p])
-    for b in ("benign", "indeterminate", "malignant"):
-        sel = names == b
-        bands[b] = {
-            "fraction": float(sel.mean()),
-            "n": int(sel.sum()),
-            "melanoma_rate": float(y[sel].mean()) if sel.any() else None,
-        }
-    return {
-        "n": len(y),
-        "n_positive": int(y.sum()),
-        "auc": roc_auc(y, p),
-        "auc_ci95": [lo, hi],
-        "balanced_accuracy_at_0.5": balanced_accuracy(y, (p >= 0.5).astype(np.int64)),
-        "sensitivity_at_80_specificity": sensitivity_at_specificity(y, p, 0.80),
-        "sensitivity_at_95_specificity": sensitivity_at_specificity(y, p, 0.95),
-        "ece_calibrated": expected_calibration_error(y, p),
-        "ece_uncalibrated": expected_calibration_error(y, p_uncal),
-        "bands": bands,
-    }
+    report = binary_metrics(y, p, AnalysisSettings())
+    report["ece_calibrated"] = report.pop("ece")
+    report["ece_uncalibrated"] = expected_calibration_error(y, p_uncal)
+    return report
 
 
 def plot_roc(curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]], path: Path) -> None:

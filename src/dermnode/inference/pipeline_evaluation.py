@@ -56,18 +56,9 @@ import numpy.typing as npt
 
 from dermnode.errors import DecodeError, PipelineError
 from dermnode.inference.analyzer import Analyzer
-from dermnode.inference.classification import band_for
 from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES
-from dermnode.inference.cls_evaluation import plot_confusion, plot_roc
-from dermnode.inference.cls_metrics import (
-    balanced_accuracy,
-    bootstrap_auc_ci,
-    confusion_matrix,
-    expected_calibration_error,
-    roc_auc,
-    roc_curve,
-    sensitivity_at_specificity,
-)
+from dermnode.inference.cls_evaluation import binary_metrics, plot_confusion, plot_roc
+from dermnode.inference.cls_metrics import balanced_accuracy, confusion_matrix, expected_calibration_error, roc_curve
 from dermnode.inference.seg_evaluation import save_segmentation_figures
 from dermnode.inference.seg_metrics import SegmentationScores, mean_scores, score_masks
 from dermnode.inference.types import AnalysisResult, AnalysisStatus, SourceImage
@@ -253,53 +244,6 @@ def _predicted_mask(result: AnalysisResult | None, shape: tuple[int, int]) -> np
         resized = cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
         mask = np.asarray(resized > 0, dtype=bool)
     return mask
-
-
-def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSettings) -> dict[str, Any]:
-    """Metrics of probabilities ``p`` for binary labels ``y`` (see the module docstring).
-
-    Parameters
-    ----------
-    y:
-        0/1 labels.
-    p:
-        Probabilities of the positive class.
-    settings:
-        Band thresholds.
-
-    Returns
-    -------
-    dict
-        ``n``, ``n_positive``, ``auc``, ``auc_ci95``, sensitivities, balanced accuracy, ECE and bands.
-
-    Raises
-    ------
-    ValueError
-        When only one class is present.
-    """
-    yy = np.asarray(y, dtype=np.int64)
-    pp = np.asarray(p, dtype=np.float64)
-    lo, hi = bootstrap_auc_ci(yy, pp, n_boot=2000, seed=0)
-    names = np.array([band_for(float(v), settings).value for v in pp])
-    bands = {
-        b: {
-            "fraction": float((names == b).mean()),
-            "n": int((names == b).sum()),
-            "positive_rate": float(yy[names == b].mean()) if (names == b).any() else None,
-        }
-        for b in ("benign", "indeterminate", "malignant")
-    }
-    return {
-        "n": len(yy),
-        "n_positive": int(yy.sum()),
-        "auc": roc_auc(yy, pp),
-        "auc_ci95": [lo, hi],
-        "sensitivity_at_80_specificity": sensitivity_at_specificity(yy, pp, 0.80),
-        "sensitivity_at_95_specificity": sensitivity_at_specificity(yy, pp, 0.95),
-        "balanced_accuracy_at_0.5": balanced_accuracy(yy, (pp >= 0.5).astype(np.int64)),
-        "ece": expected_calibration_error(yy, pp),
-        "bands": bands,
-    }
 
 
 def _diagnosis_metrics(truth: list[str], probs: list[dict[str, float]], out_dir: Path) -> dict[str, Any]:
