@@ -1,9 +1,13 @@
-"""End-to-end speed of the full stack: modality (``storescu``) → ``dermnode serve`` → Orthanc (PACS) + FHIR.
+"""End-to-end speed of the full stack: modality (``storescu``, pynetdicom) → ``dermnode serve`` → Orthanc + FHIR.
 
 Usage::
 
-    .venv/bin/python bench/end_to_end.py [--sequential 20] [--load 10x5] [--throughput-images 30]
+    .venv/bin/python bench/end_to_end.py [--sequential 20] [--load 10x5] [--pynetdicom-associations K]
+                                         [--client-nodelay] [--throughput-images 30]
                                          [--throughput-configs 1 2 2:2] [--out bench/results/x.json]
+
+A phase is skipped with ``--sequential 0``, ``--load 0x0``, ``--throughput-images 0`` or an empty
+``--throughput-configs``; e.g. only the load phase: ``--sequential 0 --load 20x50 --throughput-images 0``.
 
 The stack is the one of ``tests/test_end_to_end.py``, started with the test helpers: Orthanc 1.10 on free
 loopback ports (``tests/peers.start_orthanc``) as the PACS, the loopback FHIR server
@@ -21,11 +25,20 @@ Phases
         fully delivered. Latency = last ``deliveries.delivered_at`` of the job (SEG and SR accepted by Orthanc,
         FHIR transaction answered) − ``jobs.received_at`` (the moment the job was committed, just before the
         C-STORE response). Both timestamps come from the state database ``var/dermnode.db``.
-    (b) load: N concurrent associations (N ``storescu`` processes started together) × M images each; same
-        latency; peak RSS of the dermnode process (``VmHWM`` of ``/proc/<pid>/status``); exactly-once checks:
-        every acknowledged image has one job, the job is done, each of its results (SEG+SR+FHIR when analysed,
-        SR+FHIR when not analysable) was delivered on the first attempt, Orthanc's ``/instances`` holds exactly
-        the delivered SEG/SR SOP Instance UIDs, and the FHIR server got one POST per bundle.
+    (b) load: N concurrent associations × M images each, started together: K of them from pynetdicom client
+        processes (``--pynetdicom-associations``, default N // 4, at least 1 when N ≥ 2; each a separate Python
+        process with ONE association, presentation context Dermoscopic Photography Image Storage with the
+        files' transfer syntax, recording the status of every C-STORE response; ``common.pynetdicom_client``),
+        the other N − K from ``storescu`` processes; see ``common.send_mixed``. Both kinds run with their own
+        TCP defaults (Nagle on: storescu without ``TCP_NODELAY=1``, pynetdicom without the socket option) unless
+        ``--client-nodelay`` turns it off for both. dermnode runs with ``scp.max_associations = max(10, N)``.
+        Acknowledged = a success (0x0000) response, from either client kind; per kind: acknowledged, failed
+        (not acknowledged) and rejected associations. Same latency; peak RSS of the dermnode process (``VmHWM``
+        of ``/proc/<pid>/status``), RSS idle after start, sampled every 5 s while the queue drains and at the
+        end; exactly-once checks on the union of acknowledged images: every acknowledged image has one job, the
+        job is done, each of its results (SEG+SR+FHIR when analysed, SR+FHIR when not analysable) was delivered
+        on the first attempt, Orthanc's ``/instances`` holds exactly the delivered SEG/SR SOP Instance UIDs, and
+        the FHIR server got one POST per bundle.
     (c) stage breakdown: ``timings_ms`` of every job's ``var/results/<SOPInstanceUID>/result.json`` (gate,
         artefacts, segmentation, measurements, classification); ``decode`` and ``outputs`` are not in
         result.json, they are read from the service's ``analysed <uid>: ... (decode=..ms, ...)`` log line.
@@ -49,7 +62,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +76,7 @@ from common import (
     db_rows,
     machine_info,
     proc_status_kb,
+    send_mixed,
     send_parallel,
     source_images,
     summary,
@@ -84,6 +98,16 @@ DEFAULT_POLLS = {
     "DERMNODE_DELIVERY__POLL_INTERVAL_S": str(DeliverySettings().poll_interval_s),
 }
 LOG_TIMINGS = re.compile(r"analysed (?P<uid>[0-9.]+): .*\((?P<t>[^()]*)\)\s*$")
+
+
+def scp_max_associations(n_assoc: int) -> int:
+    """``scp.max_associations`` of the benchmark's dermnode: the default 10, or N when the load needs more."""
+    return max(10, n_assoc)
+
+
+def default_pynetdicom_associations(n_assoc: int) -> int:
+    """A quarter of N, at least 1 when N ≥ 2 (N = 1: storescu only)."""
+    return max(1, n_assoc // 4) if n_assoc >= 2 else 0
 
 
 def models_present(models_dir: Path) -> bool:
@@ -132,7 +156,7 @@ def dermnode_process(work: Path, *, workers: int, torch_threads: int | None = No
     extra = {} if fast_poll else dict(DEFAULT_POLLS)
     extra.update({
         "DERMNODE_WORKERS__COUNT": str(workers),
-        "DERMNODE_SCP__MAX_ASSOCIATIONS": str(max(10, max_associations)),
+        "DERMNODE_SCP__MAX_ASSOCIATIONS": str(scp_max_associations(max_associations)),
     })
     if torch_threads is not None:  # None: the service's default (analysis.torch_threads)
         extra["DERMNODE_ANALYSIS__TORCH_THREADS"] = str(torch_threads)
@@ -193,8 +217,11 @@ def all_finished(db: Path, expected_jobs: int) -> bool:
     return busy == 0
 
 
-def wait_finished(stack: Stack, expected_jobs: int, timeout_s: float) -> bool:
+def wait_finished(stack: Stack, expected_jobs: int, timeout_s: float,
+                  on_poll: Callable[[], None] | None = None) -> bool:
     def done() -> bool:
+        if on_poll is not None:
+            on_poll()
         if stack.dermnode.proc is not None and stack.dermnode.proc.poll() is not None:
             code = stack.dermnode.proc.returncode
             raise RuntimeError(f"dermnode exited with {code}:\n{stack.dermnode.log()[-3000:]}")
@@ -367,8 +394,11 @@ def phase_sequential(work: Path, images: Sequence[Any], k: int, *, jpeg: bool, s
 
 
 def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg: bool, stack_kw: dict[str, Any],
-               log: Any) -> dict[str, Any]:
+               log: Any, pynetdicom_assoc: int | None = None, client_nodelay: bool = False) -> dict[str, Any]:
     total = n_assoc * m
+    k = default_pynetdicom_associations(n_assoc) if pynetdicom_assoc is None else pynetdicom_assoc
+    if not 0 <= k <= n_assoc:
+        raise ValueError(f"--pynetdicom-associations {k}: must be between 0 and N = {n_assoc}")
     files = write_dicoms(work / "src-load", total, jpeg=jpeg, images=images, tag="load")
     stack = start_stack(work / "load", workers=1, max_associations=n_assoc, **stack_kw)
     try:
@@ -378,32 +408,65 @@ def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg:
         time.sleep(ScpSettings().acse_timeout_s + 1.0)
         rss_idle = (proc_status_kb(stack.pid, "VmRSS") or 0) / 1024
         t0 = time.time()
-        res = send_parallel(stack.dermnode.port, [f.path for f in files], jpeg=jpeg, called_aet="DERMNODE",
-                            associations=n_assoc, timeout_s=600)
+        res = send_mixed(stack.dermnode.port, [f.path for f in files], jpeg=jpeg, called_aet="DERMNODE",
+                         associations=n_assoc, pynetdicom_associations=k, work=work / "load-clients",
+                         timeout_s=max(600, 2 * total), nodelay=client_nodelay)
+        t_sent = time.time()
+        rss_after_send = (proc_status_kb(stack.pid, "VmRSS") or 0) / 1024
+        kinds = res.by_kind
         log(f"e2e load: {res.success_responses}/{total} acknowledged in {res.wall_s:.1f} s over {n_assoc} "
-            "associations; waiting for analysis and delivery")
-        finished = wait_finished(stack, res.success_responses, 120 + 20 * total)
+            "associations (" + ", ".join(f"{kind} {r.success_responses}/{r.files} over {len(r.returncodes)}"
+                                        for kind, r in kinds.items()) + "); waiting for analysis and delivery")
+        rss_samples: list[list[float]] = []
+
+        def sample_rss() -> None:
+            now = time.time()
+            if not rss_samples or now - t0 - rss_samples[-1][0] >= 5.0:
+                rss_samples.append([round(now - t0, 1), round((proc_status_kb(stack.pid, "VmRSS") or 0) / 1024, 1)])
+
+        finished = wait_finished(stack, res.success_responses, 120 + 20 * total, on_poll=sample_rss)
         t_end = time.time()
+        rss_end = (proc_status_kb(stack.pid, "VmRSS") or 0) / 1024
         jobs = job_rows(stack.db)
         uids = {f.sop_instance_uid for f in files}
         lat = latencies(jobs, uids)
         last = max((j["last_delivered_at"] or 0) for j in jobs) if jobs else t_end
-        out = {
+        acked = acknowledged_files(files, res.acknowledged)
+        scu = kinds["storescu"]
+        out: dict[str, Any] = {
             "associations": n_assoc,
             "images_per_association": m,
             "images": total,
+            "scp_max_associations": scp_max_associations(n_assoc),
+            "client_nodelay": client_nodelay,
             "finished_in_time": finished,
             "send_wall_s": res.wall_s,
-            "storescu_returncodes": res.returncodes,
-            "storescu_errors": res.errors[:2000],
-            "associations_rejected": sum(1 for rc in res.returncodes if rc != 0),
+            "storescu_returncodes": scu.returncodes,
+            "storescu_errors": scu.errors[:2000],
+            "associations_rejected": res.associations_rejected,
+            "clients": {kind: {
+                "associations": len(r.returncodes),
+                "images": r.files,
+                "acknowledged": len(r.acknowledged),
+                "failed": r.failed,
+                "associations_rejected": r.associations_rejected,
+                "responses": r.statuses,
+                "returncodes": r.returncodes,
+                "send_wall_s": r.wall_s,
+                "errors": r.errors[:2000],
+                **({"per_association": r.associations} if r.associations else {}),
+            } for kind, r in kinds.items()},
             "first_send_to_last_delivery_s": last - t0,
+            "first_send_to_all_acknowledged_s": t_sent - t0,
             "latency_s": {name: summary(v) for name, v in lat.items()},
             "latency_values_s": lat["total_s"],
             "stages_ms": stage_timings(stack, sorted(uids)),
             "rss_idle_after_start_mb": rss_idle,
+            "rss_after_send_mb": rss_after_send,
+            "rss_end_mb": rss_end,
+            "rss_samples_s_mb": rss_samples,
             "peak_rss_mb": (proc_status_kb(stack.pid, "VmHWM") or 0) / 1024,
-            "exactly_once": check_exactly_once(stack, files, acknowledged_files(files, res.acknowledged)),
+            "exactly_once": check_exactly_once(stack, files, acked),
         }
         log(f"e2e load: p50 {out['latency_s']['total_s']['p50']:.1f} s, p95 {out['latency_s']['total_s']['p95']:.1f}"
             f" s, peak RSS {out['peak_rss_mb']:.0f} MB, exactly once: {out['exactly_once']['ok']}")
@@ -460,14 +523,19 @@ def phase_throughput(work: Path, images: Sequence[Any], t: int, workers: int, to
 
 def run(sequential: int = 20, load: tuple[int, int] = (10, 5), throughput_images: int = 30,
         throughput_configs: Sequence[tuple[int, int | None]] = ((1, None), (2, None)), jpeg: bool = True,
-        models_dir: Path | None = None, fast_poll: bool = False, log: Any = print) -> dict[str, Any]:
+        models_dir: Path | None = None, fast_poll: bool = False, log: Any = print,
+        pynetdicom_associations: int | None = None, client_nodelay: bool = False) -> dict[str, Any]:
     models = models_dir or REPO / "models"
     if not models_present(models):
         raise SystemExit(f"models not found in {models} (segmentation.json, classifier.json): cannot run")
     images, described = source_images(60)
     stack_kw: dict[str, Any] = {"fast_poll": fast_poll, "models_dir": models_dir}
+    k = default_pynetdicom_associations(load[0]) if pynetdicom_associations is None else pynetdicom_associations
+    if load[0] > 0 and load[1] > 0 and not 0 <= k <= load[0]:
+        raise SystemExit(f"--pynetdicom-associations {k}: must be between 0 and N = {load[0]}")
     out: dict[str, Any] = {
-        "params": {"sequential": sequential, "load": {"associations": load[0], "images_per_association": load[1]},
+        "params": {"sequential": sequential, "load": {"associations": load[0], "images_per_association": load[1],
+                                                      "pynetdicom_associations": k, "client_nodelay": client_nodelay},
                    "throughput_images": throughput_images, "throughput_configs": [list(c) for c in throughput_configs],
                    "encoding": "jpeg" if jpeg else "native", "images": described,
                    "polls": "test (0.1/0.2 s)" if fast_poll else "defaults (job 0.1 s, outbox 0.2 s)",
@@ -480,10 +548,11 @@ def run(sequential: int = 20, load: tuple[int, int] = (10, 5), throughput_images
             out["sequential"] = phase_sequential(work, images, sequential, jpeg=jpeg, stack_kw=stack_kw, log=log)
             shutil.rmtree(work / "seq", ignore_errors=True)
         if load[0] > 0 and load[1] > 0:
-            out["load"] = phase_load(work, images, load[0], load[1], jpeg=jpeg, stack_kw=stack_kw, log=log)
+            out["load"] = phase_load(work, images, load[0], load[1], jpeg=jpeg, stack_kw=stack_kw, log=log,
+                                     pynetdicom_assoc=k, client_nodelay=client_nodelay)
             shutil.rmtree(work / "load", ignore_errors=True)
         out["throughput"] = []
-        for workers, threads in throughput_configs:
+        for workers, threads in (throughput_configs if throughput_images > 0 else ()):
             sub = work / f"tp-{workers}-{threads}"
             out["throughput"].append(phase_throughput(sub, images, throughput_images, workers, threads, jpeg=jpeg,
                                                       stack_kw=stack_kw, log=log))
@@ -508,9 +577,11 @@ def markdown(res: dict[str, Any]) -> str:
               "| scenario | images | p50 | p95 | max | of which received → analysed (p50) | "
               "analysed → delivered (p50) | peak RSS | exactly once |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, ph in (("sequential, 1 at a time", seq),
-                     (f"load, {p['load']['associations']} associations × {p['load']['images_per_association']}",
-                      load)):
+    load_name = f"load, {p['load']['associations']} associations × {p['load']['images_per_association']}"
+    if load and load.get("clients", {}).get("pynetdicom", {}).get("associations"):
+        c = load["clients"]
+        load_name += f" ({c['storescu']['associations']} storescu + {c['pynetdicom']['associations']} pynetdicom)"
+    for name, ph in (("sequential, 1 at a time", seq), (load_name, load)):
         if not ph:
             continue
         t = ph["latency_s"]
@@ -531,6 +602,20 @@ def markdown(res: dict[str, Any]) -> str:
                   f"DiagnosticReports {e['fhir_diagnostic_reports']}. All {load['images']} sent in "
                   f"{load['send_wall_s']:.1f} s; first send → last delivery {load['first_send_to_last_delivery_s']:.1f}"
                   f" s. RSS after start (models loaded, idle) {load['rss_idle_after_start_mb']:.0f} MB."]
+        if "clients" in load:
+            lines += ["", f"Load clients (started together; scp.max_associations = {load['scp_max_associations']}; "
+                      f"client TCP_NODELAY: {'on' if load['client_nodelay'] else 'off (client defaults)'}):", "",
+                      "| client | associations | images sent | acknowledged (0x0000) | failed | associations rejected "
+                      "| responses | send time |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+            rows = list(load["clients"].items())
+            for kind, c in rows:
+                resp = ", ".join(f"{k}: {v}" for k, v in sorted(c["responses"].items())) or "–"
+                lines.append(f"| {kind} | {c['associations']} | {c['images']} | {c['acknowledged']} | {c['failed']} | "
+                             f"{c['associations_rejected']} | {resp} | {c['send_wall_s']:.1f} s |")
+            tot = {key: sum(c[key] for _, c in rows)
+                   for key in ("associations", "images", "acknowledged", "failed", "associations_rejected")}
+            lines.append(f"| total | {tot['associations']} | {tot['images']} | {tot['acknowledged']} | {tot['failed']} "
+                         f"| {tot['associations_rejected']} | | {load['send_wall_s']:.1f} s |")
     if seq or load:
         lines += ["", "**Stages** (ms per image; decode and outputs from the service log, the others from "
                   "result.json `timings_ms`):", "",
@@ -586,7 +671,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", type=int, default=20, help="images sent one at a time (default 20; 0: skip)")
     ap.add_argument("--load", type=_pair, default=(10, 5), help="NxM: N concurrent associations of M images "
                     "(default 10x5; 0x0: skip)")
-    ap.add_argument("--throughput-images", type=int, default=30, help="images queued per throughput run (30)")
+    ap.add_argument("--pynetdicom-associations", type=int, default=None, metavar="K",
+                    help="how many of the N load associations come from pynetdicom client processes (default: "
+                    "N // 4, at least 1 when N >= 2); the others are storescu")
+    ap.add_argument("--client-nodelay", action="store_true", help="load clients with Nagle off (TCP_NODELAY=1 for "
+                    "storescu, the socket option for pynetdicom); default: both with their defaults (Nagle on)")
+    ap.add_argument("--throughput-images", type=int, default=30, help="images queued per throughput run (30; "
+                    "0: skip)")
     ap.add_argument("--throughput-configs", type=_config, nargs="*", default=[(1, None), (2, None)],
                     help="WORKERS[:TORCH_THREADS] (no threads: the service default analysis.torch_threads; 0: "
                     "torch's own default); default 1 2")
@@ -598,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = {"machine": machine_info(),
            "end_to_end": run(args.sequential, args.load, args.throughput_images, args.throughput_configs,
-                             not args.native, args.models, args.fast_poll, log=lambda s: print(s, flush=True))}
+                             not args.native, args.models, args.fast_poll, log=lambda s: print(s, flush=True),
+                             pynetdicom_associations=args.pynetdicom_associations,
+                             client_nodelay=args.client_nodelay)}
     print(markdown(res["end_to_end"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
