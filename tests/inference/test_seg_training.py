@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from dermnode.errors import ModelError
 from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.seg_evaluation import evaluate_segmentation
 from dermnode.inference.seg_training import augment, bce_dice_loss, train_segmentation
@@ -81,3 +82,50 @@ def test_train_resume_export_and_evaluate(tiny_data: Path, tmp_path: Path) -> No
     assert set(doc["mean"]) >= {"dice", "jaccard", "thresholded_jaccard", "sensitivity", "specificity"}
     assert (tmp_path / "eval" / "segmentation_metrics.json").is_file()
     assert (tmp_path / "eval" / "dice_histogram.png").is_file()
+
+
+def test_extra_training_data_and_warm_start(tiny_data: Path, tmp_path: Path) -> None:
+    common = {"image_size": 32, "batch_size": 3, "seed": 1, "threads": 1, "arch_kwargs": KW}
+    first = tmp_path / "first"
+    train_segmentation(tiny_data, "lite_unet", first, epochs=1, resume=False, **common)
+    # a second folder of 48x48 images (another size) whose train rows join the training set
+    extra = tmp_path / "extra"
+    (extra / "images").mkdir(parents=True)
+    (extra / "masks").mkdir()
+    with open(extra / "labels.csv", "w", newline="") as fh:
+        fh.write("image_id,split\n")
+        for i in range(4):
+            img = np.full((48, 48, 3), (140, 160, 214), np.uint8)
+            mask = np.zeros((48, 48), np.uint8)
+            cv2.circle(mask, (24, 24), 8 + i, 255, -1)
+            img[mask > 0] = (50, 72, 120)
+            cv2.imwrite(str(extra / "images" / f"X_{i}.jpg"), img)
+            cv2.imwrite(str(extra / "masks" / f"X_{i}.png"), mask)
+            fh.write(f"X_{i},{'train' if i < 3 else 'val'}\n")
+    second = tmp_path / "second"
+    train_segmentation(
+        tiny_data, "lite_unet", second, epochs=1, resume=False, extra_train_dirs=[extra], init_from=first, **common
+    )
+    manifest = json.loads((second / "segmentation.json").read_text())
+    expected = "data train split (6 images) + 3 images from extra; fine-tuned from first"
+    assert manifest["extra"]["training_data"] == expected
+    with pytest.raises(ModelError, match="differs"):
+        train_segmentation(
+            tiny_data, "lite_unet", tmp_path / "third", epochs=1, resume=False, init_from=first,
+            **{**common, "arch_kwargs": {"widths": [4, 4, 8, 8, 16]}},
+        )
+
+
+def test_warm_start_begins_from_the_given_weights(tiny_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    common = {"image_size": 32, "batch_size": 3, "seed": 1, "threads": 1, "arch_kwargs": KW}
+    first = tmp_path / "first"
+    train_segmentation(tiny_data, "lite_unet", first, epochs=1, resume=False, **common)
+    start = load_model_bundle(first, "segmentation").module.state_dict()
+    # lr 0: the weights cannot move, so the exported network is the starting one (BatchNorm statistics aside)
+    second = tmp_path / "second"
+    train_segmentation(tiny_data, "lite_unet", second, epochs=1, resume=False, init_from=first, lr=0.0, **common)
+    after = load_model_bundle(second, "segmentation").module.state_dict()
+    weights = [k for k in start if k.endswith("weight") and start[k].ndim == 4]
+    assert weights and all(torch.equal(start[k], after[k]) for k in weights)

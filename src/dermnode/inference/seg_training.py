@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dermnode.errors import ModelError
-from dermnode.inference.registry import build_architecture, save_model_bundle
+from dermnode.inference.registry import build_architecture, load_model_bundle, save_model_bundle
 from dermnode.inference.seg_metrics import mean_scores, score_masks
 from dermnode.inference.segmentation import postprocess
 
@@ -101,6 +102,20 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
         images.append(np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8))
         masks.append((gt > 127).astype(np.uint8))
     return SegmentationDataset(ids=ids, images=np.stack(images), masks=np.stack(masks))
+
+
+def _concatenate(a: SegmentationDataset, b: SegmentationDataset) -> SegmentationDataset:
+    """``a`` followed by ``b``, ``b`` resized to ``a``'s image size when it differs."""
+    h, w = a.images.shape[1:3]
+    images, masks = b.images, b.masks
+    if images.shape[1:3] != (h, w):
+        images = np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_LINEAR) for im in images])
+        masks = np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) for m in masks])
+    return SegmentationDataset(
+        ids=[*a.ids, *b.ids],
+        images=np.concatenate([a.images, images]),
+        masks=np.concatenate([a.masks, masks]),
+    )
 
 
 def augment(
@@ -306,6 +321,8 @@ def train_segmentation(
     weight_decay: float = 1e-4,
     limit: int | None = None,
     time_budget_s: float | None = None,
+    extra_train_dirs: Sequence[Path] = (),
+    init_from: Path | None = None,
 ) -> Path:
     """Train a segmentation network and export the best epoch.
 
@@ -340,6 +357,13 @@ def train_segmentation(
         Optional wall-clock budget for the training loop (summed over resumed runs). After each epoch the
         number of epochs is cut to what fits the budget at the measured mean epoch time, and the cosine
         learning-rate schedule is stretched or shrunk to end with the last epoch.
+    extra_train_dirs:
+        More training data laid out like ``data_dir`` (e.g. pseudo-labels written by
+        :func:`dermnode.inference.pseudo_labels.write_pseudo_labels`): their ``train`` rows are added to the
+        training set (resized to its image size). Validation always uses ``data_dir``'s ``val`` split.
+    init_from:
+        Folder of an exported ``segmentation.pt``/``.json`` of the same architecture whose weights start the
+        training (fine-tuning) instead of a random initialisation; ignored when resuming a checkpoint.
 
     Returns
     -------
@@ -362,10 +386,26 @@ def train_segmentation(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     train = load_segmentation_split(data_dir, "train", limit)
+    n_labelled = len(train.ids)
+    for extra_dir in extra_train_dirs:
+        train = _concatenate(train, load_segmentation_split(Path(extra_dir), "train", limit))
     val = load_segmentation_split(data_dir, "val", limit)
     logger.info("train %d images, val %d images", len(train.ids), len(val.ids))
+    training_data = f"{Path(data_dir).name} train split ({n_labelled} images)"
+    if len(train.ids) > n_labelled:
+        extra = ", ".join(Path(d).name for d in extra_train_dirs)
+        training_data += f" + {len(train.ids) - n_labelled} images from {extra}"
+    if init_from is not None:
+        training_data += f"; fine-tuned from {Path(init_from).name}"
     kwargs = dict(arch_kwargs or {})
     model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
+    if init_from is not None:
+        start = load_model_bundle(Path(init_from), MODEL_NAME)
+        if start.manifest.arch != arch or dict(start.manifest.arch_kwargs) != kwargs:
+            raise ModelError(f"{init_from}: architecture {start.manifest.arch} {start.manifest.arch_kwargs} "
+                             f"differs from {arch} {kwargs}")
+        model.load_state_dict({k: v.float() for k, v in start.module.state_dict().items()})
+        logger.info("weights initialised from %s (sha256 %s)", init_from, start.identity.sha256[:12])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(train.ids) // batch_size)
     plan = {"epochs": epochs}  # planned number of epochs, shrunk to fit ``time_budget_s``
@@ -458,7 +498,7 @@ def train_segmentation(
                     "threshold": 0.5,
                     "tta": False,
                     "task": "binary lesion segmentation (dermoscopy)",
-                    "training_data": "ISIC 2017 Part 1, official train split (2000 images)",
+                    "training_data": training_data,
                     "selected_epoch": epoch + 1,
                     "val_metrics_during_training": metrics,
                 },
