@@ -208,6 +208,7 @@ def send_parallel(port: int, files: Sequence[Path], *, jpeg: bool, called_aet: s
 class MixedSendResult:
     wall_s: float  # first client started -> last client exited
     by_kind: dict[str, SendResult]  # "storescu", "pynetdicom"
+    started_at: float  # time.time() when the clients were released (pynetdicom "go", storescu started)
 
     @property
     def acknowledged(self) -> list[str]:
@@ -365,7 +366,7 @@ def send_mixed(port: int, files: Sequence[Path], *, jpeg: bool, called_aet: str,
             if line.strip() != "ready":
                 raise RuntimeError(f"pynetdicom client {i} not ready within {ready_timeout_s} s (rc {p.poll()}): "
                                    f"{(work / f'pynetdicom-{i}.log').read_text()[-2000:]}")
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         for p in pyn:
             assert p.stdin is not None
             p.stdin.write("go\n")
@@ -406,7 +407,7 @@ def send_mixed(port: int, files: Sequence[Path], *, jpeg: bool, called_aet: str,
                               "error": (work / f"pynetdicom-{i}.log").read_text()[-2000:]})
     by_kind["pynetdicom"] = _pynetdicom_result(outcomes, p_parts, [p.returncode for p in pyn], wall_s=wall(pyn),
                                                ack_times=ack_times(pyn))
-    return MixedSendResult(wall((*pyn, *scu)), by_kind)
+    return MixedSendResult(wall((*pyn, *scu)), by_kind, started_at)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -407,11 +407,11 @@ def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg:
         # associations of the burst are measured against an idle node (see docs/performance.md).
         time.sleep(ScpSettings().acse_timeout_s + 1.0)
         rss_idle = (proc_status_kb(stack.pid, "VmRSS") or 0) / 1024
-        t0 = time.time()
         res = send_mixed(stack.dermnode.port, [f.path for f in files], jpeg=jpeg, called_aet="DERMNODE",
                          associations=n_assoc, pynetdicom_associations=k, work=work / "load-clients",
                          timeout_s=max(600, 2 * total), nodelay=client_nodelay)
         t_sent = time.time()
+        t0 = res.started_at  # the clients released (the pynetdicom processes have loaded their files by then)
         rss_after_send = (proc_status_kb(stack.pid, "VmRSS") or 0) / 1024
         kinds = res.by_kind
         log(f"e2e load: {res.success_responses}/{total} acknowledged in {res.wall_s:.1f} s over {n_assoc} "
@@ -432,6 +432,7 @@ def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg:
         lat = latencies(jobs, uids)
         last = max((j["last_delivered_at"] or 0) for j in jobs) if jobs else t_end
         acked = acknowledged_files(files, res.acknowledged)
+        done = sorted(j["done_at"] for j in jobs if j["state"] == "done")
         scu = kinds["storescu"]
         out: dict[str, Any] = {
             "associations": n_assoc,
@@ -458,6 +459,7 @@ def phase_load(work: Path, images: Sequence[Any], n_assoc: int, m: int, *, jpeg:
             } for kind, r in kinds.items()},
             "first_send_to_last_delivery_s": last - t0,
             "first_send_to_all_acknowledged_s": t_sent - t0,
+            "analysed_per_min": (len(done) - 1) / (done[-1] - done[0]) * 60 if len(done) > 1 else float("nan"),
             "latency_s": {name: summary(v) for name, v in lat.items()},
             "latency_values_s": lat["total_s"],
             "stages_ms": stage_timings(stack, sorted(uids)),
@@ -603,6 +605,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{load['send_wall_s']:.1f} s; first send → last delivery {load['first_send_to_last_delivery_s']:.1f}"
                   f" s. RSS after start (models loaded, idle) {load['rss_idle_after_start_mb']:.0f} MB."]
         if "clients" in load:
+            lines[-1] += (f" Analysed {_fmt(load['analysed_per_min'], 1, 1)}/min (first → last job done); RSS after "
+                          f"the burst {load['rss_after_send_mb']:.0f} MB, at the end {load['rss_end_mb']:.0f} MB.")
             lines += ["", f"Load clients (started together; scp.max_associations = {load['scp_max_associations']}; "
                       f"client TCP_NODELAY: {'on' if load['client_nodelay'] else 'off (client defaults)'}):", "",
                       "| client | associations | images sent | acknowledged (0x0000) | failed | associations rejected "
