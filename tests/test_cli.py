@@ -251,3 +251,42 @@ def test_analyze_recognises_a_dicom_dataset_without_preamble(tmp_path: Path) -> 
     got = load_source(raw)
     assert got.SOPInstanceUID == ds.SOPInstanceUID
     assert np.array_equal(decode_rgb(got), rgb)
+
+
+def test_train_pseudo_labels_then_segmentation_with_them(tmp_path: Path) -> None:
+    unlabelled = tmp_path / "unlabelled"
+    (unlabelled / "images").mkdir(parents=True)
+    for i in range(3):
+        rgb = synthetic_dermoscopy(160, 160, seed=i)
+        cv2.imwrite(str(unlabelled / "images" / f"U_{i}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    labelled = tmp_path / "labelled"
+    (labelled / "images").mkdir(parents=True)
+    (labelled / "masks").mkdir()
+    rows = ["image_id,split"]
+    for i, split in enumerate(["train", "train", "val"]):
+        rgb = synthetic_dermoscopy(128, 128, seed=10 + i)
+        yy, xx = np.mgrid[0:128, 0:128]
+        mask = (((yy - 64) / (128 * 0.22)) ** 2 + ((xx - 64) / (128 * 0.18)) ** 2 <= 1.0).astype(np.uint8) * 255
+        cv2.imwrite(str(labelled / "images" / f"L_{i}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(labelled / "masks" / f"L_{i}.png"), mask)
+        rows.append(f"L_{i},{split}")
+    (labelled / "labels.csv").write_text("\n".join(rows) + "\n")
+    heldout = tmp_path / "heldout"  # a set whose ids must never be pseudo-labelled
+    heldout.mkdir()
+    (heldout / "labels.csv").write_text("image_id,split\nU_2,val\n")
+
+    pseudo = tmp_path / "pseudo"
+    r = dermnode("train", "pseudo-labels", "--data", str(unlabelled), "--exclude", str(heldout), "--out", str(pseudo))
+    assert r.returncode == 0, r.stderr
+    assert "kept 2 of 2 images" in r.stdout
+    assert sorted(p.name for p in (pseudo / "masks").iterdir()) == ["U_0.png", "U_1.png"]
+
+    run = tmp_path / "run"
+    r = dermnode("train", "segmentation", "--data", str(labelled), "--data", str(pseudo), "--init-from",
+                 str(tmp_path / "missing"), "--out", str(run), "--epochs", "1", "--image-size", "32")
+    assert r.returncode != 0  # a missing starting model is an error, not a silent random start
+    r = dermnode("train", "segmentation", "--data", str(labelled), "--data", str(pseudo), "--out", str(run),
+                 "--epochs", "1", "--image-size", "32", "--batch-size", "2", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((run / "segmentation.json").read_text())
+    assert manifest["extra"]["training_data"] == "labelled train split (2 images) + 2 images from pseudo"

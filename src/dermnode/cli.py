@@ -142,16 +142,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data = [Path(d) for d in args.data]
+    if args.task == "pseudo-labels":
+        import csv
+
+        from dermnode.inference.analyzer import models_dir
+        from dermnode.inference.pseudo_labels import write_pseudo_labels
+
+        excluded: set[str] = set()
+        for folder in args.exclude or []:
+            with (Path(folder) / "labels.csv").open(newline="", encoding="utf-8") as fh:
+                excluded |= {row["image_id"] for row in csv.DictReader(fh)}
+        images = [p for d in data for p in sorted((d / "images").iterdir()) if not p.name.startswith(".")]
+        teacher = Path(args.init_from) if args.init_from else models_dir(_settings(args).analysis)
+        summary = write_pseudo_labels(images, teacher, out, exclude_ids=excluded)
+        print(f"kept {summary.kept} of {summary.considered} images in {out} (rejected: {summary.rejected})")
+        return 0
     if args.task == "segmentation":
         from dermnode.inference.seg_training import train_segmentation
 
         path = train_segmentation(
-            data[0], args.arch, out, epochs=args.epochs, image_size=args.image_size or 256,
+            data[0], args.arch or "lite_unet", out, epochs=args.epochs, image_size=args.image_size or 256,
             batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
+            extra_train_dirs=data[1:], init_from=Path(args.init_from) if args.init_from else None,
+            time_budget_s=args.time_budget, **({"lr": args.lr} if args.lr is not None else {}),
         )
     else:
         from dermnode.inference.cls_training import train_classification
 
+        if not args.arch:
+            print("error: --arch is required for classification", file=sys.stderr)
+            return 2
         path = train_classification(
             data, args.arch, out, epochs=args.epochs, image_size=args.image_size or 160,
             batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
@@ -222,9 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("train", help="train a model with the project's own training code")
-    s.add_argument("task", choices=["segmentation", "classification"])
-    s.add_argument("--data", required=True, action="append", help="data folder (repeatable)")
-    s.add_argument("--arch", required=True)
+    s.add_argument("task", choices=["segmentation", "classification", "pseudo-labels"],
+                   help="pseudo-labels: write the segmenter's confident masks of --data images to --out")
+    s.add_argument("--data", required=True, action="append",
+                   help="data folder (repeatable; segmentation: the first is the labelled set with its val split, "
+                        "the others add training images, e.g. pseudo-labels)")
+    s.add_argument("--arch", help="architecture (required for classification; segmentation: lite_unet)")
+    s.add_argument("--init-from", help="segmentation: start from this exported model folder; pseudo-labels: "
+                   "the teacher model folder (default: the configured models)")
+    s.add_argument("--exclude", action="append", help="pseudo-labels: skip the image ids of this folder's "
+                   "labels.csv (repeatable; e.g. the labelled set, so that no validation image is pseudo-labelled)")
+    s.add_argument("--lr", type=float, help="segmentation: peak learning rate (default 3e-3)")
+    s.add_argument("--time-budget", type=float, help="segmentation: wall-clock budget in seconds")
     s.add_argument("--out", required=True)
     s.add_argument("--epochs", type=int, default=40)
     s.add_argument("--image-size", type=int)
