@@ -88,7 +88,8 @@ timed send.
 otherwise defaults: job poll 0.1 s, outbox poll 0.2 s, `analysis.torch_threads`). JPEG Baseline inputs. Latency =
 last `deliveries.delivered_at` of the job (SEG and SR accepted by Orthanc, FHIR transaction answered) −
 `jobs.received_at` (committed just before the C-STORE response), both from `var/dermnode.db`. (a) sequential: one
-image at a time after one warm-up image; (b) load: N `storescu` processes together × M images each (sent 31 s
+image at a time after one warm-up image; (b) load: N concurrent associations × M images each, from `storescu`
+processes and K of them (`--pynetdicom-associations`, default N // 4) from pynetdicom clients (sent 31 s
 after start, once the harness's own readiness probe has expired, see the notes), peak RSS = `VmHWM` of the
 dermnode process, and exactly-once checks (every acknowledged image has one job, done; each result delivered on
 the first attempt; Orthanc's `/instances` holds exactly the delivered SEG/SR UIDs; one FHIR POST per bundle); (c)
