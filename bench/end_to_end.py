@@ -162,6 +162,7 @@ def dermnode_process(work: Path, *, workers: int, torch_threads: int | None = No
         extra["DERMNODE_ANALYSIS__TORCH_THREADS"] = str(torch_threads)
     if fhir_url:
         extra["DERMNODE_FHIR__BASE_URL"] = fhir_url
+        extra["DERMNODE_FHIR__PATIENT_IDENTIFIER_SYSTEM"] = "http://hospital.example/mrn"
     if models_dir is not None:
         extra["DERMNODE_ANALYSIS__MODELS_DIR"] = str(models_dir)
     return DermnodeProcess(root, port, dermnode_env(root, port, extra), config=cfg)

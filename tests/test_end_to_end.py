@@ -94,6 +94,7 @@ def start_dermnode(tmp: Path, orthanc: Orthanc, fhir: FhirTestServer, port: int 
     env = dermnode_env(tmp, port, {
         "DERMNODE_WORKERS__COUNT": "1",
         "DERMNODE_FHIR__BASE_URL": fhir.url,
+        "DERMNODE_FHIR__PATIENT_IDENTIFIER_SYSTEM": "http://hospital.example/mrn",
         "DERMNODE_DELIVERY__BACKOFF_INITIAL_S": "0.5",
         "DERMNODE_DELIVERY__BACKOFF_MAX_S": "2",
         "DERMNODE_ANALYSIS__TORCH_THREADS": "1",

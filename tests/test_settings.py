@@ -45,6 +45,14 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
         ({"DERMNODE_STORAGE__FSYNC": "maybe"}, "storage.fsync"),
         ({"DERMNODE_SCP__TLS__ENABLED": "true"}, "scp.tls"),
         ({"DERMNODE_FHIR__BASE_URL": "ftp://x"}, "fhir.base_url"),
+        ({"DERMNODE_FHIR__BASE_URL": "https://ehr.example/fhir"}, "fhir.patient_identifier_system"),
+        ({"DERMNODE_WORKERS__POLL_INTERVAL_S": "0"}, "workers.poll_interval_s"),
+        ({"DERMNODE_DELIVERY__BACKOFF_INITIAL_S": "-5"}, "delivery.backoff_initial_s"),
+        ({"DERMNODE_DELIVERY__BACKOFF_INITIAL_S": "900"}, "delivery.backoff_initial_s"),
+        ({"DERMNODE_FHIR__TIMEOUT_S": "0"}, "fhir.timeout_s"),
+        ({"DERMNODE_SCP__DIMSE_TIMEOUT_S": "-1"}, "scp.dimse_timeout_s"),
+        ({"DERMNODE_SCP__ACSE_TIMEOUT_S": "1e9"}, "scp.acse_timeout_s"),
+        ({"DERMNODE_ANALYSIS__TORCH_THREADS": "-1"}, "analysis.torch_threads"),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], key: str) -> None:
@@ -67,3 +75,39 @@ def test_shipped_configs_are_valid() -> None:
     assert files, "config/ ships example configurations"
     for f in files:
         load_settings(f, environ={})
+
+
+def _pacs_toml(tmp_path: Path, *tables: str) -> Path:
+    cfg = tmp_path / "pacs.toml"
+    cfg.write_text("".join(f"[[pacs]]\n{t}\n" for t in tables))
+    return cfg
+
+
+def test_pacs_destinations_need_distinct_names(tmp_path: Path) -> None:
+    """Two [[pacs]] tables with the default name would share one outbox key: one PACS would get nothing."""
+    cfg = _pacs_toml(tmp_path, 'host = "a.example"', 'host = "b.example"')
+    with pytest.raises(ConfigError, match=r"pacs\.name 'pacs' names more than one"):
+        load_settings(cfg, environ={})
+    cfg = _pacs_toml(tmp_path, 'name = "a"\nhost = "a.example"', 'name = "b"\nhost = "b.example"')
+    assert [p.name for p in load_settings(cfg, environ={}).pacs] == ["a", "b"]
+    with pytest.raises(ConfigError, match=r"pacs\.name"):
+        load_settings(_pacs_toml(tmp_path, 'name = " "'), environ={})
+
+
+def test_pacs_calling_ae_title_is_validated(tmp_path: Path) -> None:
+    cfg = _pacs_toml(tmp_path, 'calling_ae_title = "A_CALLING_AE_TITLE_TOO_LONG"')
+    with pytest.raises(ConfigError, match=r"pacs\.calling_ae_title"):
+        load_settings(cfg, environ={})
+    assert load_settings(_pacs_toml(tmp_path, 'calling_ae_title = "DERMNODE_OUT"'), environ={}).pacs[0].calling_ae_title
+
+
+def test_fhir_endpoint_with_patient_identifier_system_is_accepted() -> None:
+    env = {"DERMNODE_FHIR__BASE_URL": "https://ehr.example/fhir",
+           "DERMNODE_FHIR__PATIENT_IDENTIFIER_SYSTEM": "http://hospital.example/mrn"}
+    assert load_settings(environ=env).fhir.patient_identifier_system == "http://hospital.example/mrn"
+
+
+def test_backoff_initial_may_not_exceed_max() -> None:
+    env = {"DERMNODE_DELIVERY__BACKOFF_INITIAL_S": "60", "DERMNODE_DELIVERY__BACKOFF_MAX_S": "10"}
+    with pytest.raises(ConfigError, match="backoff_initial_s must not exceed"):
+        load_settings(environ=env)

@@ -173,7 +173,23 @@ _RANGES: dict[str, tuple[float, float]] = {
     "http.port": (0, 65535),
     "output.seg_series_number": (1, 2**31 - 1),
     "output.sr_series_number": (1, 2**31 - 1),
+    "analysis.torch_threads": (0, 256),
 }
+#: Durations in seconds that must be positive (a zero poll interval is a busy loop, a zero timeout fails at once).
+_POSITIVE: tuple[str, ...] = (
+    "scp.acse_timeout_s",
+    "scp.dimse_timeout_s",
+    "scp.network_timeout_s",
+    "workers.retry_delay_s",
+    "workers.poll_interval_s",
+    "workers.shutdown_grace_s",
+    "delivery.backoff_initial_s",
+    "delivery.backoff_max_s",
+    "delivery.poll_interval_s",
+    "fhir.timeout_s",
+)
+#: Upper bound of every duration above (one day): larger values are typing mistakes (ms for s).
+_MAX_DURATION_S = 86_400.0
 _CHOICES: dict[str, tuple[str, ...]] = {
     "analysis.hair_removal": ("none", "blackhat", "multiscale"),
     "fhir.version": ("R4", "R5"),
@@ -274,14 +290,34 @@ def _validate(settings: Settings) -> None:
         for v in flat.get(key, []):
             if not lo <= v <= hi:
                 raise ConfigError(f"{key}: {v} is outside [{lo}, {hi}]")
+    for key in _POSITIVE:
+        for v in flat.get(key, []):
+            if not 0 < v <= _MAX_DURATION_S:
+                raise ConfigError(f"{key}: {v} must be a number of seconds above 0 and at most {_MAX_DURATION_S:.0f}")
     for key, choices in _CHOICES.items():
         for v in flat.get(key, []):
             if v not in choices:
                 raise ConfigError(f"{key}: {v!r} is not one of {', '.join(choices)}")
-    aets = [settings.scp.ae_title, *settings.scp.allowed_calling_aets, *(p.ae_title for p in settings.pacs)]
-    for aet in aets:
-        if not aet or len(aet) > 16 or "\\" in aet or not aet.isprintable():
-            raise ConfigError(f"AE title {aet!r} is invalid (1-16 printable characters, no backslash)")
+    aets = [
+        ("scp.ae_title", settings.scp.ae_title),
+        *(("scp.allowed_calling_aets", a) for a in settings.scp.allowed_calling_aets),
+        *(("pacs.ae_title", p.ae_title) for p in settings.pacs),
+        *(("pacs.calling_ae_title", p.calling_ae_title) for p in settings.pacs if p.calling_ae_title),
+    ]
+    for key, aet in aets:
+        if not aet.strip() or len(aet) > 16 or "\\" in aet or not aet.isprintable():
+            raise ConfigError(f"{key}: AE title {aet!r} is invalid (1-16 printable characters, no backslash)")
+    if settings.delivery.backoff_initial_s > settings.delivery.backoff_max_s:
+        raise ConfigError("delivery.backoff_initial_s must not exceed delivery.backoff_max_s")
+    names = [p.name for p in settings.pacs]
+    for name in names:
+        if not name.strip() or not name.isprintable():
+            raise ConfigError(f"pacs.name {name!r} is invalid (printable characters, not empty)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(
+            f"pacs.name {duplicates[0]!r} names more than one [[pacs]] table: give every destination its own name"
+        )
     a = settings.analysis
     if a.band_benign_below > a.band_malignant_above:
         raise ConfigError("analysis.band_benign_below must not exceed analysis.band_malignant_above")
@@ -292,6 +328,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("scp.tls.require_client_certificate needs scp.tls.ca_certificates")
     if settings.fhir.base_url and not settings.fhir.base_url.startswith(("http://", "https://")):
         raise ConfigError("fhir.base_url must start with http:// or https://")
+    if settings.fhir.base_url and not settings.fhir.patient_identifier_system.strip():
+        raise ConfigError(
+            "fhir.base_url is set but fhir.patient_identifier_system is empty: set it to the EHR's system URI of "
+            "DICOM Patient IDs (e.g. the MRN system), used when an image carries no Issuer of Patient ID OID; "
+            "without it reports would be filed under patients that match nobody in the EHR"
+        )
 
 
 def load_settings(
