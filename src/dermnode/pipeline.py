@@ -23,9 +23,9 @@ from dermnode import __version__
 from dermnode.dicom_io.reading import read_dataset, to_source_image
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
-from dermnode.dicom_io.uids import derived_uid
+from dermnode.dicom_io.uids import content_digest, derived_uid
 from dermnode.errors import DecodeError, OutputError
-from dermnode.fhir.bundle import build_bundle
+from dermnode.fhir.bundle import build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import encode_png, render_overlay
 from dermnode.inference.types import AnalysisResult, AnalysisStatus
@@ -54,8 +54,8 @@ class OutputFiles:
     overlay_png: Path
     sr: Path
     sr_sop_instance_uid: str
-    fhir_bundle: Path
     fhir_key: str
+    fhir_bundle: Path | None = None  # None: no report could name a subject (the source has no Patient ID)
     seg: Path | None = None
     seg_sop_instance_uid: str | None = None
 
@@ -76,7 +76,10 @@ def write_outputs(
 
     The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``). When
     ``source_file`` is given (``dermnode analyze``: the input path as given), ``result.json`` records it as
-    ``source_file``.
+    ``source_file``. The SEG and SR UIDs depend on the settings their content depends on
+    (:func:`~dermnode.dicom_io.uids.content_digest`), so a re-run with other settings never reuses a UID. A
+    source without Patient ID gets SEG, SR and result.json but no FHIR bundle (a report needs a subject):
+    ``OutputFiles.fhir_bundle`` is ``None`` and ``result.json`` says why.
 
     Raises
     ------
@@ -92,32 +95,45 @@ def write_outputs(
     atomic_write(overlay_path, overlay)
     seg = None
     seg_path = None
+    digest = content_digest(settings.analysis, settings.output)
     if result.status is AnalysisStatus.ANALYSED:
-        seg = build_segmentation(ds, result, settings.output, software_version=SOFTWARE_VERSION)
+        seg = build_segmentation(
+            ds, result, settings.output, software_version=SOFTWARE_VERSION, config_digest=digest
+        )
         seg_path = directory / "seg.dcm"
         _save(seg, seg_path)
-    sr = build_report(ds, result, seg, settings.output, software_version=SOFTWARE_VERSION)
+    sr = build_report(ds, result, seg, settings.output, software_version=SOFTWARE_VERSION, config_digest=digest)
     sr_path = directory / "sr.dcm"
     _save(sr, sr_path)
-    bundle = build_bundle(
-        ds,
-        result,
-        sr_sop_instance_uid=str(sr.SOPInstanceUID),
-        seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
-        overlay_png=overlay,
-        settings=settings.fhir,
-        sr_series_instance_uid=str(sr.SeriesInstanceUID),
-        seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
-        sr_sop_class_uid=str(sr.SOPClassUID),
-    )
-    bundle_path = directory / "diagnostic-report.json"
-    atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
+    bundle_path: Path | None = None
+    no_bundle_reason = None
+    if has_patient_id(ds):
+        bundle = build_bundle(
+            ds,
+            result,
+            sr_sop_instance_uid=str(sr.SOPInstanceUID),
+            seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
+            overlay_png=overlay,
+            settings=settings.fhir,
+            sr_series_instance_uid=str(sr.SeriesInstanceUID),
+            seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
+            sr_sop_class_uid=str(sr.SOPClassUID),
+        )
+        bundle_path = directory / "diagnostic-report.json"
+        atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
+    else:
+        no_bundle_reason = "the source image has no Patient ID: a FHIR report cannot name its subject"
+        logger.warning("no FHIR report for %s: %s (SEG and SR are still written)",
+                       result.source.sop_instance_uid, no_bundle_reason)
     result.timings_ms["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
     doc = result.to_json()
     doc["outputs"] = {
         "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "fhir_bundle": None if bundle_path is None else bundle_path.name,
     }
+    if no_bundle_reason is not None:
+        doc["outputs"]["fhir_bundle_reason"] = no_bundle_reason
     if source_file is not None:
         doc["source_file"] = source_file
     result_path = directory / "result.json"
@@ -184,7 +200,7 @@ class JobProcessor:
         for dest in self.settings.pacs:
             for uid, path in objects:
                 self.outbox.add(job.id, "dicom", f"pacs:{dest.name}", uid, path)
-        if self.settings.fhir.base_url:
+        if self.settings.fhir.base_url and files.fhir_bundle is not None:
             self.outbox.add(job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle)
         self.stage_metrics.observe(timings, result.status.value)
         logger.info("analysed %s: %s %s (%s)", result.source.sop_instance_uid, result.status.value,

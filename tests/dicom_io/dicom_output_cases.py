@@ -5,6 +5,7 @@ Imported by the tests of tests/dicom_io (fixtures live in conftest.py there).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 import subprocess
@@ -144,3 +145,21 @@ def dsrdump(path: Path) -> subprocess.CompletedProcess[str]:
     if binary is None:
         pytest.skip("dsrdump (DCMTK) is not installed")
     return subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
+
+
+def as_multiframe(source: pydicom.Dataset, frames: int = 3) -> pydicom.Dataset:
+    """``source`` (native RGB) as a Multi-frame True Colour SC instance repeating its pixels ``frames`` times."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dermnode.dicom_io.uids import MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE
+
+    ds = copy.deepcopy(source)
+    ds.SOPClassUID = MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE
+    rgb = source.pixel_array
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.NumberOfFrames = frames
+    ds.PixelData = np.stack([rgb] * frames).tobytes()
+    return ds

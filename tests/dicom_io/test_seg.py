@@ -7,7 +7,7 @@ import dataclasses
 import highdicom as hd
 import numpy as np
 import pytest
-from dicom_output_cases import MODELS, dciodvfy, make_case
+from dicom_output_cases import MODELS, as_multiframe, dciodvfy, make_case
 
 from dermnode.dicom_io.seg import SEGMENTATION_STORAGE, build_segmentation, device_uid
 from dermnode.errors import OutputError
@@ -104,6 +104,33 @@ def test_uids_are_deterministic_and_follow_the_models() -> None:
     d = build_segmentation(other_source.source, other_source.result, SETTINGS, software_version="0.1.0")
     assert d.SOPInstanceUID != a.SOPInstanceUID
     assert d.SeriesInstanceUID == a.SeriesInstanceUID  # one dermnode SEG series per study and model set
+
+    # other settings (e.g. hair removal changed the mask): other content, so never the same UIDs
+    e = build_segmentation(case.source, case.result, SETTINGS, software_version="0.1.0", config_digest="other")
+    assert e.SOPInstanceUID != a.SOPInstanceUID and e.SeriesInstanceUID != a.SeriesInstanceUID
+
+
+def test_multiframe_source_references_its_analysed_frame(save) -> None:  # type: ignore[no-untyped-def]
+    """A multi-frame source (Multi-frame True Colour SC is accepted): frame 1 is analysed and referenced."""
+    case = make_case()
+    source = as_multiframe(case.source, 3)
+    seg = build_segmentation(source, case.result, SETTINGS, software_version="0.1.0")
+    path = save(seg, "seg-multiframe.dcm")
+    errors, _ = dciodvfy(path)
+    assert errors == []
+    back = hd.seg.segread(path)
+    assert back.NumberOfFrames == 1
+    refs = [
+        ref
+        for frame in back.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for ref in derivation.SourceImageSequence
+    ]
+    assert [(r.ReferencedSOPInstanceUID, r.ReferencedFrameNumber) for r in refs] == [(source.SOPInstanceUID, 1)]
+    np.testing.assert_array_equal(_mask_from(back, source.SOPInstanceUID).astype(bool), case.result.mask)
+    single = build_segmentation(case.source, case.result, SETTINGS, software_version="0.1.0")
+    first = single.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert "ReferencedFrameNumber" not in first  # a single-frame source is referenced as a whole
 
 
 def test_not_analysable_result_has_no_segmentation(not_analysable_case) -> None:  # type: ignore[no-untyped-def]

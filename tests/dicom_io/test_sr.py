@@ -7,7 +7,7 @@ from pathlib import Path
 
 import highdicom as hd
 import pydicom
-from dicom_output_cases import MODELS, dciodvfy, dsrdump, make_case
+from dicom_output_cases import MODELS, as_multiframe, dciodvfy, dsrdump, make_case
 
 from dermnode.dicom_io import codes
 from dermnode.dicom_io.seg import build_segmentation, device_uid
@@ -164,6 +164,23 @@ def test_report_uids_are_deterministic() -> None:
     other = dataclasses.replace(case.result, models=(MODELS[0], dataclasses.replace(MODELS[1], sha256="c3" * 32)))
     c = build_report(case.source, other, seg, SETTINGS, software_version="0.1.0")
     assert c.SOPInstanceUID != a.SOPInstanceUID
+    d = build_report(case.source, case.result, seg, SETTINGS, software_version="0.1.0", config_digest="other")
+    assert d.SOPInstanceUID != a.SOPInstanceUID and d.SeriesInstanceUID != a.SeriesInstanceUID
+
+
+def test_report_of_a_multiframe_source_names_the_analysed_frame(save) -> None:  # type: ignore[no-untyped-def]
+    case = make_case()
+    source = as_multiframe(case.source, 2)
+    seg = build_segmentation(source, case.result, SETTINGS, software_version="0.1.0")
+    sr = build_report(source, case.result, seg, SETTINGS, software_version="0.1.0")
+    _validate(save(sr, "sr-multiframe.dcm"))
+    images = [
+        item
+        for item in _items(sr.ContentSequence)
+        if item.ValueType == "IMAGE" and item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    ]
+    assert images, "the report references its source image"
+    assert all(item.ReferencedSOPSequence[0].ReferencedFrameNumber == 1 for item in images)
 
 
 def test_uncoded_top_diagnosis_is_left_out() -> None:

@@ -48,6 +48,19 @@ def read_dataset(path: Path) -> Dataset:
     return ds
 
 
+def analysed_frame_numbers(ds: Dataset) -> list[int] | None:
+    """Frame numbers of ``ds`` that dermnode analyses, for references to it: ``[1]`` for a multi-frame source.
+
+    ``None`` for a single-frame image, whose references carry no frame number. A Number of Frames that is not
+    an integer counts as one frame (decoding reads the first frame either way).
+    """
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return None
+    return [1] if frames > 1 else None
+
+
 def _decimal_pair(value: object) -> tuple[float, float] | None:
     try:
         seq = list(value)  # type: ignore[call-overload]

@@ -10,6 +10,7 @@ yields the same SEG, which a PACS stores once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -20,7 +21,8 @@ import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dermnode.dicom_io import codes
-from dermnode.dicom_io.uids import derived_uid
+from dermnode.dicom_io.reading import analysed_frame_numbers
+from dermnode.dicom_io.uids import SECONDARY_CAPTURE_IMAGE_STORAGE, derived_uid
 from dermnode.errors import OutputError
 from dermnode.inference.types import AnalysisResult, AnalysisStatus, ModelIdentity
 from dermnode.settings import OutputSettings
@@ -195,22 +197,62 @@ def contributing_equipment(
     )
 
 
+def _single_frame_view(source: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``source`` posing as a single-frame Secondary Capture (its pixels are never read).
+
+    highdicom 0.28 refuses a multi-frame source without a frame of reference and treats the multi-frame SC
+    classes as enhanced images with functional groups; the view lets it build the derivation from the
+    attributes it copies, and :func:`_restore_source_references` puts the real SOP class and the analysed frame
+    back. The view has its own element dictionary, so ``source`` is left unchanged.
+    """
+    view = pydicom.Dataset()
+    view.update(source)
+    view.file_meta = source.file_meta
+    view.add_new(0x00080016, "UI", SECONDARY_CAPTURE_IMAGE_STORAGE)  # SOP Class UID
+    view.add_new(0x00280008, "IS", 1)  # Number of Frames
+    return view
+
+
+def _restore_source_references(ds: pydicom.Dataset, source: pydicom.Dataset, frames: list[int]) -> None:
+    """Reference ``source`` with its own SOP class everywhere, and by ``frames`` in Source Image Sequences.
+
+    Referenced Frame Number is Type 1C there: required when the source is multi-frame and not every frame is
+    meant (only frame 1 was analysed). Items of a Source Image Sequence are replaced by copies, as highdicom may
+    share one item between several sequences (the Referenced Series Sequence has no frame numbers).
+    """
+    for element in ds:
+        if element.VR != "SQ":
+            continue
+        for index, item in enumerate(element.value):
+            if item.get("ReferencedSOPInstanceUID") == source.SOPInstanceUID:
+                if element.keyword == "SourceImageSequence":
+                    item = copy.deepcopy(item)
+                    item.ReferencedFrameNumber = frames
+                    element.value[index] = item
+                item.ReferencedSOPClassUID = source.SOPClassUID
+            _restore_source_references(item, source, frames)
+
+
 def build_segmentation(
-    source: pydicom.Dataset, result: AnalysisResult, settings: OutputSettings, *, software_version: str
+    source: pydicom.Dataset, result: AnalysisResult, settings: OutputSettings, *, software_version: str,
+    config_digest: str = "",
 ) -> hd.seg.Segmentation:
     """Build the lesion SEG of ``result`` for the source image ``source``.
 
     Parameters
     ----------
     source:
-        The analysed single-frame colour image (its attributes provide patient, study and frame of
-        reference; its pixel data is not read).
+        The analysed colour image (its attributes provide patient, study and frame of reference; its pixel
+        data is not read). Of a multi-frame source, frame 1 is the analysed one and the one referenced.
     result:
         The analysis result with a mask (and a probability map for a fractional SEG).
     settings:
         Output settings: series number/description, manufacturer, institution, ``fractional_seg``.
     software_version:
         dermnode's version, written to Software Versions.
+    config_digest:
+        :func:`~dermnode.dicom_io.uids.content_digest` of the settings used, so that other settings give
+        other UIDs (the pipeline always passes it).
 
     Returns
     -------
@@ -232,8 +274,6 @@ def build_segmentation(
     shape = (int(source.Rows), int(source.Columns))
     if mask.shape != shape:
         raise OutputError(f"mask shape {mask.shape} does not match the source image {shape}")
-    if getattr(source, "NumberOfFrames", 1) not in (None, "", 1, "1"):
-        raise OutputError("only single-frame source images are supported")
     if source.SOPInstanceUID != result.source.sop_instance_uid:
         raise OutputError("the source dataset is not the image the result was computed from")
 
@@ -252,9 +292,10 @@ def build_segmentation(
         pixels = mask.astype(np.uint8)
         seg_type = hd.seg.SegmentationTypeValues.BINARY
 
-    sop_uid = derived_uid("seg", source.SOPInstanceUID, seg_type.value, *digests)
+    sop_uid = derived_uid("seg", source.SOPInstanceUID, seg_type.value, *digests, config_digest)
     series_uid = derived_uid(
-        "seg-series", source.StudyInstanceUID, str(settings.seg_series_number), seg_type.value, *digests
+        "seg-series", source.StudyInstanceUID, str(settings.seg_series_number), seg_type.value, *digests,
+        config_digest,
     )
     description = hd.seg.SegmentDescription(
         segment_number=LESION_SEGMENT_NUMBER,
@@ -271,9 +312,14 @@ def build_segmentation(
         instance_number = int(getattr(source, "InstanceNumber", None) or 1)
     except (TypeError, ValueError):
         instance_number = 1
+    frames = analysed_frame_numbers(source)
+    # highdicom refuses a multi-frame source without a frame of reference (e.g. Multi-frame True Colour SC):
+    # give it frame 1's view (the attributes it copies do not depend on the frame count) and add the frame
+    # number to the derivation references below.
+    hd_source = source if frames is None else _single_frame_view(source)
     try:
         seg = hd.seg.Segmentation(
-            source_images=[source],
+            source_images=[hd_source],
             pixel_array=pixels,
             segmentation_type=seg_type,
             segment_descriptions=[description],
@@ -314,6 +360,10 @@ def build_segmentation(
     # (Patient); the derivation path of a photographic source has none. Copy the source's (may be empty).
     if "PatientOrientation" not in seg:
         seg.PatientOrientation = source.get("PatientOrientation", "")
+    # Source Image Sequence: Referenced Frame Number is Type 1C, required when the source is multi-frame and
+    # the reference is not to all of its frames; only frame 1 was analysed.
+    if frames is not None:
+        _restore_source_references(seg, source, frames)
     logger.info(
         "built %s SEG %s for source %s (%d lesion pixels)",
         seg_type.value,

@@ -29,6 +29,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID
 
 from dermnode.dicom_io import codes
+from dermnode.dicom_io.reading import analysed_frame_numbers
 from dermnode.dicom_io.seg import (
     LESION_SEGMENT_NUMBER,
     MODEL_NAME,
@@ -161,6 +162,7 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
                 name=codes.SOURCE,
                 referenced_sop_class_uid=source.SOPClassUID,
                 referenced_sop_instance_uid=source.SOPInstanceUID,
+                referenced_frame_numbers=analysed_frame_numbers(source),
                 relationship_type=contains,
             ),
         ]
@@ -201,6 +203,7 @@ def build_report(
     settings: OutputSettings,
     *,
     software_version: str,
+    config_digest: str = "",
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of ``result``.
 
@@ -217,6 +220,9 @@ def build_report(
         Output settings: SR series number/description, manufacturer, institution.
     software_version:
         dermnode's version, written to Software Versions and the algorithm identification.
+    config_digest:
+        :func:`~dermnode.dicom_io.uids.content_digest` of the settings used, so that other settings give
+        other UIDs (the pipeline always passes it).
 
     Returns
     -------
@@ -284,6 +290,7 @@ def build_report(
                 source_image=hd.sr.SourceImageForSegmentation(
                     referenced_sop_class_uid=source.SOPClassUID,
                     referenced_sop_instance_uid=source.SOPInstanceUID,
+                    referenced_frame_numbers=analysed_frame_numbers(source),
                 ),
             )
             group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -320,8 +327,10 @@ def build_report(
         report[0].ContentSequence.append(evaluations)
 
         seg_uid = segmentation.SOPInstanceUID if segmentation is not None else "no-seg"
-        sop_uid = derived_uid("sr", source.SOPInstanceUID, seg_uid, *digests)
-        series_uid = derived_uid("sr-series", source.StudyInstanceUID, str(settings.sr_series_number), *digests)
+        sop_uid = derived_uid("sr", source.SOPInstanceUID, seg_uid, *digests, config_digest)
+        series_uid = derived_uid(
+            "sr-series", source.StudyInstanceUID, str(settings.sr_series_number), *digests, config_digest
+        )
         try:
             instance_number = int(getattr(source, "InstanceNumber", None) or 1)
         except (TypeError, ValueError):

@@ -1,10 +1,15 @@
 """UIDs, SOP classes and transfer syntaxes dermnode uses.
 
 Derived objects get deterministic UIDs (:func:`derived_uid`): the same source instance analysed by the same
-models always yields the same SEG/SR UIDs, so a re-run or a retried delivery is idempotent in the archive.
+models with the same settings (:func:`content_digest`) always yields the same SEG/SR UIDs, so a re-run or a
+retried delivery is idempotent in the archive, and different content never shares a UID.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
 
 from pydicom.uid import (
     JPEG2000,
@@ -19,6 +24,8 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+
+from dermnode.settings import AnalysisSettings, OutputSettings
 
 #: UID root of dermnode-generated UIDs (pydicom's root: no organisation root is registered for this project).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -54,3 +61,20 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
 def derived_uid(*parts: str) -> UID:
     """A deterministic UID under :data:`UID_PREFIX` derived from ``parts`` (hash based)."""
     return generate_uid(prefix=UID_PREFIX, entropy_srcs=list(parts))
+
+
+#: Analysis settings that cannot change an output's content (model identity is hashed separately).
+_CONTENT_NEUTRAL_ANALYSIS_KEYS = frozenset({"models_dir", "torch_threads"})
+
+
+def content_digest(analysis: AnalysisSettings, output: OutputSettings) -> str:
+    """SHA-256 (hex) of the settings the SEG/SR content depends on, for :func:`derived_uid`.
+
+    Hair removal, CLAHE, the band thresholds and the device calibrations change the mask or the reported
+    values, and the output settings change series numbers and descriptive attributes: an instance analysed
+    again with other settings must not reuse a SOP Instance UID (PS3.3 C.12.1.1.1). Where the weights are read
+    from and the thread count do not change the content and are left out.
+    """
+    doc = {k: v for k, v in dataclasses.asdict(analysis).items() if k not in _CONTENT_NEUTRAL_ANALYSIS_KEYS}
+    doc["output"] = dataclasses.asdict(output)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode("utf-8")).hexdigest()

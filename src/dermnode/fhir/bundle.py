@@ -42,7 +42,7 @@ UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://dermnode.example/fhir/b
 DISCLAIMER = "decision support only, not a diagnosis"
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # what dermnode writes (TID 1500)
 _MODALITY_DISPLAY = {
     "DMS": "Dermoscopy",
     "XC": "External-camera Photography",
@@ -80,6 +80,11 @@ def _models_digest(models: Sequence[ModelIdentity]) -> str:
 
 
 # --- DICOM -> FHIR value helpers ---------------------------------------------------------------------------
+def has_patient_id(ds: Dataset) -> bool:
+    """Whether ``ds`` names its patient (Patient ID, Type 2, may legally be empty): a report needs a subject."""
+    return bool(str(ds.get("PatientID", "") or "").strip())
+
+
 def _patient_identifier(ds: Dataset, settings: FhirSettings) -> JsonDict:
     patient_id = str(ds.get("PatientID", "") or "").strip()
     if not patient_id:
@@ -509,7 +514,7 @@ def build_bundle(
     issued: dt.datetime | None = None,
     sr_series_instance_uid: str | None = None,
     seg_series_instance_uid: str | None = None,
-    sr_sop_class_uid: str = COMPREHENSIVE_SR_STORAGE,
+    sr_sop_class_uid: str = COMPREHENSIVE_3D_SR_STORAGE,
 ) -> JsonDict:
     """Build the transaction Bundle reporting ``result`` for the FHIR version in ``settings.version``.
 
@@ -531,7 +536,7 @@ def build_bundle(
     sr_series_instance_uid, seg_series_instance_uid:
         Series of the SR and SEG; when given (with the instance UID) they are listed in the ImagingStudy.
     sr_sop_class_uid:
-        SOP Class of the SR (default: Comprehensive SR Storage).
+        SOP Class of the SR (default: Comprehensive 3D SR Storage, what dermnode writes).
 
     Returns
     -------
