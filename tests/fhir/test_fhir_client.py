@@ -154,3 +154,25 @@ def test_write_bundle_file(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "fhir").iterdir()] == ["report-1.json"]  # no temp files left
     with pytest.raises(OutputError):
         write_bundle_file(bundle, tmp_path, "../escape")
+
+
+def test_patient_identifier_echoed_by_the_server_is_masked(caplog: pytest.LogCaptureFixture) -> None:
+    """Servers echo a failing conditional create (Patient?identifier=...|<Patient ID>): keep it out of logs."""
+    import io
+    import urllib.error
+
+    from dermnode.fhir.client import patient_identifiers
+
+    bundle = _bundle()
+    (patient_id,) = patient_identifiers(bundle)
+    body = json.dumps({
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "processing",
+                   "diagnostics": f"conditional create Patient?identifier=urn:x|{patient_id} matched 2 resources"}],
+    }).encode()
+    exc = urllib.error.HTTPError("http://ehr.example/fhir", 412, "Precondition Failed", None,  # type: ignore[arg-type]
+                                 io.BytesIO(body))
+    caplog.set_level(logging.DEBUG)
+    err = _client("http://ehr.example/fhir")._http_error(exc, patient_identifiers(bundle))
+    assert "matched 2 resources" in str(err) and "***" in str(err)
+    assert patient_id not in str(err) and patient_id not in caplog.text

@@ -21,6 +21,7 @@ import ssl
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ class FhirClient:
                 status = resp.status
                 raw = resp.read(_MAX_RESPONSE_BYTES)
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
+            raise self._http_error(exc, patient_identifiers(bundle)) from None
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, ssl.SSLCertVerificationError):
@@ -155,7 +156,12 @@ class FhirClient:
         )
         return answer
 
-    def _http_error(self, exc: urllib.error.HTTPError) -> DeliveryError:
+    def _http_error(self, exc: urllib.error.HTTPError, hide: Sequence[str] = ()) -> DeliveryError:
+        """The error of an HTTP error answer; ``hide`` (patient identifiers) is masked in the server's text.
+
+        Servers often echo the failing conditional create (``Patient?identifier=system|value``) in their
+        OperationOutcome; that text is logged and stored in the dead letters, so the Patient ID is masked.
+        """
         code = exc.code
         try:
             detail = exc.read(4096).decode("utf-8", "replace")
@@ -163,7 +169,10 @@ class FhirClient:
             detail = ""
         finally:
             exc.close()
-        detail = self._redact(_outcome_text(detail))[:_MAX_BODY_IN_MESSAGE]
+        detail = self._redact(_outcome_text(detail))
+        for value in sorted(set(hide), key=len, reverse=True):
+            detail = redact(detail, value)
+        detail = detail[:_MAX_BODY_IN_MESSAGE]
         permanent = 400 <= code < 500 and code not in (408, 429)
         kind = "refused" if permanent else "failed (will retry)"
         msg = f"FHIR transaction {kind}: HTTP {code} from {self.url}"
@@ -171,6 +180,19 @@ class FhirClient:
             msg += f": {detail}"
         logger.warning("%s", msg)
         return DeliveryError(msg, permanent=permanent)
+
+
+def patient_identifiers(bundle: Mapping[str, Any]) -> list[str]:
+    """The identifier values of the Patient resources in ``bundle`` (what must not reach a log)."""
+    values: list[str] = []
+    for entry in bundle.get("entry", []) or []:
+        resource = entry.get("resource") if isinstance(entry, Mapping) else None
+        if isinstance(resource, Mapping) and resource.get("resourceType") == "Patient":
+            for ident in resource.get("identifier", []) or []:
+                value = ident.get("value") if isinstance(ident, Mapping) else None
+                if isinstance(value, str) and value:
+                    values.append(value)
+    return values
 
 
 def _outcome_text(body: str) -> str:
