@@ -1,4 +1,4 @@
-"""The ``dermnode`` command line: serve, status, wrap, send, replay, analyze, evaluate, train."""
+"""The ``dermnode`` command line: serve, status, replay, prune, wrap, send, analyze, evaluate, train."""
 
 from __future__ import annotations
 
@@ -94,6 +94,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 2
     print(f"re-queued {n} item(s)")
     return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from dermnode.retention import prune
+
+    settings = _settings(args)
+    report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} the files of {report.jobs} finished job(s): {report.files} file(s), {report.bytes / 1e6:.1f} MB")
+    for error in report.errors:
+        print(f"not removed: {error}", file=sys.stderr)
+    return 1 if report.errors else 0
 
 
 def cmd_wrap(args: argparse.Namespace) -> int:
@@ -201,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delivery", type=int, help="delivery id")
     s.add_argument("--dead-letter", action="store_true", help="all dead-lettered jobs and deliveries")
     s.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("prune", help="delete the spool and result files of finished, fully delivered jobs")
+    s.add_argument("--older-than-days", type=float, required=True, metavar="N",
+                   help="only jobs last changed more than N days ago")
+    s.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("wrap", help="wrap a photo as a Dermoscopic Photography Image (modality simulator)")
     s.add_argument("image")

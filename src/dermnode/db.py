@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_at REAL NOT NULL,
     replayed_at REAL
 );
+CREATE TABLE IF NOT EXISTS pruned (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    pruned_at REAL NOT NULL
+);
 """
 
 

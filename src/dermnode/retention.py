@@ -1,0 +1,140 @@
+"""Retention: remove the local copies of work that is finished everywhere, so the disk does not fill up.
+
+dermnode keeps every received image in the spool and every output under ``results/`` until an operator prunes
+them (``dermnode prune --older-than-days N``, e.g. from a daily timer). Only a job that is ``done`` (analysed
+or refused with a reason), last changed more than N days ago, and whose deliveries have **all** been delivered
+is pruned: its spool file and its results folder are deleted. Pending, running, failed or dead-lettered jobs,
+and jobs with a delivery still pending or dead, are never touched, so nothing that may still be needed for a
+retry or a replay goes away. The job and delivery rows stay (the audit trail); ``pruned`` records when the
+files went. A re-sent copy of a pruned image is still recognised as already processed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dermnode.db import connect, database_path
+from dermnode.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+_SECONDS_PER_DAY = 86_400.0
+
+_PRUNABLE = """
+SELECT j.id, j.sop_instance_uid, j.path FROM jobs j
+WHERE j.state = 'done' AND j.updated_at < ?
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.state != 'delivered')
+  AND NOT EXISTS (SELECT 1 FROM pruned p WHERE p.job_id = j.id)
+ORDER BY j.id
+"""
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` removed (or would remove with ``dry_run``)."""
+
+    jobs: int = 0
+    files: int = 0
+    bytes: int = 0
+    dry_run: bool = False
+    errors: list[str] = field(default_factory=list)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(files, bytes) under ``path`` (a file or a folder); (0, 0) when it does not exist."""
+    if path.is_file():
+        return 1, path.stat().st_size
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file()]
+        return len(files), sum(p.stat().st_size for p in files)
+    return 0, 0
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def prune(
+    storage_root: Path, older_than_days: float, *, dry_run: bool = False, now: float | None = None
+) -> PruneReport:
+    """Delete the spool file and results folder of every finished, fully delivered job older than the limit.
+
+    Parameters
+    ----------
+    storage_root:
+        ``storage.root`` of the service (spool, results and the state database).
+    older_than_days:
+        Only jobs whose last state change is older than this many days are pruned (>= 0).
+    dry_run:
+        Count what would be removed, remove nothing.
+    now:
+        Current time (seconds since the epoch); for tests.
+
+    Returns
+    -------
+    PruneReport
+        Jobs pruned, files and bytes removed, and the paths that could not be removed (they are retried at
+        the next run: the job is recorded as pruned only when all its files are gone).
+
+    Raises
+    ------
+    ValueError
+        When ``older_than_days`` is negative.
+    StorageError
+        When the state database cannot be read or updated.
+    """
+    if older_than_days < 0:
+        raise ValueError(f"older_than_days must be >= 0, got {older_than_days}")
+    cutoff = (time.time() if now is None else now) - older_than_days * _SECONDS_PER_DAY
+    results_root = storage_root / "results"
+    report = PruneReport(dry_run=dry_run)
+    conn = connect(database_path(storage_root))
+    try:
+        rows = conn.execute(_PRUNABLE, (cutoff,)).fetchall()
+        for row in rows:
+            targets = [Path(row["path"]), results_root / row["sop_instance_uid"]]
+            failed = False
+            for target in targets:
+                if not _inside(target, storage_root):
+                    report.errors.append(f"{target}: outside {storage_root}, left in place")
+                    failed = True
+                    continue
+                files, size = _size(target)
+                if files == 0:
+                    continue
+                if not dry_run:
+                    try:
+                        if target.is_dir():
+                            shutil.rmtree(target)
+                        else:
+                            target.unlink()
+                    except OSError as exc:
+                        report.errors.append(f"{target}: {exc.strerror or exc}")
+                        failed = True
+                        continue
+                report.files += files
+                report.bytes += size
+            if failed:
+                continue
+            report.jobs += 1
+            if not dry_run:
+                conn.execute("INSERT INTO pruned (job_id, pruned_at) VALUES (?, ?)", (row["id"], time.time()))
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot prune {storage_root}: {exc}") from exc
+    finally:
+        conn.close()
+    logger.info(
+        "%s %d finished job(s) older than %g day(s): %d file(s), %.1f MB%s",
+        "would prune" if dry_run else "pruned",
+        report.jobs,
+        older_than_days,
+        report.files,
+        report.bytes / 1e6,
+        f"; {len(report.errors)} path(s) could not be removed" if report.errors else "",
+    )
+    return report

@@ -1,0 +1,99 @@
+"""Retention: only finished, fully delivered, old jobs lose their files; everything else stays."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dermnode.db import connect, database_path
+from dermnode.retention import prune
+
+DAY = 86_400.0
+
+
+def _job(root: Path, uid: str, state: str, age_days: float, deliveries: tuple[str, ...] = ("delivered",)) -> Path:
+    """A job row with a spool file and a results folder, last changed ``age_days`` ago."""
+    spool = root / "spool" / "ab" / f"{uid}.dcm"
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    spool.write_bytes(b"x" * 100)
+    results = root / "results" / uid
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "sr.dcm").write_bytes(b"y" * 50)
+    (results / "result.json").write_bytes(b"{}")
+    t = time.time() - age_days * DAY
+    conn = connect(database_path(root))
+    job_id = conn.execute(
+        "INSERT INTO jobs (sop_instance_uid, sop_class_uid, path, state, received_at, updated_at)"
+        " VALUES (?, '1.2', ?, ?, ?, ?)",
+        (uid, str(spool), state, t, t),
+    ).lastrowid
+    for i, d_state in enumerate(deliveries):
+        conn.execute(
+            "INSERT INTO deliveries (job_id, kind, destination, object_key, path, state, created_at, updated_at)"
+            " VALUES (?, 'dicom', 'pacs:main', ?, ?, ?, ?, ?)",
+            (job_id, f"{uid}.{i}", str(results / "sr.dcm"), d_state, t, t),
+        )
+    conn.close()
+    return spool
+
+
+def test_prunes_only_finished_fully_delivered_old_jobs(tmp_path: Path) -> None:
+    root = tmp_path / "var"
+    old_done = _job(root, "1.1", "done", 40)
+    recent = _job(root, "1.2", "done", 1)
+    dead = _job(root, "1.3", "dead", 40)
+    undelivered = _job(root, "1.4", "done", 40, ("delivered", "pending"))
+    dead_delivery = _job(root, "1.5", "done", 40, ("dead",))
+    no_delivery = _job(root, "1.6", "done", 40, ())  # e.g. no PACS configured: nothing left to send
+
+    dry = prune(root, 30, dry_run=True)
+    assert (dry.jobs, dry.files, dry.bytes) == (2, 6, 2 * (100 + 50 + 2))
+    assert old_done.exists()  # a dry run removes nothing
+
+    report = prune(root, 30)
+    assert (report.jobs, report.files, report.errors) == (2, 6, [])
+    assert not old_done.exists() and not (root / "results" / "1.1").exists()
+    assert not no_delivery.exists()
+    for kept in (recent, dead, undelivered, dead_delivery):
+        assert kept.exists() and (root / "results" / kept.stem).is_dir()
+
+    conn = connect(database_path(root))
+    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 6  # the audit trail stays
+    assert {r[0] for r in conn.execute("SELECT job_id FROM pruned")} == {1, 6}
+    conn.close()
+    assert prune(root, 30).jobs == 0  # idempotent
+
+
+def test_files_outside_the_storage_root_are_left_alone(tmp_path: Path) -> None:
+    root = tmp_path / "var"
+    outside = tmp_path / "elsewhere.dcm"
+    outside.write_bytes(b"z")
+    _job(root, "2.1", "done", 10)
+    conn = connect(database_path(root))
+    conn.execute("UPDATE jobs SET path = ?", (str(outside),))
+    conn.close()
+    report = prune(root, 1)
+    assert outside.exists() and report.jobs == 0 and "outside" in report.errors[0]
+
+
+def test_negative_age_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="older_than_days"):
+        prune(tmp_path, -1)
+
+
+def test_cli_prune(tmp_path: Path) -> None:
+    root = tmp_path / "var"
+    spool = _job(root, "3.1", "done", 5)
+    env = {**os.environ, "DERMNODE_STORAGE__ROOT": str(root)}
+    cmd = [sys.executable, "-m", "dermnode.cli", "prune", "--older-than-days", "2"]
+    dry = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove the files of 1 finished job(s): 3 file(s)" in dry.stdout and spool.exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "removed the files of 1 finished job(s)" in done.stdout and not spool.exists()
