@@ -3,6 +3,10 @@
 Queue and delivery counts are read from the state database, so they always agree with ``dermnode status``.
 Stage latencies are accumulated in memory by the job processor (:class:`StageMetrics`) and exported as
 Prometheus summaries (``_sum`` and ``_count`` in seconds).
+
+``/healthz`` answers 200 ``{"status": "ok", ...}`` while every worker thread and the outbox thread is alive,
+and 503 ``{"status": "unhealthy", "dead": ["worker-0", ...], ...}`` when one of them has died while the service
+runs (or when the state database cannot be read). ``/metrics`` exports the same liveness as gauges.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from dermnode.outbox import Outbox
 from dermnode.scp.queue import JobQueue
+from dermnode.scp.workers import PoolHealth
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +45,23 @@ class StageMetrics:
             return dict(self.latency_sum_s), dict(self.latency_count), dict(self.outcomes)
 
 
-def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics) -> str:
-    """The Prometheus text exposition of dermnode's state."""
+def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health: PoolHealth | None = None) -> str:
+    """The Prometheus text exposition of dermnode's state.
+
+    Parameters
+    ----------
+    queue, outbox:
+        The state stores (counts).
+    stages:
+        Stage latencies and outcomes since start.
+    health:
+        Thread liveness of the worker pool; ``None`` leaves the liveness gauges out.
+
+    Raises
+    ------
+    sqlite3.Error
+        When the state database cannot be read.
+    """
     jobs = queue.counts()
     deliveries = outbox.counts()
     lines = [
@@ -78,15 +98,84 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics) -> str
     for stage in sorted(sums):
         lines.append(f'dermnode_stage_latency_seconds_sum{{stage="{stage}"}} {sums[stage]:.6f}')
         lines.append(f'dermnode_stage_latency_seconds_count{{stage="{stage}"}} {counts[stage]}')
-    lines += ["# HELP dermnode_analysis_outcomes_total Analysis outcomes since start.",
-              "# TYPE dermnode_analysis_outcomes_total counter"]
+    lines += [
+        "# HELP dermnode_analysis_outcomes_total Analysis outcomes since start.",
+        "# TYPE dermnode_analysis_outcomes_total counter",
+    ]
     lines += [f'dermnode_analysis_outcomes_total{{status="{k}"}} {v}' for k, v in sorted(outcomes.items())]
+    if health is not None:
+        lines += [
+            "# HELP dermnode_worker_threads_alive Analysis worker threads alive.",
+            "# TYPE dermnode_worker_threads_alive gauge",
+            f"dermnode_worker_threads_alive {health.workers_alive}",
+            "# HELP dermnode_worker_threads_configured Analysis worker threads configured (workers.count).",
+            "# TYPE dermnode_worker_threads_configured gauge",
+            f"dermnode_worker_threads_configured {health.workers_configured}",
+            "# HELP dermnode_outbox_thread_alive Whether the delivery (outbox) thread is alive.",
+            "# TYPE dermnode_outbox_thread_alive gauge",
+            f"dermnode_outbox_thread_alive {int(health.outbox_alive)}",
+            "# HELP dermnode_healthy Whether every thread that should run is alive (as /healthz).",
+            "# TYPE dermnode_healthy gauge",
+            f"dermnode_healthy {int(health.ok)}",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def start_http(bind: str, port: int, queue_factory: Callable[[], tuple[JobQueue, Outbox]],
-               stages: StageMetrics) -> ThreadingHTTPServer:
+def health_document(queue: JobQueue, outbox: Outbox, health: PoolHealth | None = None) -> tuple[int, dict[str, object]]:
+    """The ``/healthz`` answer: HTTP status and JSON document.
+
+    Parameters
+    ----------
+    queue, outbox:
+        The state stores (counts).
+    health:
+        Thread liveness of the worker pool; ``None``: not checked.
+
+    Returns
+    -------
+    tuple[int, dict[str, object]]
+        200 with ``status = "ok"``, or 503 with ``status = "unhealthy"`` and ``dead`` naming each component
+        whose thread is not alive while the service runs.
+
+    Raises
+    ------
+    sqlite3.Error
+        When the state database cannot be read.
+    """
+    doc: dict[str, object] = {"status": "ok", "jobs": queue.counts(), "deliveries": outbox.counts()}
+    if health is None:
+        return 200, doc
+    doc["threads"] = {
+        "workers_alive": health.workers_alive,
+        "workers_configured": health.workers_configured,
+        "outbox_alive": health.outbox_alive,
+    }
+    if health.ok:
+        return 200, doc
+    doc["status"] = "unhealthy"
+    doc["dead"] = list(health.dead)
+    return 503, doc
+
+
+def start_http(
+    bind: str,
+    port: int,
+    queue_factory: Callable[[], tuple[JobQueue, Outbox]],
+    stages: StageMetrics,
+    health: Callable[[], PoolHealth] | None = None,
+) -> ThreadingHTTPServer:
     """Serve ``/healthz`` and ``/metrics`` in a background thread; returns the server (``shutdown()``).
+
+    Parameters
+    ----------
+    bind, port:
+        Listen address (port 0: any free port, read it from ``server.server_address``).
+    queue_factory:
+        Returns the state stores.
+    stages:
+        Stage latencies.
+    health:
+        Returns the worker pool's thread liveness at each request; ``None``: not reported.
 
     Raises
     ------
@@ -94,15 +183,31 @@ def start_http(bind: str, port: int, queue_factory: Callable[[], tuple[JobQueue,
         When the port cannot be bound.
     """
     queue, outbox = queue_factory()
+    reported: list[tuple[str, ...]] = [()]  # the dead components last logged (one warning per change)
+    report_lock = threading.Lock()
+
+    def _log_dead_change(dead: tuple[str, ...]) -> None:
+        with report_lock:
+            if dead == reported[0]:
+                return
+            reported[0] = dead
+        if dead:
+            logger.error("unhealthy: thread(s) not alive: %s", ", ".join(dead))
+        else:
+            logger.info("healthy again: every thread alive")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             try:
                 if self.path == "/healthz":
-                    body = json.dumps({"status": "ok", "jobs": queue.counts(), "deliveries": outbox.counts()})
-                    ctype = "application/json"
+                    pool = health() if health is not None else None
+                    code, doc = health_document(queue, outbox, pool)
+                    if pool is not None:
+                        _log_dead_change(pool.dead)
+                    body, ctype = json.dumps(doc), "application/json"
                 elif self.path == "/metrics":
-                    body = render_metrics(queue, outbox, stages)
+                    code = 200
+                    body = render_metrics(queue, outbox, stages, health() if health is not None else None)
                     ctype = "text/plain; version=0.0.4"
                 else:
                     self.send_error(404)
@@ -112,7 +217,7 @@ def start_http(bind: str, port: int, queue_factory: Callable[[], tuple[JobQueue,
                 body, ctype = json.dumps({"status": "error", "error": str(exc)}), "application/json"
                 self.send_response(503)
             else:
-                self.send_response(200)
+                self.send_response(code)
             data = body.encode()
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from dermnode.db import connect, dead_letter, replay_dead
 from dermnode.errors import DeliveryError, StorageError
@@ -24,6 +25,72 @@ from dermnode.settings import DeliverySettings
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("dermnode.audit")
+
+T = TypeVar("T")
+
+#: First pause before a failed state update (``database is locked`` past the busy timeout, a full disk) is
+#: retried; the pause doubles up to :data:`STATE_RETRY_MAX_S`.
+STATE_RETRY_INITIAL_S = 0.1
+#: Longest pause between two tries of a state update.
+STATE_RETRY_MAX_S = 5.0
+
+
+class StateUpdateAbandonedError(StorageError):
+    """A state update still failed when its caller was told to stop.
+
+    The row keeps its in-flight state (``running`` job, ``sending`` delivery) and is put back to ``pending`` by
+    ``recover()`` at the next start.
+    """
+
+
+def retry_state_update(
+    update: Callable[[], T],
+    *,
+    what: str,
+    stop: threading.Event,
+    initial_s: float | None = None,
+    max_s: float | None = None,
+) -> T:
+    """Run ``update`` (one state-database write) until it succeeds, backing off between tries.
+
+    Every failure is logged with its traceback; the pause starts at ``initial_s`` and doubles up to ``max_s``
+    (defaults: :data:`STATE_RETRY_INITIAL_S`, :data:`STATE_RETRY_MAX_S`) and ends at once when ``stop`` is set.
+
+    Parameters
+    ----------
+    update:
+        The write; it must be safe to repeat (each state update of the queue and the outbox is).
+    what:
+        What is recorded, for the log (no PHI: ids only).
+    stop:
+        Set when the caller must give up (shutdown).
+
+    Returns
+    -------
+    T
+        What ``update`` returned.
+
+    Raises
+    ------
+    StateUpdateAbandonedError
+        When ``stop`` is set while the update still fails.
+    """
+    delay = STATE_RETRY_INITIAL_S if initial_s is None else initial_s
+    cap = STATE_RETRY_MAX_S if max_s is None else max_s
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            result = update()
+        except Exception:
+            logger.exception("cannot record %s (try %d), retrying in %.1fs", what, tries, delay)
+        else:
+            if tries > 1:
+                logger.info("recorded %s after %d tries", what, tries)
+            return result
+        if stop.wait(delay):
+            raise StateUpdateAbandonedError(f"gave up recording {what} after {tries} tries: stopping")
+        delay = min(cap, delay * 2)
 
 
 @dataclass(frozen=True)
@@ -86,12 +153,16 @@ class Outbox:
         """Take the oldest due delivery (marking it ``sending``)."""
         now = time.time()
         try:
-            row = self._conn().execute(
-                "UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ?"
-                " WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY id LIMIT 1) RETURNING id, job_id, kind, destination, object_key, path, attempts",
-                (now, now),
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(
+                    "UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ?"
+                    " WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
+                    " ORDER BY id LIMIT 1) RETURNING id, job_id, kind, destination, object_key, path, attempts",
+                    (now, now),
+                )
+                .fetchone()
+            )
         except sqlite3.OperationalError as exc:
             logger.warning("delivery claim failed, will retry: %s", exc)
             return None
@@ -108,10 +179,16 @@ class Outbox:
         )
 
     def delivered(self, delivery: Delivery) -> None:
+        """Record a successful send.
+
+        Raises
+        ------
+        sqlite3.Error
+            When the state database cannot be written (:meth:`pump_once` retries).
+        """
         now = time.time()
         self._conn().execute(
-            "UPDATE deliveries SET state = 'done', last_error = NULL, delivered_at = ?, updated_at = ?"
-            " WHERE id = ?",
+            "UPDATE deliveries SET state = 'done', last_error = NULL, delivered_at = ?, updated_at = ? WHERE id = ?",
             (now, now, delivery.id),
         )
 
@@ -120,16 +197,27 @@ class Outbox:
         return float(min(s.backoff_max_s, s.backoff_initial_s * 2 ** max(attempts - 1, 0)))
 
     def failed(self, delivery: Delivery, error: str, *, permanent: bool) -> bool:
-        """Record a failed attempt; returns ``True`` when the delivery was dead-lettered."""
+        """Record a failed attempt; returns ``True`` when the delivery was dead-lettered.
+
+        Raises
+        ------
+        sqlite3.Error
+            When the state database cannot be written (:meth:`pump_once` retries).
+        """
         now = time.time()
         conn = self._conn()
         if permanent or delivery.attempts >= self.settings.max_attempts:
-            dead_letter(conn, "deliveries", delivery.id, error=error, attempts=delivery.attempts,
-                        destination=delivery.destination)
+            dead_letter(
+                conn,
+                "deliveries",
+                delivery.id,
+                error=error,
+                attempts=delivery.attempts,
+                destination=delivery.destination,
+            )
             return True
         conn.execute(
-            "UPDATE deliveries SET state = 'pending', last_error = ?, next_attempt_at = ?, updated_at = ?"
-            " WHERE id = ?",
+            "UPDATE deliveries SET state = 'pending', last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
             (error, now + self.backoff(delivery.attempts), now, delivery.id),
         )
         return False
@@ -161,37 +249,68 @@ class Outbox:
             )
         )
 
-    def pump_once(self, deliverers: Mapping[str, Deliverer]) -> bool:
-        """Send one due delivery, if any; returns whether one was attempted."""
+    def pump_once(self, deliverers: Mapping[str, Deliverer], stop: threading.Event | None = None) -> bool:
+        """Send one due delivery, if any; returns whether one was attempted.
+
+        The outcome is recorded with :func:`retry_state_update`: a delivery never stays ``sending`` because its
+        state update failed once. It is left ``sending`` (and resent after the next start, which is idempotent)
+        only when ``stop`` is set while the update still fails.
+
+        Parameters
+        ----------
+        deliverers:
+            Delivery functions by kind.
+        stop:
+            Ends the retries of the state update (shutdown); ``None``: retry until it succeeds.
+
+        Raises
+        ------
+        sqlite3.Error
+            Never for a failed send or state update; only when claiming a delivery fails with an error other
+            than a busy database (the caller's loop logs it and carries on).
+        """
         delivery = self.claim()
         if delivery is None:
             return False
+        halt = stop if stop is not None else threading.Event()
         deliverer = deliverers.get(delivery.kind)
+        error: str | None = None
+        permanent = False
         try:
             if deliverer is None:
                 raise DeliveryError(f"no deliverer configured for kind {delivery.kind!r}", permanent=True)
             deliverer(delivery)
         except DeliveryError as exc:
-            dead = self.failed(delivery, str(exc), permanent=exc.permanent)
-            audit.warning(
-                "delivery %s of %s to %s failed (attempt %d%s): %s",
-                delivery.id,
-                delivery.object_key,
-                delivery.destination,
-                delivery.attempts,
-                ", dead-lettered" if dead else f", retry in {self.backoff(delivery.attempts):.0f}s",
-                exc,
-            )
+            error, permanent = str(exc), exc.permanent
         except Exception as exc:
             logger.exception("unexpected error delivering %s", delivery.object_key)
-            self.failed(delivery, f"unexpected error: {exc!r}", permanent=False)
-        else:
-            self.delivered(delivery)
-            audit.info(
-                "delivered %s %s to %s (attempt %d)",
-                delivery.kind,
-                delivery.object_key,
-                delivery.destination,
-                delivery.attempts,
-            )
+            error = f"unexpected error: {exc!r}"
+        try:
+            if error is None:
+                retry_state_update(lambda: self.delivered(delivery), what=f"delivery {delivery.id} as sent", stop=halt)
+                audit.info(
+                    "delivered %s %s to %s (attempt %d)",
+                    delivery.kind,
+                    delivery.object_key,
+                    delivery.destination,
+                    delivery.attempts,
+                )
+            else:
+                message = error
+                dead = retry_state_update(
+                    lambda: self.failed(delivery, message, permanent=permanent),
+                    what=f"failed attempt of delivery {delivery.id}",
+                    stop=halt,
+                )
+                audit.warning(
+                    "delivery %s of %s to %s failed (attempt %d%s): %s",
+                    delivery.id,
+                    delivery.object_key,
+                    delivery.destination,
+                    delivery.attempts,
+                    ", dead-lettered" if dead else f", retry in {self.backoff(delivery.attempts):.0f}s",
+                    message,
+                )
+        except StateUpdateAbandonedError as exc:
+            logger.warning("%s; delivery %d stays 'sending' and is resent after the next start", exc, delivery.id)
         return True

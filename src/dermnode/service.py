@@ -1,24 +1,135 @@
-"""The running service: state stores, Store SCP, workers and outbox, wired from one Settings object."""
+"""The running service: state stores, Store SCP, workers and outbox, wired from one Settings object.
+
+One storage root serves one process: :class:`Service` takes an exclusive ``flock`` on ``<root>/dermnode.lock``
+before it opens anything else and holds it for the life of the process, so a second ``dermnode serve`` on the
+same root stops with :class:`InstanceLockedError` before it can re-queue the first one's running jobs.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import signal
+import socket
 import threading
 from collections.abc import Mapping
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 
 from dermnode.db import database_path
+from dermnode.errors import StorageError
 from dermnode.metrics import StageMetrics, start_http
 from dermnode.outbox import Deliverer, Outbox
 from dermnode.scp.queue import JobQueue
 from dermnode.scp.server import start_server
 from dermnode.scp.spool import Spool
-from dermnode.scp.workers import Processor, WorkerPool
-from dermnode.settings import Settings
+from dermnode.scp.workers import PoolHealth, Processor, WorkerPool
+from dermnode.settings import ScpSettings, Settings
 
 logger = logging.getLogger(__name__)
+
+#: The instance lock file under ``storage.root`` (holds the owner's pid; never deleted).
+LOCK_FILE = "dermnode.lock"
+
+
+class InstanceLockedError(StorageError):
+    """Another dermnode process holds the storage root."""
+
+
+class InstanceLock:
+    """An exclusive, non-blocking ``flock`` on ``<root>/dermnode.lock``, held until :meth:`release`.
+
+    The kernel drops the lock when the process exits, however it exits (``kill -9`` included), so a stale lock
+    file never blocks a restart. The file (owner-only) holds the owner's pid for the error message.
+
+    Parameters
+    ----------
+    root:
+        The storage root (must exist).
+
+    Raises
+    ------
+    InstanceLockedError
+        When another process holds the lock; the message names the root and that process's pid.
+    StorageError
+        When the lock file cannot be opened or locked for another reason.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_FILE
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot open the instance lock {self.path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InstanceLockedError(f"another dermnode is running on {root} (pid {holder or 'unknown'})") from exc
+            raise StorageError(f"cannot lock {self.path}: {exc}") from exc
+        try:
+            os.fchmod(fd, 0o600)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # the lock is held; only the pid note is missing
+            logger.warning("instance lock %s held, but the pid could not be written: %s", self.path, exc)
+        self._fd: int | None = fd
+        logger.debug("instance lock %s held by pid %d", self.path, os.getpid())
+
+    @property
+    def held(self) -> bool:
+        """Whether this object still holds the lock."""
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: deleting it would let two processes lock two different files)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError as exc:
+        logger.debug("cannot read the lock holder's pid: %s", exc)
+        return ""
+    return text if text.isdigit() else ""
+
+
+def check_port_free(settings: ScpSettings) -> None:
+    """Fail fast, before any recovery, when the DICOM port is already taken.
+
+    The SCP binds the port for real afterwards (:func:`~dermnode.scp.server.start_server`), which still fails
+    if another program takes it in between; this check only makes the common clash cheap and clean. Port 0
+    (any free port) is not checked.
+
+    Raises
+    ------
+    OSError
+        When ``scp.bind``:``scp.port`` cannot be bound.
+    """
+    if settings.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(settings.bind, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = infos[0][0]
+    except OSError as exc:  # not resolvable here: the SCP's own bind reports it
+        logger.debug("port check skipped for %s: %s", settings.bind, exc)
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SCP: TIME_WAIT is no clash
+        try:
+            probe.bind((settings.bind, settings.port))
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot bind the DICOM port {settings.bind}:{settings.port}: {exc.strerror}"
+            ) from exc
 
 
 def recover_spool(spool: Spool, queue: JobQueue) -> int:
@@ -37,8 +148,12 @@ def recover_spool(spool: Spool, queue: JobQueue) -> int:
             continue
         try:
             ds = read_dataset(path)
-            queue.enqueue(str(ds.SOPInstanceUID), str(ds.SOPClassUID), path,
-                          study_instance_uid=str(ds.get("StudyInstanceUID", "")))
+            queue.enqueue(
+                str(ds.SOPInstanceUID),
+                str(ds.SOPClassUID),
+                path,
+                study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+            )
             added += 1
         except (DecodeError, AttributeError) as exc:
             logger.warning("orphan spool file %s cannot be read: %s", path.name, exc)
@@ -52,19 +167,48 @@ def _unset_processor(job: object) -> str:
 
 
 class Service:
-    """dermnode as a whole. ``start()`` then ``wait()``; ``stop()`` from a signal handler or a test."""
+    """dermnode as a whole. ``start()`` then ``wait()``; ``stop()`` from a signal handler or a test.
+
+    Parameters
+    ----------
+    settings:
+        The validated settings.
+    deliverers:
+        Delivery functions by kind.
+
+    Raises
+    ------
+    InstanceLockedError
+        When another dermnode process serves the same storage root (nothing was opened or changed).
+    StorageError
+        When the storage root, its lock or the state database cannot be opened.
+    """
 
     def __init__(self, settings: Settings, deliverers: Mapping[str, Deliverer]) -> None:
         self.settings = settings
         root = settings.storage_root
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = database_path(root)
-        self.spool = Spool(root, settings.storage.min_free_mb, fsync=settings.storage.fsync)
-        self.queue = JobQueue(db, settings.workers.max_attempts, settings.workers.retry_delay_s)
-        self.outbox = Outbox(db, settings.delivery)
-        self.pool = WorkerPool(
-            self.queue, self.outbox, _unset_processor, deliverers, settings.workers, settings.delivery.poll_interval_s
-        )
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StorageError(f"cannot create the storage root {root}: {exc}") from exc
+        # first of all: nothing below may run while another process serves this root
+        self.lock = InstanceLock(root)
+        try:
+            db = database_path(root)
+            self.spool = Spool(root, settings.storage.min_free_mb, fsync=settings.storage.fsync)
+            self.queue = JobQueue(db, settings.workers.max_attempts, settings.workers.retry_delay_s)
+            self.outbox = Outbox(db, settings.delivery)
+            self.pool = WorkerPool(
+                self.queue,
+                self.outbox,
+                _unset_processor,
+                deliverers,
+                settings.workers,
+                settings.delivery.poll_interval_s,
+            )
+        except BaseException:
+            self.lock.release()
+            raise
         self.stage_metrics = StageMetrics()
         self._stopped = threading.Event()
         self._server: object | None = None
@@ -79,22 +223,45 @@ class Service:
         server = self._server
         return int(server.server_address[1]) if server is not None else 0  # type: ignore[attr-defined]
 
+    @property
+    def http_port(self) -> int:
+        """The bound port of ``/healthz`` and ``/metrics`` (0 when disabled or not started)."""
+        return int(self._http.server_address[1]) if self._http is not None else 0
+
+    def health(self) -> PoolHealth:
+        """Liveness of the worker and outbox threads (a dead one is named while the service runs)."""
+        return self.pool.health()
+
     def start(self) -> None:
-        """Recover interrupted work, start the workers and then the SCP.
+        """Check the port, recover interrupted work, bind the SCP and the HTTP endpoints, then start the workers.
+
+        Recovery runs before the SCP accepts associations (so it cannot race a C-STORE) and is safe because this
+        process holds the instance lock; the workers start last, so a failed bind leaves no thread behind.
 
         Raises
         ------
         OSError
-            When the SCP port cannot be bound.
+            When the SCP or HTTP port cannot be bound.
+        StorageError
+            When the state database cannot be written during recovery.
         """
+        check_port_free(self.settings.scp)
         self.queue.recover()
         self.outbox.recover()
         recover_spool(self.spool, self.queue)
-        self.pool.start()
-        self._server = start_server(self.settings.scp, self.spool, self.queue)
+        server = start_server(self.settings.scp, self.spool, self.queue)
+        self._server = server
         http = self.settings.http
         if http.enabled:
-            self._http = start_http(http.bind, http.port, lambda: (self.queue, self.outbox), self.stage_metrics)
+            try:
+                self._http = start_http(
+                    http.bind, http.port, lambda: (self.queue, self.outbox), self.stage_metrics, self.health
+                )
+            except BaseException:
+                server.shutdown()
+                self._server = None
+                raise
+        self.pool.start()
 
     def stop(self) -> None:
         """Stop accepting associations, then let running jobs finish (or leave them for re-queue)."""
@@ -107,8 +274,16 @@ class Service:
         finished = self.pool.stop()
         if self._http is not None:
             self._http.shutdown()
+            self._http.server_close()
         logger.info("shutdown complete%s", "" if finished else " (unfinished jobs will be re-queued)")
         self._stopped.set()
+
+    def close(self) -> None:
+        """Stop if needed and release the instance lock (tests, embedding; ``dermnode serve`` holds the lock until
+        the process exits)."""
+        if self._server is not None or self._http is not None:
+            self.stop()
+        self.lock.release()
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -3,17 +3,25 @@
 Failures of a job are classified: a :class:`~dermnode.errors.DecodeError` (the input itself is bad) is
 dead-lettered at once, anything else is retried with backoff until ``workers.max_attempts``. Nothing is dropped
 silently: every job ends ``done`` or in the dead-letter table with its error.
+
+A thread never dies of an exception: a failure to record an outcome in the state database (``database is
+locked`` past the busy timeout, a full disk) is logged and retried with bounded backoff, without running the
+job again, so a job or delivery never stays ``running``/``sending`` while the process lives. Only a shutdown
+whose grace period is over abandons such a retry; the row is then re-queued by ``recover()`` at the next start.
+:meth:`WorkerPool.health` reports which threads are alive, for ``/healthz`` and ``/metrics``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from dermnode.errors import DecodeError, OutputError
-from dermnode.outbox import Deliverer, Outbox
+from dermnode.outbox import Deliverer, Outbox, StateUpdateAbandonedError, retry_state_update
 from dermnode.scp.queue import Job, JobQueue
 from dermnode.settings import WorkerSettings
 
@@ -26,28 +34,103 @@ Processor = Callable[[Job], str]
 #: Errors caused by the input itself: retrying cannot help.
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (DecodeError, OutputError)
 
+#: Pause of a worker loop after an unexpected error outside a job (the loop itself never exits on one).
+LOOP_ERROR_PAUSE_S = 1.0
+#: After the shutdown grace period, how long :meth:`WorkerPool.stop` still waits for threads that were only
+#: retrying a state update (they give up at once).
+ABANDON_JOIN_S = 1.0
 
-def run_job(queue: JobQueue, job: Job, processor: Processor) -> None:
-    """Run one claimed job and record its outcome (never raises for a job failure)."""
+
+def run_job(queue: JobQueue, job: Job, processor: Processor, stop: threading.Event | None = None) -> bool:
+    """Run one claimed job and record its outcome (``done``, retry later, or dead-letter).
+
+    A failure of the processor is recorded, never raised. A failure to record the outcome (e.g.
+    ``sqlite3.OperationalError: database is locked``) is logged and retried with bounded backoff
+    (:func:`~dermnode.outbox.retry_state_update`) without running the processor again.
+
+    Parameters
+    ----------
+    queue:
+        The job queue the job was claimed from.
+    job:
+        The claimed (``running``) job.
+    processor:
+        Runs the pipeline for the job.
+    stop:
+        Ends the retries of the state update (shutdown); ``None``: retry until it succeeds.
+
+    Returns
+    -------
+    bool
+        ``True`` when the outcome is recorded; ``False`` when ``stop`` was set while recording still failed:
+        the job stays ``running`` and :meth:`JobQueue.recover` re-queues it at the next start. Processor and
+        database errors are never raised.
+    """
+    halt = stop if stop is not None else threading.Event()
+    error: Exception | None = None
+    permanent = False
+    outcome = ""
     try:
         outcome = processor(job)
     except PERMANENT_ERRORS as exc:
-        queue.fail(job, f"{type(exc).__name__}: {exc}", permanent=True)
-        audit.warning("job %d (sop_instance=%s) dead-lettered: %s", job.id, job.sop_instance_uid, exc)
+        error, permanent = exc, True
     except Exception as exc:
         logger.exception("job %d failed on attempt %d", job.id, job.attempts)
-        dead = queue.fail(job, f"{type(exc).__name__}: {exc}")
+        error = exc
+    try:
+        if error is None:
+            retry_state_update(lambda: queue.complete(job, outcome), what=f"outcome of job {job.id}", stop=halt)
+            audit.info("job %d (sop_instance=%s) done: %s", job.id, job.sop_instance_uid, outcome)
+            return True
+        message = f"{type(error).__name__}: {error}"
+        dead = retry_state_update(
+            lambda: queue.fail(job, message, permanent=permanent), what=f"failure of job {job.id}", stop=halt
+        )
+    except StateUpdateAbandonedError as exc:
+        logger.warning("%s; job %d stays running and is re-queued at the next start", exc, job.id)
+        return False
+    if permanent:
+        audit.warning("job %d (sop_instance=%s) dead-lettered: %s", job.id, job.sop_instance_uid, error)
+    else:
         audit.warning(
             "job %d (sop_instance=%s) failed on attempt %d%s: %s",
             job.id,
             job.sop_instance_uid,
             job.attempts,
             ", dead-lettered" if dead else ", will retry",
-            exc,
+            error,
         )
-    else:
-        queue.complete(job, outcome)
-        audit.info("job %d (sop_instance=%s) done: %s", job.id, job.sop_instance_uid, outcome)
+    return True
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    """Liveness of the pool's threads.
+
+    Attributes
+    ----------
+    running:
+        Started and not stopping: only then is a thread that is not alive a fault.
+    workers_configured:
+        ``workers.count``.
+    workers_alive:
+        Job threads alive now.
+    outbox_alive:
+        Whether the delivery thread is alive.
+    dead:
+        Components whose thread is not alive while running (``"worker-0"``, ``"outbox"``); empty when healthy.
+    """
+
+    running: bool
+    workers_configured: int
+    workers_alive: int
+    outbox_alive: bool
+    dead: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """``True`` unless a thread is dead while the pool runs."""
+        return not self.dead
 
 
 class WorkerPool:
@@ -63,6 +146,8 @@ class WorkerPool:
         Delivery functions by kind (``"dicom"``, ``"fhir"``, ...).
     settings:
         ``[workers]`` settings.
+    delivery_poll_s:
+        How often an idle outbox thread looks for due deliveries.
     """
 
     def __init__(
@@ -80,19 +165,59 @@ class WorkerPool:
         self.deliverers = dict(deliverers)
         self.settings = settings
         self.delivery_poll_s = delivery_poll_s
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()  # take no more work
+        self._abandon = threading.Event()  # grace period over: give up retrying state updates
+        self._workers: dict[str, threading.Thread] = {}
+        self._outbox_thread: threading.Thread | None = None
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        out = list(self._workers.values())
+        if self._outbox_thread is not None:
+            out.append(self._outbox_thread)
+        return out
+
+    def owner_id(self, index: int) -> str:
+        """The owner recorded on the jobs worker ``index`` claims: unique per process (it holds the pid)."""
+        return f"worker-{index}@{os.getpid()}"
 
     def start(self) -> None:
+        """Start the job threads and the outbox thread.
+
+        Raises
+        ------
+        RuntimeError
+            When the pool was already started.
+        """
+        if self._outbox_thread is not None:
+            raise RuntimeError("worker pool already started")
         for i in range(self.settings.count):
-            t = threading.Thread(target=self._job_loop, args=(f"worker-{i}",), name=f"dermnode-worker-{i}")
+            t = threading.Thread(target=self._job_loop, args=(self.owner_id(i),), name=f"dermnode-worker-{i}")
             t.daemon = True
+            self._workers[f"worker-{i}"] = t
             t.start()
-            self._threads.append(t)
         t = threading.Thread(target=self._delivery_loop, name="dermnode-outbox")
         t.daemon = True
+        self._outbox_thread = t
         t.start()
-        self._threads.append(t)
+
+    def health(self) -> PoolHealth:
+        """Which threads are alive; a thread that is not alive while the pool runs is named in ``dead``."""
+        running = self._outbox_thread is not None and not self._stop.is_set()
+        alive = {name: t.is_alive() for name, t in self._workers.items()}
+        outbox_alive = self._outbox_thread is not None and self._outbox_thread.is_alive()
+        dead: list[str] = []
+        if running:
+            dead = [name for name, ok in alive.items() if not ok]
+            if not outbox_alive:
+                dead.append("outbox")
+        return PoolHealth(
+            running=running,
+            workers_configured=self.settings.count,
+            workers_alive=sum(alive.values()),
+            outbox_alive=outbox_alive,
+            dead=tuple(dead),
+        )
 
     def _job_loop(self, owner: str) -> None:
         while not self._stop.is_set():
@@ -104,12 +229,16 @@ class WorkerPool:
             if job is None:
                 self._stop.wait(self.settings.poll_interval_s)
                 continue
-            run_job(self.queue, job, self.processor)
+            try:
+                run_job(self.queue, job, self.processor, stop=self._abandon)
+            except Exception:  # run_job handles job and database errors; this keeps the thread alive regardless
+                logger.exception("unexpected error in worker %s around job %d", owner, job.id)
+                self._stop.wait(LOOP_ERROR_PAUSE_S)
 
     def _delivery_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                busy = self.outbox.pump_once(self.deliverers)
+                busy = self.outbox.pump_once(self.deliverers, stop=self._abandon)
             except Exception:
                 logger.exception("outbox pump failed")
                 busy = False
@@ -119,12 +248,21 @@ class WorkerPool:
     def stop(self, grace_s: float | None = None) -> bool:
         """Stop taking work, wait up to ``grace_s`` for running jobs; returns ``True`` if all finished.
 
-        Jobs still running after the grace period stay ``running`` in the database and are re-queued by
-        :meth:`JobQueue.recover` at the next start.
+        Jobs still running after the grace period (or whose outcome could not be recorded by then) stay
+        ``running`` in the database and are re-queued by :meth:`JobQueue.recover` at the next start.
+
+        Parameters
+        ----------
+        grace_s:
+            Seconds running jobs get; ``None``: ``workers.shutdown_grace_s``.
         """
         self._stop.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         end = time.monotonic() + grace
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        self._abandon.set()
+        end = time.monotonic() + ABANDON_JOIN_S
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]

@@ -1,0 +1,132 @@
+"""The outbox: a failed state update never leaves a delivery ``sending`` nor stops the delivery thread."""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dermnode.db import database_path
+from dermnode.errors import DeliveryError
+from dermnode.outbox import Delivery, Outbox, StateUpdateAbandonedError, retry_state_update
+from dermnode.scp.queue import JobQueue
+from dermnode.scp.workers import WorkerPool
+from dermnode.settings import DeliverySettings, WorkerSettings
+
+LOCKED = "database is locked"
+
+
+def flaky(real: Callable[..., object], failures: int) -> tuple[Callable[..., object], list[int]]:
+    calls: list[int] = []
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) <= failures:
+            raise sqlite3.OperationalError(LOCKED)
+        return real(*args, **kwargs)
+
+    return wrapper, calls
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Outbox:
+    ob = Outbox(database_path(tmp_path), DeliverySettings(max_attempts=3, backoff_initial_s=0.0))
+    ob.add(None, "dicom", "pacs:main", "1.2.3.seg", tmp_path / "seg.dcm")
+    return ob
+
+
+def state(ob: Outbox) -> str:
+    counts = ob.counts()
+    (only,) = [k for k, v in counts.items() if v]
+    return only
+
+
+def test_failed_delivered_update_is_retried_not_left_sending(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    delivered, calls = flaky(outbox.delivered, failures=2)
+    monkeypatch.setattr(outbox, "delivered", delivered)
+    sent: list[int] = []
+    assert outbox.pump_once({"dicom": lambda d: sent.append(d.id)}, stop=threading.Event())
+    assert state(outbox) == "done" and len(calls) == 3
+    assert len(sent) == 1, "the state update is retried, not the send"
+
+
+def test_failed_failed_update_is_retried(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    failed, calls = flaky(outbox.failed, failures=1)
+    monkeypatch.setattr(outbox, "failed", failed)
+
+    def refused(d: Delivery) -> None:
+        raise DeliveryError("peer refused", permanent=True)
+
+    assert outbox.pump_once({"dicom": refused}, stop=threading.Event())
+    assert state(outbox) == "dead_letter" and len(calls) == 2
+
+
+def test_unexpected_deliverer_error_is_recorded_as_a_retry(outbox: Outbox) -> None:
+    def bug(d: Delivery) -> None:
+        raise ValueError("bug")
+
+    assert outbox.pump_once({"dicom": bug})
+    assert state(outbox) == "pending"
+    (row,) = outbox._conn().execute("SELECT last_error FROM deliveries")
+    assert "bug" in row["last_error"]
+
+
+def test_pump_gives_up_on_stop_and_recover_resends(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
+    def always_locked(d: Delivery) -> None:
+        raise sqlite3.OperationalError(LOCKED)
+
+    monkeypatch.setattr(outbox, "delivered", always_locked)
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    assert outbox.pump_once({"dicom": lambda d: None}, stop=stop)
+    assert time.monotonic() - t0 < 5.0
+    assert state(outbox) == "sending"
+    monkeypatch.undo()
+    assert outbox.recover() == 1 and state(outbox) == "pending"
+
+
+def test_retry_state_update_backs_off_and_is_bounded() -> None:
+    calls: list[float] = []
+
+    def update() -> int:
+        calls.append(time.monotonic())
+        if len(calls) < 4:
+            raise sqlite3.OperationalError(LOCKED)
+        return 7
+
+    assert retry_state_update(update, what="x", stop=threading.Event(), initial_s=0.01, max_s=0.02) == 7
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert len(gaps) == 3 and all(g < 1.0 for g in gaps)
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StateUpdateAbandonedError):
+        retry_state_update(lambda: (_ for _ in ()).throw(sqlite3.OperationalError(LOCKED)), what="y", stop=stop)
+
+
+def test_delivery_thread_survives_failed_updates(
+    tmp_path: Path, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivered, _ = flaky(outbox.delivered, failures=1)
+    monkeypatch.setattr(outbox, "delivered", delivered)
+    queue = JobQueue(database_path(tmp_path))
+    pool = WorkerPool(queue, outbox, lambda j: "x", {"dicom": lambda d: None}, WorkerSettings(count=0), 0.02)
+    pool.start()
+    try:
+        end = time.monotonic() + 10
+        while state(outbox) != "done" and time.monotonic() < end:
+            time.sleep(0.02)
+        assert state(outbox) == "done"
+        outbox.add(None, "dicom", "pacs:main", "1.2.3.sr", tmp_path / "sr.dcm")
+        while outbox.counts()["done"] != 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert outbox.counts()["done"] == 2
+        assert pool.health().outbox_alive and pool.health().ok
+    finally:
+        pool.stop(0.5)
