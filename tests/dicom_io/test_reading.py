@@ -117,6 +117,15 @@ def test_missing_uid_is_a_decode_error() -> None:
         to_source_image(ds)
 
 
+@pytest.mark.parametrize("uid", ["../../../escaped", "/tmp/escaped", "1.2.3/../4", "1." + "2" * 70])
+def test_uid_that_is_not_a_uid_is_a_decode_error(uid: str) -> None:
+    """The SOP Instance UID names the results folder (``dermnode analyze`` reads any file): never a path."""
+    ds = wrap_rgb(RGB)
+    ds.SOPInstanceUID = uid
+    with pytest.raises(DecodeError, match="not a valid DICOM UID"):
+        to_source_image(ds)
+
+
 def test_unreadable_file_is_a_decode_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p = tmp_path / "x.dcm"
     p.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff")

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dermnode.db import database_path
-from dermnode.errors import DeliveryError, InsufficientSpaceError
+from dermnode.errors import DeliveryError, InsufficientSpaceError, StorageError
 from dermnode.outbox import Delivery, Outbox
 from dermnode.scp.queue import JobQueue
 from dermnode.scp.spool import Spool, atomic_write
@@ -64,6 +66,97 @@ def test_recover_requeues_running_jobs(queue: JobQueue, tmp_path: Path) -> None:
     assert other.recover() == 1
     job = other.claim("w2")
     assert job is not None and job.attempts == 2  # the interrupted attempt counts
+
+
+def test_recover_dead_letters_a_job_that_keeps_killing_the_process(queue: JobQueue, tmp_path: Path) -> None:
+    """A poison image that kills the process (kill -9: no fail()) is tried max_attempts times, then dead."""
+    queue.enqueue("1.2.3", "1.2", tmp_path / "a")
+    for attempt in (1, 2, 3):
+        job = queue.claim("w")
+        assert job is not None and job.attempts == attempt
+        restarted = JobQueue(queue.db_path, max_attempts=3)  # the process died while analysing it
+        assert restarted.recover() == (1 if attempt < 3 else 0)
+    assert queue.claim("w") is None
+    row = queue.get("1.2.3")
+    assert row is not None and row["state"] == "dead"
+    (dl,) = queue.dead_letters()
+    assert dl["attempts"] == 3 and dl["sop_instance_uid"] == "1.2.3" and dl["replayed_at"] is None
+    assert dl["error"] == "interrupted on attempt 3 of 3 (the process stopped while analysing it)"
+    assert queue.counts()["dead_letter"] == 1
+    assert queue.replay() == 1  # once the cause is fixed it can be replayed like any dead job
+    job = queue.claim("w")
+    assert job is not None and job.attempts == 1
+
+
+def test_recover_dead_letter_keeps_the_previous_error(queue: JobQueue, tmp_path: Path) -> None:
+    queue.enqueue("7", "1.2", tmp_path / "a")
+    for _ in (1, 2):
+        job = queue.claim("w")
+        assert job is not None
+        queue.fail(job, "RuntimeError: boom")
+    assert queue.claim("w") is not None
+    assert JobQueue(queue.db_path, max_attempts=3).recover() == 0
+    (dl,) = queue.dead_letters()
+    assert dl["error"].startswith("interrupted on attempt 3 of 3") and dl["error"].endswith("RuntimeError: boom")
+
+
+def test_state_of_jobs(queue: JobQueue, tmp_path: Path) -> None:
+    assert queue.state("1.2.3") is None and not queue.contains("1.2.3")
+    queue.enqueue("1.2.3", "1.2", tmp_path / "a")
+    assert queue.state("1.2.3") == "pending" and queue.contains("1.2.3")
+    job = queue.claim("w")
+    assert job is not None and queue.state("1.2.3") == "running"
+    queue.fail(job, "DecodeError: truncated", permanent=True)
+    assert queue.state("1.2.3") == "dead" and queue.contains("1.2.3")
+
+
+def test_requeue_dead_gives_a_fresh_start_with_the_new_copy(queue: JobQueue, tmp_path: Path) -> None:
+    queue.enqueue("1.2.3", "1.2", tmp_path / "old.dcm", calling_aet="OLD")
+    job = queue.claim("w")
+    assert job is not None
+    queue.fail(job, "DecodeError: truncated", permanent=True)
+    assert queue.requeue_dead(
+        "1.2.3", "1.2.4", tmp_path / "new.dcm", study_instance_uid="9.8", calling_aet="NEW", peer="127.0.0.1:1"
+    )
+    row = queue.get("1.2.3")
+    assert row is not None
+    assert (row["state"], row["attempts"], row["last_error"], row["outcome"]) == ("pending", 0, None, None)
+    assert (row["path"], row["sop_class_uid"], row["calling_aet"]) == (str(tmp_path / "new.dcm"), "1.2.4", "NEW")
+    (dl,) = queue.dead_letters()
+    assert dl["replayed_at"] is not None
+    assert not queue.requeue_dead("1.2.3", "1.2.4", tmp_path / "new.dcm")  # not dead any more
+    job = queue.claim("w")
+    assert job is not None and job.attempts == 1 and job.path == tmp_path / "new.dcm"
+    assert not queue.requeue_dead("1.2.3", "1.2.4", tmp_path / "new.dcm")  # running: left alone
+    assert not queue.requeue_dead("5.5", "1.2", tmp_path / "x.dcm")  # unknown
+    assert queue.get("5.5") is None
+
+
+class _BrokenConnection:
+    """A connection whose every statement fails as a locked, full or corrupt database would."""
+
+    def execute(self, *args: Any) -> Any:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def __enter__(self) -> _BrokenConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_scp_side_methods_turn_database_errors_into_storage_errors(
+    queue: JobQueue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue, "_conn", _BrokenConnection)
+    with pytest.raises(StorageError, match="disk I/O error"):
+        queue.state("1.2.3")
+    with pytest.raises(StorageError, match="disk I/O error"):
+        queue.contains("1.2.3")
+    with pytest.raises(StorageError, match="disk I/O error"):
+        queue.enqueue("1.2.3", "1.2", tmp_path / "a")
+    with pytest.raises(StorageError, match="disk I/O error"):
+        queue.requeue_dead("1.2.3", "1.2", tmp_path / "a")
 
 
 def test_atomic_write_is_owner_only_and_leaves_no_temp(tmp_path: Path) -> None:

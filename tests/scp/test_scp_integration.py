@@ -75,8 +75,14 @@ def _write(ds: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
-def make_source(tmp: Path, name: str, *, sop_class: str = DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE,
-                seed: int = 0, size: tuple[int, int] = (96, 128)) -> Path:
+def make_source(
+    tmp: Path,
+    name: str,
+    *,
+    sop_class: str = DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE,
+    seed: int = 0,
+    size: tuple[int, int] = (96, 128),
+) -> Path:
     ds = wrap_rgb(synthetic_dermoscopy(*size, seed=seed), WrapOptions(pixel_spacing_mm=0.05))
     if sop_class != DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE:
         ds.SOPClassUID = sop_class
@@ -127,10 +133,10 @@ PROPOSE_FLAG = {
 }
 
 
-def storescu(proc: DermnodeProcess, files: list[Path], *extra: str, aet: str = "MODALITY",
-             aec: str = "DERMNODE") -> subprocess.CompletedProcess[str]:
-    return run_tool(["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(proc.port),
-                     *map(str, files)])
+def storescu(
+    proc: DermnodeProcess, files: list[Path], *extra: str, aet: str = "MODALITY", aec: str = "DERMNODE"
+) -> subprocess.CompletedProcess[str]:
+    return run_tool(["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(proc.port), *map(str, files)])
 
 
 def test_echo_accepted_for_allowed_aet(scp: DermnodeProcess) -> None:
@@ -158,8 +164,15 @@ def test_unsupported_sop_class_refused_at_negotiation(scp: DermnodeProcess, tmp_
     assert _db(scp).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("sop_class", [DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, VL_PHOTOGRAPHIC_IMAGE_STORAGE,
-                                       SECONDARY_CAPTURE_IMAGE_STORAGE, MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE])
+@pytest.mark.parametrize(
+    "sop_class",
+    [
+        DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE,
+        VL_PHOTOGRAPHIC_IMAGE_STORAGE,
+        SECONDARY_CAPTURE_IMAGE_STORAGE,
+        MULTIFRAME_TRUE_COLOR_SC_IMAGE_STORAGE,
+    ],
+)
 def test_every_accepted_sop_class_round_trips(scp: DermnodeProcess, tmp_path: Path, sop_class: str) -> None:
     src = make_source(tmp_path, "src", sop_class=sop_class)
     res = storescu(scp, [src], "-R", "-xe")
@@ -194,6 +207,46 @@ def test_repeated_instance_is_stored_once(scp: DermnodeProcess, tmp_path: Path) 
         res = storescu(scp, [src], "-R", "-xe")
         assert res.returncode == 0, res.stdout + res.stderr
     assert _db(scp).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+
+
+def test_resent_instance_of_a_dead_lettered_job_is_processed_again(scp: DermnodeProcess, tmp_path: Path) -> None:
+    """A modality re-sends an image whose first copy was dead-lettered: it is stored again and re-queued."""
+    src = make_source(tmp_path, "poison")
+    uid = str(pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID)
+    assert storescu(scp, [src], "-R", "-xe").returncode == 0
+    with _db(scp) as conn:  # what a worker does when the analysis of the first copy fails for good
+        conn.execute(
+            "UPDATE jobs SET state = 'dead', attempts = 3, last_error = 'DecodeError: truncated'"
+            " WHERE sop_instance_uid = ?",
+            (uid,),
+        )
+        conn.execute(
+            "INSERT INTO dead_letters (kind, ref_id, sop_instance_uid, attempts, error, created_at)"
+            " SELECT 'job', id, sop_instance_uid, 3, 'DecodeError: truncated', 0 FROM jobs"
+        )
+    res = storescu(scp, [src], "-R", "-xe")
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = _db(scp).execute("SELECT * FROM jobs WHERE sop_instance_uid = ?", (uid,)).fetchone()
+    assert (row["state"], row["attempts"], row["last_error"]) == ("pending", 0, None)
+    assert pydicom.dcmread(row["path"]).SOPInstanceUID == uid
+    assert _db(scp).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+    assert "re-received" in scp.log()
+
+
+def test_sop_instance_uid_with_a_path_is_refused(scp: DermnodeProcess, tmp_path: Path) -> None:
+    """``../`` in the SOP Instance UID: 0xC213, nothing written outside the spool, nothing queued."""
+    ds = pydicom.dcmread(make_source(tmp_path, "evil"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../../../ESCAPED"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DERMNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC213
+    assert not list(tmp_path.rglob("ESCAPED*")) and not list(tmp_path.parent.glob("ESCAPED*"))
+    assert _db(scp).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
+    assert "is not a valid DICOM UID" in scp.log()
 
 
 GARBLED = [

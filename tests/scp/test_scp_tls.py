@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool
+from dermnode_proc import DermnodeProcess, dermnode_env, require, run_tool, wait_for
 from peers import free_port
 
 pytestmark = pytest.mark.integration
@@ -21,17 +23,55 @@ def make_pki(d: Path) -> dict[str, Path]:
     """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
     require("openssl")
     p = {n: d / n for n in ("ca.key", "ca.crt", "server.key", "server.crt", "client.key", "client.crt")}
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(p["ca.key"]), "-out", str(p["ca.crt"]),
-             "-days", "2", "-subj", "/CN=dermnode test CA")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(p["ca.key"]),
+        "-out",
+        str(p["ca.crt"]),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dermnode test CA",
+    )
     for who in ("server", "client"):
         csr = d / f"{who}.csr"
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(p[f"{who}.key"]), "-out", str(csr),
-                 "-subj", f"/CN=dermnode test {who}")
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(p[f"{who}.key"]),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN=dermnode test {who}",
+        )
         ext = d / f"{who}.ext"
         server_ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
         ext.write_text(server_ext if who == "server" else "extendedKeyUsage=clientAuth\n")
-        _openssl("x509", "-req", "-in", str(csr), "-CA", str(p["ca.crt"]), "-CAkey", str(p["ca.key"]),
-                 "-CAcreateserial", "-out", str(p[f"{who}.crt"]), "-days", "2", "-extfile", str(ext))
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(p["ca.crt"]),
+            "-CAkey",
+            str(p["ca.key"]),
+            "-CAcreateserial",
+            "-out",
+            str(p[f"{who}.crt"]),
+            "-days",
+            "2",
+            "-extfile",
+            str(ext),
+        )
     return p
 
 
@@ -40,14 +80,18 @@ def tls_scp(tmp_path: Path):  # type: ignore[no-untyped-def]
     require("echoscu")
     pki = make_pki(tmp_path)
     port = free_port()
-    env = dermnode_env(tmp_path, port, {
-        "DERMNODE_WORKERS__COUNT": "0",
-        "DERMNODE_SCP__TLS__ENABLED": "true",
-        "DERMNODE_SCP__TLS__CERTIFICATE": str(pki["server.crt"]),
-        "DERMNODE_SCP__TLS__PRIVATE_KEY": str(pki["server.key"]),
-        "DERMNODE_SCP__TLS__CA_CERTIFICATES": str(pki["ca.crt"]),
-        "DERMNODE_SCP__TLS__REQUIRE_CLIENT_CERTIFICATE": "true",
-    })
+    env = dermnode_env(
+        tmp_path,
+        port,
+        {
+            "DERMNODE_WORKERS__COUNT": "0",
+            "DERMNODE_SCP__TLS__ENABLED": "true",
+            "DERMNODE_SCP__TLS__CERTIFICATE": str(pki["server.crt"]),
+            "DERMNODE_SCP__TLS__PRIVATE_KEY": str(pki["server.key"]),
+            "DERMNODE_SCP__TLS__CA_CERTIFICATES": str(pki["ca.crt"]),
+            "DERMNODE_SCP__TLS__REQUIRE_CLIENT_CERTIFICATE": "true",
+        },
+    )
     proc = DermnodeProcess(tmp_path, port, env)
     proc.start()
     yield proc, pki
@@ -56,9 +100,65 @@ def tls_scp(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_mutual_tls_echo_succeeds(tls_scp) -> None:  # type: ignore[no-untyped-def]
     proc, pki = tls_scp
-    res = run_tool(["echoscu", "-aet", "MODALITY", "-aec", "DERMNODE", "+tls", str(pki["client.key"]),
-                    str(pki["client.crt"]), "+cf", str(pki["ca.crt"]), "127.0.0.1", str(proc.port)])
+    res = run_tool(
+        [
+            "echoscu",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "DERMNODE",
+            "+tls",
+            str(pki["client.key"]),
+            str(pki["client.crt"]),
+            "+cf",
+            str(pki["ca.crt"]),
+            "127.0.0.1",
+            str(proc.port),
+        ]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_idle_tcp_connection_does_not_block_tls_associations(tls_scp) -> None:  # type: ignore[no-untyped-def]
+    """A peer that connects and says nothing (a load-balancer health check) must not stall the TLS handshakes
+    of the associations after it: the handshake runs in the connection's own thread, not the accept loop."""
+    proc, pki = tls_scp
+    echo = [
+        "echoscu",
+        "-aet",
+        "MODALITY",
+        "-aec",
+        "DERMNODE",
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "-td",
+        "10",
+        "+tls",
+        str(pki["client.key"]),
+        str(pki["client.crt"]),
+        "+cf",
+        str(pki["ca.crt"]),
+        "127.0.0.1",
+        str(proc.port),
+    ]
+    idle = [socket.create_connection(("127.0.0.1", proc.port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.5)  # the server has accepted the idle connections
+        for _ in range(2):
+            started = time.monotonic()
+            try:
+                res = run_tool(echo, timeout=30)
+            except subprocess.TimeoutExpired:
+                pytest.fail("TLS C-ECHO blocked by an idle TCP connection")
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert time.monotonic() - started < 15
+    finally:
+        for s in idle:
+            s.close()
+    # the idle connections failed their handshake, each in its own thread, and that is logged
+    wait_for(lambda: "TLS handshake with" in proc.log(), timeout=20, what="the failed handshake to be logged")
 
 
 def test_plain_association_refused_when_tls_required(tls_scp) -> None:  # type: ignore[no-untyped-def]
@@ -69,8 +169,21 @@ def test_plain_association_refused_when_tls_required(tls_scp) -> None:  # type: 
 
 def test_client_without_certificate_refused(tls_scp) -> None:  # type: ignore[no-untyped-def]
     proc, pki = tls_scp
-    res = run_tool(["echoscu", "-aet", "MODALITY", "-aec", "DERMNODE", "+tla", "+cf", str(pki["ca.crt"]),
-                    "127.0.0.1", str(proc.port)], timeout=90)
+    res = run_tool(
+        [
+            "echoscu",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "DERMNODE",
+            "+tla",
+            "+cf",
+            str(pki["ca.crt"]),
+            "127.0.0.1",
+            str(proc.port),
+        ],
+        timeout=90,
+    )
     assert res.returncode != 0
 
 
@@ -79,8 +192,23 @@ def test_client_certificate_from_another_ca_refused(tls_scp, tmp_path: Path) -> 
     other = tmp_path / "other"
     other.mkdir()
     rogue = make_pki(other)
-    res = run_tool(["echoscu", "-aet", "MODALITY", "-aec", "DERMNODE", "+tls", str(rogue["client.key"]),
-                    str(rogue["client.crt"]), "+cf", str(pki["ca.crt"]), "127.0.0.1", str(proc.port)], timeout=90)
+    res = run_tool(
+        [
+            "echoscu",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "DERMNODE",
+            "+tls",
+            str(rogue["client.key"]),
+            str(rogue["client.crt"]),
+            "+cf",
+            str(pki["ca.crt"]),
+            "127.0.0.1",
+            str(proc.port),
+        ],
+        timeout=90,
+    )
     assert res.returncode != 0
 
 
@@ -100,14 +228,23 @@ def test_sender_delivers_over_mutual_tls_and_fails_without_client_certificate(tl
     src = tmp_path / "src.dcm"
     ds = wrap_rgb(synthetic_dermoscopy(48, 64))
     ds.save_as(src, enforce_file_format=True)
-    tls = TLSSettings(enabled=True, certificate=str(pki["client.crt"]), private_key=str(pki["client.key"]),
-                      ca_certificates=str(pki["ca.crt"]))
+    tls = TLSSettings(
+        enabled=True,
+        certificate=str(pki["client.crt"]),
+        private_key=str(pki["client.key"]),
+        ca_certificates=str(pki["ca.crt"]),
+    )
     dest = PacsDestination(name="tls", ae_title="DERMNODE", host="127.0.0.1", port=proc.port, tls=tls)
     send_files(dest, "MODALITY", [src])
     conn = sqlite3.connect(proc.root / "var" / "dermnode.db")
     assert conn.execute("SELECT sop_instance_uid FROM jobs").fetchall() == [(str(ds.SOPInstanceUID),)]
-    no_cert = PacsDestination(name="tls", ae_title="DERMNODE", host="127.0.0.1", port=proc.port,
-                              tls=TLSSettings(enabled=True, ca_certificates=str(pki["ca.crt"])))
+    no_cert = PacsDestination(
+        name="tls",
+        ae_title="DERMNODE",
+        host="127.0.0.1",
+        port=proc.port,
+        tls=TLSSettings(enabled=True, ca_certificates=str(pki["ca.crt"])),
+    )
     other = tmp_path / "other.dcm"
     wrap_rgb(synthetic_dermoscopy(48, 64, seed=1)).save_as(other, enforce_file_format=True)
     with pytest.raises(DeliveryError):

@@ -20,6 +20,7 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, pixel_array
 from pydicom.uid import UID, RLELossless
 
+from dermnode.dicom_io.uids import is_valid_uid
 from dermnode.errors import DecodeError
 from dermnode.inference.types import PixelSpacing, SourceImage, SpacingSource
 from dermnode.settings import DeviceCalibration
@@ -181,7 +182,7 @@ def to_source_image(ds: Dataset, calibrations: Sequence[DeviceCalibration] = ())
     Raises
     ------
     DecodeError
-        When a required UID is missing or the pixel data cannot be decoded.
+        When a required UID is missing or not a valid UID, or the pixel data cannot be decoded.
     """
     try:
         sop_uid = str(ds.SOPInstanceUID)
@@ -190,6 +191,9 @@ def to_source_image(ds: Dataset, calibrations: Sequence[DeviceCalibration] = ())
         series_uid = str(ds.SeriesInstanceUID)
     except AttributeError as exc:
         raise DecodeError(f"source instance lacks a required UID: {exc}") from exc
+    for name, uid in (("SOP Instance", sop_uid), ("Study Instance", study_uid), ("Series Instance", series_uid)):
+        if not is_valid_uid(uid):  # the SOP Instance UID names the results folder: never a path
+            raise DecodeError(f"source {name} UID {uid!r:.80} is not a valid DICOM UID (digits and dots, <= 64)")
     return SourceImage(
         rgb=decode_rgb(ds),
         sop_instance_uid=sop_uid,

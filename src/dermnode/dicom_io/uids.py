@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 
 from pydicom.uid import (
     JPEG2000,
@@ -26,6 +27,20 @@ from pydicom.uid import (
 )
 
 from dermnode.settings import AnalysisSettings, OutputSettings
+
+#: DICOM UID syntax (PS3.5 §9.1): digits and dots, components not empty, at most 64 characters.
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+UID_MAX_LENGTH = 64
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Whether ``uid`` has the DICOM UID syntax (PS3.5 §9.1), so it is safe in a file name.
+
+    Only digits and single dots, at most 64 characters. A leading zero in a multi-digit component, forbidden by
+    the standard, is tolerated: some devices send such UIDs and they are harmless in a path.
+    """
+    return len(uid) <= UID_MAX_LENGTH and _UID_RE.fullmatch(uid) is not None
+
 
 #: UID root of dermnode-generated UIDs (pydicom's root: no organisation root is registered for this project).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."

@@ -1,9 +1,18 @@
 """The durable job queue: one job per received SOP Instance, with retry and dead-letter.
 
 States: ``pending`` -> ``running`` -> ``done``; a failed attempt goes back to ``pending`` with a delay until
-``max_attempts`` is reached, then to ``dead`` with a row in ``dead_letters``. A job left ``running`` by a
-process that died is put back to ``pending`` by :meth:`JobQueue.recover` at start-up; the attempt it was on
-counts, so an input that crashes the process cannot loop forever.
+``max_attempts`` is reached, then to ``dead`` with a row in ``dead_letters``. An attempt is counted when the job
+is claimed. A job left ``running`` by a process that died (or was stopped before the job finished) is handled by
+:meth:`JobQueue.recover` at start-up: it goes back to ``pending`` while it has attempts left, and is
+dead-lettered ("interrupted on attempt N of N") once the interrupted attempt was its last, so an input that
+crashes the process is tried ``max_attempts`` times and then lands in the dead letters instead of looping.
+
+A dead job whose instance is received again is re-queued with a fresh attempt count
+(:meth:`JobQueue.requeue_dead`); in any other state a repeated SOP Instance UID is a duplicate.
+
+The methods the Store SCP calls before it answers (:meth:`JobQueue.state`, :meth:`JobQueue.contains`,
+:meth:`JobQueue.enqueue`, :meth:`JobQueue.requeue_dead`) raise :class:`~dermnode.errors.StorageError` for any
+database error, so the SCP can answer "out of resources".
 """
 
 from __future__ import annotations
@@ -68,11 +77,33 @@ class JobQueue:
             self._local.conn = None
 
     # -- producer side (the SCP) --------------------------------------------------------------------------
+    def state(self, sop_instance_uid: str) -> str | None:
+        """State of the job of an instance (one of :data:`JOB_STATES`), ``None`` when there is none.
+
+        Raises
+        ------
+        StorageError
+            When the database cannot be read.
+        """
+        try:
+            row = (
+                self._conn()
+                .execute("SELECT state FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,))
+                .fetchone()
+            )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot look up the job of an instance: {exc}") from exc
+        return None if row is None else str(row["state"])
+
     def contains(self, sop_instance_uid: str) -> bool:
-        row = self._conn().execute(
-            "SELECT 1 FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        ).fetchone()
-        return row is not None
+        """Whether the instance has a job, in any state.
+
+        Raises
+        ------
+        StorageError
+            When the database cannot be read.
+        """
+        return self.state(sop_instance_uid) is not None
 
     def enqueue(
         self,
@@ -107,18 +138,70 @@ class JobQueue:
             raise StorageError(f"cannot record job for an instance: {exc}") from exc
         return cur.rowcount == 1
 
+    def requeue_dead(
+        self,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        path: Path,
+        *,
+        study_instance_uid: str = "",
+        calling_aet: str = "",
+        peer: str = "",
+    ) -> bool:
+        """Put the dead job of a re-received instance back to ``pending`` with a fresh attempt count.
+
+        The job takes the new copy's attributes (path, classes, sender), its error and outcome are cleared, and
+        its open dead-letter rows are marked replayed, in one transaction.
+
+        Returns
+        -------
+        bool
+            ``True`` when the job was dead and is now pending; ``False`` when it was not dead (any more), e.g.
+            because a concurrent association re-queued it first.
+
+        Raises
+        ------
+        StorageError
+            When the change cannot be committed.
+        """
+        now = time.time()
+        conn = self._conn()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, last_error = NULL,"
+                    " outcome = NULL, owner = NULL, sop_class_uid = ?, study_instance_uid = ?, path = ?,"
+                    " calling_aet = ?, peer = ?, updated_at = ? WHERE sop_instance_uid = ? AND state = 'dead'"
+                    " RETURNING id",
+                    (sop_class_uid, study_instance_uid, str(path), calling_aet, peer, now, sop_instance_uid),
+                ).fetchone()
+                if row is not None:
+                    conn.execute(
+                        "UPDATE dead_letters SET replayed_at = ? WHERE kind = 'job' AND ref_id = ?"
+                        " AND replayed_at IS NULL",
+                        (now, row["id"]),
+                    )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot re-queue the dead job of a re-received instance: {exc}") from exc
+        return row is not None
+
     # -- consumer side (the workers) ----------------------------------------------------------------------
     def claim(self, owner: str) -> Job | None:
         """Atomically take the oldest due pending job, mark it running and count the attempt."""
         now = time.time()
         try:
-            row = self._conn().execute(
-                "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?, updated_at = ?"
-                " WHERE id = (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY id LIMIT 1) RETURNING id, sop_instance_uid, sop_class_uid, study_instance_uid,"
-                " path, calling_aet, attempts",
-                (owner, now, now),
-            ).fetchone()
+            row = (
+                self._conn()
+                .execute(
+                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?, updated_at = ?"
+                    " WHERE id = (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
+                    " ORDER BY id LIMIT 1) RETURNING id, sop_instance_uid, sop_class_uid, study_instance_uid,"
+                    " path, calling_aet, attempts",
+                    (owner, now, now),
+                )
+                .fetchone()
+            )
         except sqlite3.OperationalError as exc:
             logger.warning("job claim failed, will retry: %s", exc)
             return None
@@ -136,8 +219,7 @@ class JobQueue:
 
     def complete(self, job: Job, outcome: str) -> None:
         self._conn().execute(
-            "UPDATE jobs SET state = 'done', outcome = ?, last_error = NULL, owner = NULL, updated_at = ?"
-            " WHERE id = ?",
+            "UPDATE jobs SET state = 'done', outcome = ?, last_error = NULL, owner = NULL, updated_at = ? WHERE id = ?",
             (outcome, time.time(), job.id),
         )
 
@@ -146,8 +228,7 @@ class JobQueue:
         now = time.time()
         conn = self._conn()
         if permanent or job.attempts >= self.max_attempts:
-            dead_letter(conn, "jobs", job.id, error=error, attempts=job.attempts,
-                        sop_instance_uid=job.sop_instance_uid)
+            dead_letter(conn, "jobs", job.id, error=error, attempts=job.attempts, sop_instance_uid=job.sop_instance_uid)
             return True
         delay = self.retry_delay_s * 2 ** (job.attempts - 1)
         conn.execute(
@@ -166,8 +247,41 @@ class JobQueue:
         )
 
     def recover(self) -> int:
-        """Put jobs left ``running`` by a dead process back to ``pending``; returns how many."""
-        cur = self._conn().execute(
+        """Handle jobs left ``running`` by a process that stopped: re-queue them or dead-letter them.
+
+        The interrupted attempt counts (it was counted when the job was claimed). A job whose interrupted attempt
+        was its last (``attempts >= max_attempts``) is dead-lettered with the reason "interrupted on attempt N of
+        M (the process stopped while analysing it)", plus its previous error if it had one, so an input that
+        kills the process ends in the dead letters; the others go back to ``pending``, due at once.
+
+        Returns
+        -------
+        int
+            The number of jobs re-queued (dead-lettered ones not included).
+        """
+        conn = self._conn()
+        poisoned = conn.execute(
+            "SELECT id, sop_instance_uid, attempts, last_error FROM jobs WHERE state = 'running' AND attempts >= ?"
+            " ORDER BY id",
+            (self.max_attempts,),
+        ).fetchall()
+        for row in poisoned:
+            reason = (
+                f"interrupted on attempt {row['attempts']} of {self.max_attempts}"
+                " (the process stopped while analysing it)"
+            )
+            if row["last_error"]:
+                reason += f"; previous error: {row['last_error']}"
+            dead_letter(
+                conn,
+                "jobs",
+                row["id"],
+                error=reason,
+                attempts=row["attempts"],
+                sop_instance_uid=row["sop_instance_uid"],
+            )
+            logger.error("job %d (sop_instance=%s) dead-lettered: %s", row["id"], row["sop_instance_uid"], reason)
+        cur = conn.execute(
             "UPDATE jobs SET state = 'pending', owner = NULL, next_attempt_at = 0, updated_at = ?"
             " WHERE state = 'running'",
             (time.time(),),
@@ -195,9 +309,9 @@ class JobQueue:
         return out
 
     def get(self, sop_instance_uid: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self._conn().execute(
-            "SELECT * FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        ).fetchone()
+        row: sqlite3.Row | None = (
+            self._conn().execute("SELECT * FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
+        )
         return row
 
     def dead_letters(self, kind: str | None = None) -> list[sqlite3.Row]:

@@ -7,17 +7,23 @@ no module-level globals.
 Statuses returned by C-STORE (PS3.4 Annex B.2.3 and PS3.7 Annex C):
 
 ========  =====================================================================================
-0x0000    stored durably and queued (also for a repeated SOP Instance UID, stored once)
-0xA700    out of resources: disk below ``storage.min_free_mb`` or the spool/queue write failed
+0x0000    stored durably and queued (also for a repeated SOP Instance UID, stored once; an instance
+          whose job was dead-lettered is stored again and re-queued)
+0xA700    out of resources: disk below ``storage.min_free_mb``, or the spool/queue read or write failed
 0xC210    cannot understand: the dataset could not be parsed
 0xC211    cannot understand: SOP Instance/Class UID in the dataset differ from the request
 0xC212    cannot understand: a required UID (Study/Series/SOP Instance) is missing
+0xC213    cannot understand: the SOP Instance UID is not a valid DICOM UID (it names the spool file)
 ========  =====================================================================================
+
+With TLS, the handshake runs in the connection's own thread, bounded by ``scp.network_timeout_s``
+(:class:`_DeferredHandshakeServer`), so a peer that connects and says nothing cannot hold up other associations.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +32,13 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dermnode.dicom_io.uids import ACCEPTED_STORAGE_CLASSES, ACCEPTED_TRANSFER_SYNTAXES, VERIFICATION
+from dermnode.dicom_io.uids import (
+    ACCEPTED_STORAGE_CLASSES,
+    ACCEPTED_TRANSFER_SYNTAXES,
+    UID_MAX_LENGTH,
+    VERIFICATION,
+    is_valid_uid,
+)
 from dermnode.errors import InsufficientSpaceError, StorageError
 from dermnode.scp.queue import JobQueue
 from dermnode.scp.spool import Spool
@@ -40,6 +52,7 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_UID_MISMATCH = 0xC211
 STATUS_MISSING_UID = 0xC212
+STATUS_INVALID_UID = 0xC213
 
 
 @dataclass
@@ -64,11 +77,24 @@ def handle_echo(event: Any) -> int:
 
 
 def handle_store(event: Any, ctx: StoreContext) -> int:
-    """Store one instance durably, record its job, and answer only then."""
+    """Store one instance durably, record its job, and answer only then.
+
+    The SOP Instance UID names the spool file, so it must have the DICOM UID syntax (else 0xC213). A repeated
+    SOP Instance UID is answered with success and not processed again, unless its job was dead-lettered: then
+    the new copy replaces the spool file and the job is re-queued with a fresh attempt count.
+
+    Returns
+    -------
+    int
+        The C-STORE status (see the module docstring). Never raises for a storage or database failure
+        (0xA700) or a bad dataset (0xC2xx).
+    """
     calling, address = _peer(event)
     req = event.request
     sop_uid = str(req.AffectedSOPInstanceUID)
     sop_class = str(req.AffectedSOPClassUID)
+    valid_uid = is_valid_uid(sop_uid)
+    shown_uid = sop_uid if valid_uid else ascii(sop_uid)  # quoted and escaped: no forged log lines
 
     def answer(status: int, reason: str) -> int:
         log = audit.info if status == STATUS_SUCCESS else audit.warning
@@ -77,15 +103,25 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
             calling,
             address,
             sop_class,
-            sop_uid,
+            shown_uid,
             status,
             reason,
         )
         return status
 
+    if not valid_uid:
+        logger.warning(
+            "refusing C-STORE from %s (%s): SOP Instance UID %s is not a valid DICOM UID", calling, address, shown_uid
+        )
+        return answer(
+            STATUS_INVALID_UID,
+            f"SOP Instance UID is not a valid DICOM UID (digits and dots, at most {UID_MAX_LENGTH} characters)",
+        )
+
     try:
         ctx.spool.check_space()
-        if ctx.queue.contains(sop_uid):
+        existing = ctx.queue.state(sop_uid)
+        if existing is not None and existing != "dead":
             return answer(STATUS_SUCCESS, "duplicate SOP Instance UID: already stored, not processed again")
     except InsufficientSpaceError as exc:
         logger.error("refusing C-STORE: %s", exc)
@@ -109,16 +145,31 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         return answer(STATUS_UID_MISMATCH, "dataset SOP Instance/Class UID differ from the C-STORE request")
 
     try:
-        path = ctx.spool.store(sop_uid, event.encoded_dataset())
-        created = ctx.queue.enqueue(
-            sop_uid, sop_class, path, study_instance_uid=study_uid, calling_aet=calling, peer=address
-        )
+        path = ctx.spool.store(sop_uid, event.encoded_dataset())  # atomic: replaces the copy of a dead job
+        if existing == "dead":
+            created = ctx.queue.requeue_dead(
+                sop_uid, sop_class, path, study_instance_uid=study_uid, calling_aet=calling, peer=address
+            )
+            if created:
+                logger.warning(
+                    "SOP Instance %s re-received from %s (%s) after its job was dead-lettered: stored again and"
+                    " re-queued with a fresh attempt count",
+                    sop_uid,
+                    calling,
+                    address,
+                )
+        else:
+            created = ctx.queue.enqueue(
+                sop_uid, sop_class, path, study_instance_uid=study_uid, calling_aet=calling, peer=address
+            )
     except InsufficientSpaceError as exc:
         logger.error("refusing C-STORE: %s", exc)
         return answer(STATUS_OUT_OF_RESOURCES, "low disk space")
     except StorageError as exc:
         logger.error("refusing C-STORE, instance not stored: %s", exc)
         return answer(STATUS_OUT_OF_RESOURCES, "spool or queue write failed")
+    if existing == "dead" and created:
+        return answer(STATUS_SUCCESS, "re-received after dead-letter: stored again and re-queued")
     return answer(STATUS_SUCCESS, "stored and queued" if created else "duplicate (concurrent), stored once")
 
 
@@ -163,6 +214,59 @@ def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
+class _DeferredHandshakeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake moved out of the accept loop.
+
+    pynetdicom 3.0.4 wraps each accepted socket with ``wrap_socket(server_side=True)`` in ``get_request``, i.e.
+    it runs the (blocking, untimed) TLS handshake in the single thread that accepts connections: one peer that
+    opens a TCP connection and sends nothing (a load-balancer health check, a port scanner) blocks every later
+    association. Here the socket is wrapped with ``do_handshake_on_connect=False`` and the handshake is done in
+    the connection's own thread, bounded by the network timeout; a failed or timed-out handshake (no client
+    certificate, an unknown CA, plain DICOM on the TLS port, silence) closes that connection only.
+
+    Connection threads are daemon threads and are not joined on ``shutdown()``: one waiting for a silent
+    peer's handshake must not delay the service's stop (pynetdicom's association threads are daemons too).
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; with TLS, wrap it without doing the handshake yet.
+
+        Raises
+        ------
+        OSError
+            When ``accept`` or the wrapping fails (``socketserver`` then drops the connection).
+        """
+        assert self.socket is not None
+        client_socket, address = self.socket.accept()
+        if self.ssl_context:
+            try:
+                client_socket = self.ssl_context.wrap_socket(
+                    client_socket, server_side=True, do_handshake_on_connect=False
+                )
+            except OSError:
+                client_socket.close()
+                raise
+        return client_socket, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: finish the TLS handshake (bounded in time), then serve the association."""
+        if isinstance(request, ssl.SSLSocket):
+            peer = f"{client_address[0]}:{client_address[1]}"
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.ae.network_timeout)
+                request.do_handshake()
+                request.settimeout(previous)
+            except OSError as exc:  # ssl.SSLError, TimeoutError, ConnectionError
+                audit.warning("TLS handshake with %s failed, connection closed: %s", peer, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 class _StoreAE(AE):
     """An AE whose association limit counts associations, not bare TCP connections.
 
@@ -175,6 +279,29 @@ class _StoreAE(AE):
     @property
     def active_associations(self) -> list[Any]:
         return [a for a in super().active_associations if not a.is_acceptor or a.requestor.primitive is not None]
+
+    def make_server(
+        self,
+        address: Any,
+        ae_title: Any = None,
+        contexts: Any = None,
+        ssl_context: Any = None,
+        evt_handlers: Any = None,
+        server_class: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """pynetdicom's server factory, with :class:`_DeferredHandshakeServer` for the threaded server.
+
+        Raises
+        ------
+        ValueError, OSError
+            As :meth:`pynetdicom.ae.ApplicationEntity.make_server` (no contexts, port cannot be bound).
+        """
+        if server_class is ThreadedAssociationServer:
+            server_class = _DeferredHandshakeServer
+        return super().make_server(
+            address, ae_title, contexts, ssl_context, evt_handlers, server_class=server_class, **kwargs
+        )
 
 
 def build_ae(settings: ScpSettings) -> AE:

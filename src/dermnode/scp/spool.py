@@ -19,9 +19,11 @@ from dermnode.errors import InsufficientSpaceError, StorageError
 
 logger = logging.getLogger(__name__)
 
-
 def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename, directory fsync).
+
+    When the file's folder is created by this call, its parent is fsynced too, so the folder entry is as
+    durable as the file.
 
     Raises
     ------
@@ -30,6 +32,7 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per writer thread
     try:
+        new_folder = not path.parent.is_dir()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -43,11 +46,13 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
             os.close(fd)
         os.replace(tmp, path)
         if fsync:
-            dfd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            # the new name, and a folder made just now (a fan-out folder, results/<uid>) in its parent
+            for folder in (path.parent, path.parent.parent) if new_folder else (path.parent,):
+                dfd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
     except OSError as exc:
         try:
             tmp.unlink(missing_ok=True)
@@ -76,9 +81,28 @@ class Spool:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path_for(self, sop_instance_uid: str) -> Path:
-        """Deterministic spool path of an instance (two-level fan-out by hash)."""
+        """Deterministic spool path of an instance (two-level fan-out by hash).
+
+        The SCP only passes syntactically valid UIDs (:func:`is_valid_uid`); this check is the second line of
+        defence: whatever the UID, the path must be a plain file directly in its fan-out folder of the spool.
+
+        Raises
+        ------
+        StorageError
+            When the UID would make the path leave the spool (``/``, ``..``, a NUL byte, ...).
+        """
         digest = hashlib.sha256(sop_instance_uid.encode("ascii", "replace")).hexdigest()
-        return self.directory / digest[:2] / f"{sop_instance_uid}.dcm"
+        folder = self.directory / digest[:2]
+        path = folder / f"{sop_instance_uid}.dcm"
+        try:
+            inside = path.parent == folder and path.resolve().parent == folder.resolve()
+        except (OSError, ValueError) as exc:  # ValueError: embedded NUL byte
+            raise StorageError(f"refusing spool path for SOP Instance UID {sop_instance_uid!r}: {exc}") from exc
+        if not inside or path.name.startswith("."):
+            raise StorageError(
+                f"refusing SOP Instance UID {sop_instance_uid!r}: its spool path is not a plain file in {folder}"
+            )
+        return path
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.directory).free / 1_048_576
