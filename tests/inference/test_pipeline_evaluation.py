@@ -77,7 +77,9 @@ def test_diagnosis_labels_are_normalised() -> None:
 
 
 def test_folder_labels_split_and_derived_labels(clinic_folder: Path) -> None:
-    items = {i.image_id: i for i in read_labelled_folder(clinic_folder, "val")}  # no split column: every row
+    listed, selected = read_labelled_folder(clinic_folder, "val")  # no split column: every row
+    assert selected == "all"
+    items = {i.image_id: i for i in listed}
     assert set(items) == {"IMG_0", "IMG_1", "IMG_2", "IMG_3", "BLANK", "MISSING"}
     assert items["IMG_1"].melanoma == 1 and items["IMG_1"].malignant == 1
     assert items["IMG_1"].mask_path is not None and items["IMG_1"].mask_path.name == "IMG_1_segmentation.png"
@@ -87,10 +89,26 @@ def test_folder_labels_split_and_derived_labels(clinic_folder: Path) -> None:
 
     labels = clinic_folder / "labels.csv"
     _write_labels(labels, [{"image_id": "IMG_0", "split": "test"}, {"image_id": "IMG_1", "split": "val"}])
-    assert [i.image_id for i in read_labelled_folder(clinic_folder, "val")] == ["IMG_1"]
-    assert len(read_labelled_folder(clinic_folder, "all")) == 2
-    with pytest.raises(PipelineError):
-        read_labelled_folder(clinic_folder, "train")
+    listed, selected = read_labelled_folder(clinic_folder, "val")
+    assert [i.image_id for i in listed] == ["IMG_1"] and selected == "val"
+    assert len(read_labelled_folder(clinic_folder, "all")[0]) == 2
+    # no row of the requested split (another clinic's set may only have "test"): every row, and it says so
+    listed, selected = read_labelled_folder(clinic_folder, "train")
+    assert [i.image_id for i in listed] == ["IMG_0", "IMG_1"] and selected == "all"
+    _write_labels(labels, [{"image_id": "NOPE", "split": "val"}])
+    assert read_labelled_folder(clinic_folder, "val")[0][0].image_path is None
+
+
+def test_spreadsheet_labels_with_bom_and_ham10000_columns(clinic_folder: Path) -> None:
+    """A labels.csv saved by a spreadsheet (BOM) with HAM10000's metadata columns (``dx``)."""
+    text = "\ufeffimage_id,dx,dx_type\nIMG_0,nv,histo\nIMG_1,mel,histo\nIMG_2,akiec,histo\n"
+    (clinic_folder / "labels.csv").write_text(text, encoding="utf-8")
+    listed, _ = read_labelled_folder(clinic_folder, "val")
+    items = {i.image_id: i for i in listed}
+    assert set(items) == {"IMG_0", "IMG_1", "IMG_2"}
+    assert (items["IMG_1"].diagnosis, items["IMG_1"].melanoma, items["IMG_1"].malignant) == ("MEL", 1, 1)
+    assert (items["IMG_2"].diagnosis, items["IMG_2"].melanoma, items["IMG_2"].malignant) == ("AK", 0, 1)
+    assert items["IMG_0"].image_path is not None
 
 
 def test_pipeline_evaluation_runs_the_production_analyser(

@@ -15,14 +15,17 @@ Folder layout (the one of ``../shared/data/*``)
         Lesion ground truth (pixels >= 128 are lesion), any resolution: the prediction is compared at the
         mask's resolution.
     ``labels.csv`` (optional when there are masks)
-        First column ``image_id``. Optional ``split`` (rows of ``--split`` are kept; without the column every
-        row is used, ``all`` keeps every row). Labels, each optional:
+        Column ``image_id`` (or ``image``, ``isic_id``); a spreadsheet's UTF-8 byte-order mark is ignored.
+        Optional ``split``: rows of ``--split`` are kept; every row is used without the column, with ``all``,
+        or when no row has the requested split (with a warning; ``split_evaluated`` in the metrics says
+        ``all``). Labels, each optional:
 
         * melanoma (0/1): ``melanoma``, else ``melanoma_isic2017``, else ``diagnosis == MEL``;
         * malignant (benign/malignant): ``benign_malignant``, else derived from ``diagnosis`` (MEL, BCC, SCC and
           AK count as malignant, as in the shared data's README);
-        * diagnosis: ``diagnosis`` with ISIC codes (``MEL``, ``NV``, ``BCC``, ``AK``/``AKIEC``, ``BKL``, ``DF``,
-          ``SK``, ``SCC``, ``VASC``; case-insensitive; HAM10000's ``akiec`` maps to ``AK``).
+        * diagnosis: ``diagnosis`` (or HAM10000's ``dx``, or ``diagnosis_isic2019``) with ISIC codes (``MEL``,
+          ``NV``, ``BCC``, ``AK``/``AKIEC``, ``BKL``, ``DF``, ``SK``, ``SCC``, ``VASC``; case-insensitive;
+          HAM10000's ``akiec`` maps to ``AK``).
 
 Metrics (``pipeline_metrics.json``)
     * ``coverage``: images analysed, images refused (``not_analysable``) with their reasons, unreadable files.
@@ -123,21 +126,62 @@ def _find_file(folder: Path, stems: tuple[str, ...], extensions: tuple[str, ...]
     return None
 
 
-def read_labelled_folder(data_dir: Path, split: str) -> list[LabelledImage]:
+#: Column names read for each field, in order (HAM10000's metadata says ``dx``, ISIC 2017 ``diagnosis_isic2019``).
+_ID_COLUMNS = ("image_id", "image", "isic_id")
+_DIAGNOSIS_COLUMNS = ("diagnosis", "dx", "diagnosis_isic2019")
+_MELANOMA_COLUMNS = ("melanoma", "melanoma_isic2017")
+
+
+def _first(row: dict[str, str], columns: tuple[str, ...]) -> str | None:
+    for column in columns:
+        value = (row.get(column) or "").strip()
+        if value:
+            return value
+    return None
+
+
+def _select_split(rows: list[dict[str, str]], split: str, labels: Path) -> tuple[list[dict[str, str]], str]:
+    """The rows of ``split`` and what was selected: ``split``, or ``"all"`` when every row is kept.
+
+    Every row is kept for ``split == "all"``, when there is no ``split`` column, and when no row has the
+    requested split (a set from another clinic may call its only split ``test``): a warning names the splits
+    found, so a default ``--split val`` still measures such a set rather than failing.
+    """
+    if split == "all" or not rows:
+        return rows, "all"
+    if "split" not in rows[0]:
+        logger.info("%s has no split column: evaluating all %d rows", labels, len(rows))
+        return rows, "all"
+    chosen = [r for r in rows if r.get("split") == split]
+    if chosen:
+        return chosen, split
+    found = sorted({(r.get("split") or "").strip() or "(empty)" for r in rows})
+    logger.warning("%s has no row of split %r (splits: %s): evaluating all %d rows",
+                   labels, split, ", ".join(found), len(rows))
+    return rows, "all"
+
+
+def read_labelled_folder(data_dir: Path, split: str) -> tuple[list[LabelledImage], str]:
     """List the images of ``data_dir`` (and of ``split`` when ``labels.csv`` has a ``split`` column).
+
+    ``labels.csv`` may be written by a spreadsheet (a UTF-8 byte-order mark is ignored); the image id is read
+    from ``image_id`` (or ``image``, ``isic_id``), the diagnosis from ``diagnosis`` (or ``dx``,
+    ``diagnosis_isic2019``), melanoma from ``melanoma`` (or ``melanoma_isic2017``), malignancy from
+    ``benign_malignant``; labels that are absent are derived from the diagnosis where possible.
 
     Parameters
     ----------
     data_dir:
         The folder (see the module docstring).
     split:
-        Value of the ``split`` column to keep; ``"all"`` keeps every row. Ignored (every row kept) when the
-        column does not exist.
+        Value of the ``split`` column to keep; ``"all"`` keeps every row. Every row is kept when the column
+        does not exist or no row has that value (see :func:`_select_split`).
 
     Returns
     -------
-    list of LabelledImage
-        One entry per row (or per image file when there is no ``labels.csv``).
+    list of LabelledImage, str
+        One entry per row (or per image file when there is no ``labels.csv``), and the split actually
+        evaluated (``split`` or ``"all"``).
 
     Raises
     ------
@@ -150,24 +194,21 @@ def read_labelled_folder(data_dir: Path, split: str) -> list[LabelledImage]:
     labels = data_dir / "labels.csv"
     rows: list[dict[str, str]]
     if labels.is_file():
-        with labels.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-        if rows and "split" in rows[0] and split != "all":
-            rows = [r for r in rows if r.get("split") == split]
-        elif rows and "split" not in rows[0] and split != "all":
-            logger.info("%s has no split column: evaluating all %d rows", labels, len(rows))
+        with labels.open(newline="", encoding="utf-8-sig") as fh:
+            rows = [{(k or "").strip(): v for k, v in r.items()} for r in csv.DictReader(fh)]
+        rows, selected = _select_split(rows, split, labels)
     else:
         rows = [{"image_id": p.stem} for p in sorted(images_dir.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
+        selected = "all"
         logger.info("%s has no labels.csv: evaluating the %d image files", data_dir, len(rows))
     out: list[LabelledImage] = []
     for r in rows:
-        image_id = (r.get("image_id") or "").strip()
+        image_id = _first(r, _ID_COLUMNS)
         if not image_id:
             continue
-        diagnosis = normalise_diagnosis(r["diagnosis"]) if r.get("diagnosis") else None
-        melanoma = _binary(r.get("melanoma"))
-        if melanoma is None:
-            melanoma = _binary(r.get("melanoma_isic2017"))
+        label = _first(r, _DIAGNOSIS_COLUMNS)
+        diagnosis = normalise_diagnosis(label) if label else None
+        melanoma = _binary(_first(r, _MELANOMA_COLUMNS))
         if melanoma is None and diagnosis is not None:
             melanoma = int(diagnosis == "MEL")
         malignant = _binary(r.get("benign_malignant"))
@@ -188,7 +229,7 @@ def read_labelled_folder(data_dir: Path, split: str) -> list[LabelledImage]:
         )
     if not out:
         raise PipelineError(f"no images to evaluate in {data_dir} (split {split!r})")
-    return out
+    return out, selected
 
 
 def load_source(path: Path, settings: AnalysisSettings, image_id: str) -> SourceImage:
@@ -305,7 +346,7 @@ def evaluate_pipeline(
     ModelError
         When the models cannot be loaded.
     """
-    items = read_labelled_folder(Path(data_dir), split)
+    items, selected_split = read_labelled_folder(Path(data_dir), split)
     if limit is not None:
         items = items[:limit]
     out_dir = Path(out_dir)
@@ -373,6 +414,7 @@ def evaluate_pipeline(
     doc: dict[str, Any] = {
         "data_dir": str(data_dir),
         "split": split,
+        "split_evaluated": selected_split,  # "all" when labels.csv has no split column or no row of `split`
         "models": [m.to_json() for m in analyzer.models],
         "settings": {
             "hair_removal": settings.hair_removal,
