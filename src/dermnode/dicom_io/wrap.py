@@ -59,7 +59,11 @@ def synthetic_dermoscopy(h: int = 300, w: int = 400, seed: int = 0) -> npt.NDArr
 
 
 def load_rgb(path: Path) -> npt.NDArray[np.uint8]:
-    """Read a JPEG/PNG/BMP photograph as an RGB uint8 array.
+    """Read a JPEG/PNG/TIFF/BMP photograph as an RGB uint8 array.
+
+    Pillow's ``convert("RGB")`` clips 16-bit and 32-bit grey images at 255 (a 16-bit PNG becomes a white
+    frame), so those are scaled to 8 bits by their bit depth first (``I;16``: >> 8; ``I``/``F``: by the
+    image's own maximum).
 
     Raises
     ------
@@ -68,6 +72,15 @@ def load_rgb(path: Path) -> npt.NDArray[np.uint8]:
     """
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I;16"):
+                grey = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            if im.mode in ("I", "F"):
+                values = np.asarray(im, dtype=np.float64)
+                top = float(values.max()) if values.size else 0.0
+                scale = 255.0 / top if top > 255.0 else 1.0
+                grey = np.clip(values * scale, 0, 255).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (OSError, ValueError) as exc:
         raise DecodeError(f"cannot read image {path}: {exc}") from exc
