@@ -55,3 +55,17 @@ def test_not_an_image_is_a_decode_error(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xd8\xff\xe0garbage")
     with pytest.raises(DecodeError, match="cannot read image"):
         load_rgb(path)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A camera JPEG stored sideways with Orientation = 6 is read upright, as viewers and OpenCV show it."""
+    import cv2
+
+    path = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(RGB).save(path, exif=exif, quality=95)
+    out = load_rgb(path)
+    shown = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert out.shape == (RGB.shape[1], RGB.shape[0], 3) == shown.shape
+    assert np.abs(out.astype(int) - shown.astype(int)).mean() < 2

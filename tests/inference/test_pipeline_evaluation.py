@@ -124,6 +124,7 @@ def test_pipeline_evaluation_runs_the_production_analyser(
         "not_analysable": 1,
         "not_analysable_reasons": cov["not_analysable_reasons"],
         "unreadable": 1,
+        "errors": 0,
     }
     assert sum(cov["not_analysable_reasons"].values()) == 1
     # the drawn lesion is found at every resolution; the blank frame counts as an empty prediction
@@ -178,3 +179,35 @@ def test_real_size_ham10000_sample_end_to_end(shared_data: Path, tmp_path: Path,
     assert doc["coverage"]["n_images"] == 5
     assert doc["segmentation"]["all_images"]["n"] == 5
     assert doc["diagnosis"]["n"] == doc["coverage"]["analysed"]
+
+
+def test_archive_names_extensions_and_benign_rows(clinic_folder: Path) -> None:
+    """Diagnoses as words, ids with their extension, and a benign row with an unknown diagnosis."""
+    _write_labels(clinic_folder / "labels.csv", [
+        {"image_id": "IMG_0.jpg", "diagnosis": "Seborrheic keratosis", "benign_malignant": ""},
+        {"image_id": "IMG_1", "diagnosis": "melanoma", "benign_malignant": "malignant"},
+        {"image_id": "IMG_2", "diagnosis": "basal_cell_carcinoma", "benign_malignant": ""},
+        {"image_id": "IMG_3", "diagnosis": "lentigo", "benign_malignant": "benign"},
+    ])
+    listed, _ = read_labelled_folder(clinic_folder, "all")
+    items = {i.image_id: i for i in listed}
+    assert items["IMG_0.jpg"].image_path is not None and items["IMG_0.jpg"].mask_path is not None
+    assert (items["IMG_0.jpg"].diagnosis, items["IMG_0.jpg"].melanoma) == ("SK", 0)
+    assert (items["IMG_2"].diagnosis, items["IMG_2"].malignant) == ("BCC", 1)
+    assert items["IMG_1"].melanoma == 1
+    assert (items["IMG_3"].diagnosis, items["IMG_3"].melanoma, items["IMG_3"].malignant) == (None, 0, 0)
+
+
+def test_zero_one_masks_and_unreadable_masks_are_handled(
+    clinic_folder: Path, tmp_path: Path, analyzer: Analyzer
+) -> None:
+    """0/1 masks (a common export) are lesion where 1; a mask that cannot be read does not end the run."""
+    for name in ("IMG_0.png", "IMG_2.png"):
+        path = clinic_folder / "masks" / name
+        cv2.imwrite(str(path), (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8))
+    (clinic_folder / "masks" / "BLANK.png").write_bytes(b"not a png")
+    metrics = evaluate_pipeline(clinic_folder, "val", AnalysisSettings(), tmp_path / "out", analyzer=analyzer)
+    rows = {r["image_id"]: r for r in csv.DictReader((tmp_path / "out" / "per_image.csv").open())}
+    assert float(rows["IMG_0"]["dice"]) > 0.8 and float(rows["IMG_2"]["dice"]) > 0.8
+    assert "cannot read mask" in rows["BLANK"]["mask_error"]
+    assert metrics["coverage"]["errors"] == 0

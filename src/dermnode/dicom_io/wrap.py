@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import Image, ImageOps
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
@@ -61,9 +61,9 @@ def synthetic_dermoscopy(h: int = 300, w: int = 400, seed: int = 0) -> npt.NDArr
 def load_rgb(path: Path) -> npt.NDArray[np.uint8]:
     """Read a JPEG/PNG/TIFF/BMP photograph as an RGB uint8 array.
 
-    Pillow's ``convert("RGB")`` clips 16-bit and 32-bit grey images at 255 (a 16-bit PNG becomes a white
-    frame), so those are scaled to 8 bits by their bit depth first (``I;16``: >> 8; ``I``/``F``: by the
-    image's own maximum).
+    The EXIF Orientation of a camera JPEG is applied. Pillow's ``convert("RGB")`` clips 16-bit and 32-bit grey
+    images at 255 (a 16-bit PNG becomes a white frame), so those are scaled to 8 bits by their bit depth first
+    (``I;16``: >> 8; ``I``/``F``: by the image's own maximum).
 
     Raises
     ------
@@ -71,7 +71,10 @@ def load_rgb(path: Path) -> npt.NDArray[np.uint8]:
         When the file cannot be read as an image.
     """
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as raw:
+            # the orientation a viewer (and OpenCV, which read the training images) shows: a camera JPEG
+            # may store its pixels sideways with an EXIF Orientation tag
+            im = ImageOps.exif_transpose(raw)
             if im.mode.startswith("I;16"):
                 grey = (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
                 return np.repeat(grey[:, :, None], 3, axis=2)

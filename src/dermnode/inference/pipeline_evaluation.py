@@ -23,12 +23,16 @@ Folder layout (the one of ``../shared/data/*``)
         * melanoma (0/1): ``melanoma``, else ``melanoma_isic2017``, else ``diagnosis == MEL``;
         * malignant (benign/malignant): ``benign_malignant``, else derived from ``diagnosis`` (MEL, BCC, SCC and
           AK count as malignant, as in the shared data's README);
-        * diagnosis: ``diagnosis`` (or HAM10000's ``dx``, or ``diagnosis_isic2019``) with ISIC codes (``MEL``,
-          ``NV``, ``BCC``, ``AK``/``AKIEC``, ``BKL``, ``DF``, ``SK``, ``SCC``, ``VASC``; case-insensitive;
-          HAM10000's ``akiec`` maps to ``AK``).
+        * diagnosis: ``diagnosis`` (or HAM10000's ``dx``, ``diagnosis_isic2019``, ``class_name``) with ISIC codes
+          (``MEL``, ``NV``, ``BCC``, ``AK``/``AKIEC``, ``BKL``, ``DF``, ``SK``, ``SCC``, ``VASC``;
+          case-insensitive; HAM10000's ``akiec`` maps to ``AK``) or the ISIC Archive's names ("melanoma",
+          "seborrheic keratosis", ...).
+        Masks may be 0/255 or 0/1 PNGs; ``image_id`` may include the file extension.
 
 Metrics (``pipeline_metrics.json``)
-    * ``coverage``: images analysed, images refused (``not_analysable``) with their reasons, unreadable files.
+    * ``coverage``: images analysed, images refused (``not_analysable``) with their reasons, unreadable files,
+      and ``errors`` (an unexpected failure of one image is logged with its traceback and counted, the run goes
+      on; a mask that cannot be read leaves that image out of the segmentation scores).
     * ``segmentation`` (with masks): Dice, Jaccard, thresholded Jaccard (ISIC 2018 rule), pixel accuracy,
       sensitivity, specificity, averaged per image, twice: over every image (a refused image counts as an empty
       prediction, i.e. Dice 0 unless its mask is empty) and over the analysed ones only.
@@ -73,7 +77,25 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm")
 #: Diagnoses counted as malignant (AK as pre-malignant), as in the shared data's README.
 MALIGNANT_CODES: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})
-_DIAGNOSIS_ALIASES: dict[str, str] = {"AKIEC": "AK", "NEV": "NV", "NEVUS": "NV", "MELANOMA": "MEL", "SEK": "SK"}
+_DIAGNOSIS_ALIASES: dict[str, str] = {
+    "AKIEC": "AK",
+    "NEV": "NV",
+    "SEK": "SK",
+    # the ISIC Archive's diagnosis names (as in isic-9class's class_name column)
+    "ACTINIC KERATOSIS": "AK",
+    "BASAL CELL CARCINOMA": "BCC",
+    "DERMATOFIBROMA": "DF",
+    "MELANOMA": "MEL",
+    "NEVUS": "NV",
+    "NAEVUS": "NV",
+    "MELANOCYTIC NEVUS": "NV",
+    "PIGMENTED BENIGN KERATOSIS": "BKL",
+    "BENIGN KERATOSIS": "BKL",
+    "BENIGN KERATOSIS-LIKE LESION": "BKL",
+    "SEBORRHEIC KERATOSIS": "SK",
+    "SQUAMOUS CELL CARCINOMA": "SCC",
+    "VASCULAR LESION": "VASC",
+}
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,7 @@ def normalise_diagnosis(value: str) -> str | None:
     str or None
         The ISIC class code.
     """
-    code = value.strip().upper()
+    code = " ".join(value.replace("_", " ").split()).upper()
     code = _DIAGNOSIS_ALIASES.get(code, code)
     return code if code in DIAGNOSIS_CLASSES else None
 
@@ -128,7 +150,7 @@ def _find_file(folder: Path, stems: tuple[str, ...], extensions: tuple[str, ...]
 
 #: Column names read for each field, in order (HAM10000's metadata says ``dx``, ISIC 2017 ``diagnosis_isic2019``).
 _ID_COLUMNS = ("image_id", "image", "isic_id")
-_DIAGNOSIS_COLUMNS = ("diagnosis", "dx", "diagnosis_isic2019")
+_DIAGNOSIS_COLUMNS = ("diagnosis", "dx", "diagnosis_isic2019", "class_name")
 _MELANOMA_COLUMNS = ("melanoma", "melanoma_isic2017")
 
 
@@ -152,7 +174,8 @@ def _select_split(rows: list[dict[str, str]], split: str, labels: Path) -> tuple
     if "split" not in rows[0]:
         logger.info("%s has no split column: evaluating all %d rows", labels, len(rows))
         return rows, "all"
-    chosen = [r for r in rows if r.get("split") == split]
+    wanted = split.strip().casefold()
+    chosen = [r for r in rows if (r.get("split") or "").strip().casefold() == wanted]
     if chosen:
         return chosen, split
     found = sorted({(r.get("split") or "").strip() or "(empty)" for r in rows})
@@ -165,9 +188,11 @@ def read_labelled_folder(data_dir: Path, split: str) -> tuple[list[LabelledImage
     """List the images of ``data_dir`` (and of ``split`` when ``labels.csv`` has a ``split`` column).
 
     ``labels.csv`` may be written by a spreadsheet (a UTF-8 byte-order mark is ignored); the image id is read
-    from ``image_id`` (or ``image``, ``isic_id``), the diagnosis from ``diagnosis`` (or ``dx``,
-    ``diagnosis_isic2019``), melanoma from ``melanoma`` (or ``melanoma_isic2017``), malignancy from
-    ``benign_malignant``; labels that are absent are derived from the diagnosis where possible.
+    from ``image_id`` (or ``image``, ``isic_id``; with or without the file's extension), the diagnosis from
+    ``diagnosis`` (or ``dx``, ``diagnosis_isic2019``, ``class_name``; ISIC codes or the ISIC Archive's names such
+    as "seborrheic keratosis"), melanoma from ``melanoma`` (or ``melanoma_isic2017``), malignancy from
+    ``benign_malignant``; labels that are absent are derived from the diagnosis where possible, and a benign
+    lesion counts as not melanoma. Diagnoses that are no ISIC class are logged.
 
     Parameters
     ----------
@@ -202,31 +227,43 @@ def read_labelled_folder(data_dir: Path, split: str) -> tuple[list[LabelledImage
         selected = "all"
         logger.info("%s has no labels.csv: evaluating the %d image files", data_dir, len(rows))
     out: list[LabelledImage] = []
+    unmapped: dict[str, int] = {}
     for r in rows:
         image_id = _first(r, _ID_COLUMNS)
         if not image_id:
             continue
+        stem = Path(image_id).stem if Path(image_id).suffix.lower() in IMAGE_EXTENSIONS else image_id
         label = _first(r, _DIAGNOSIS_COLUMNS)
         diagnosis = normalise_diagnosis(label) if label else None
+        if label and diagnosis is None:
+            unmapped[label] = unmapped.get(label, 0) + 1
         melanoma = _binary(_first(r, _MELANOMA_COLUMNS))
         if melanoma is None and diagnosis is not None:
             melanoma = int(diagnosis == "MEL")
         malignant = _binary(r.get("benign_malignant"))
         if malignant is None and diagnosis is not None:
             malignant = int(diagnosis in MALIGNANT_CODES)
+        if melanoma is None and malignant == 0:
+            melanoma = 0  # a benign lesion is not a melanoma, whatever its (unmapped) diagnosis
         mask = None
         if masks_dir.is_dir():
-            mask = _find_file(masks_dir, (image_id, f"{image_id}_segmentation"), (".png",))
+            mask = _find_file(masks_dir, (stem, f"{stem}_segmentation"), (".png",))
+        image_path = _find_file(images_dir, (stem,), IMAGE_EXTENSIONS)
+        if image_path is None and (images_dir / image_id).is_file():
+            image_path = images_dir / image_id  # the id is the file name, with an extension not listed
         out.append(
             LabelledImage(
                 image_id=image_id,
-                image_path=_find_file(images_dir, (image_id,), IMAGE_EXTENSIONS),
+                image_path=image_path,
                 mask_path=mask,
                 melanoma=melanoma,
                 malignant=malignant,
                 diagnosis=diagnosis,
             )
         )
+    if unmapped:
+        logger.warning("%s: diagnoses that are not ISIC classes (no diagnosis label for these rows): %s",
+                       labels, ", ".join(f"{k!r} x{v}" for k, v in sorted(unmapped.items())))
     if not out:
         raise PipelineError(f"no images to evaluate in {data_dir} (split {split!r})")
     return out, selected
@@ -271,10 +308,17 @@ def load_source(path: Path, settings: AnalysisSettings, image_id: str) -> Source
 
 
 def _read_mask(path: Path) -> npt.NDArray[np.bool_]:
+    """A ground-truth mask: 0/255 masks are cut at 128, 0/1 masks (maximum 1) at 0.
+
+    Raises
+    ------
+    DecodeError
+        When the file cannot be read as an image.
+    """
     gt = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if gt is None:
         raise DecodeError(f"cannot read mask {path}")
-    return np.asarray(gt >= 128, dtype=bool)
+    return np.asarray(gt > 0 if gt.max() <= 1 else gt >= 128, dtype=bool)
 
 
 def _predicted_mask(result: AnalysisResult | None, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
@@ -282,6 +326,11 @@ def _predicted_mask(result: AnalysisResult | None, shape: tuple[int, int]) -> np
         return np.zeros(shape, dtype=bool)
     mask = result.mask
     if mask.shape != shape:
+        (h, w), (gh, gw) = mask.shape, shape
+        if abs((w / h) / (gw / gh) - 1.0) > 0.01:
+            logger.warning("%s: the mask (%dx%d) and the image (%dx%d) differ in aspect ratio; the prediction is "
+                           "stretched to the mask (a rotated photograph?)", result.source.sop_instance_uid,
+                           gw, gh, w, h)
         resized = cv2.resize(mask.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
         mask = np.asarray(resized > 0, dtype=bool)
     return mask
@@ -363,6 +412,7 @@ def evaluate_pipeline(
     diag_probs: list[dict[str, float]] = []
     reasons: dict[str, int] = {}
     unreadable = 0
+    failed = 0
     seconds: list[float] = []
     for item in items:
         row: dict[str, Any] = {"image_id": item.image_id}
@@ -380,12 +430,22 @@ def evaluate_pipeline(
             logger.error("%s: %s", item.image_id, exc)
             unreadable += 1
             row["status"], row["reason"] = "unreadable", str(exc)
+        except Exception as exc:  # one image must not end a run of thousands: recorded, counted, logged in full
+            logger.exception("%s: analysis failed", item.image_id)
+            failed += 1
+            row["status"], row["reason"] = "error", f"{type(exc).__name__}: {exc}"
         if result is not None and result.status is AnalysisStatus.NOT_ANALYSABLE:
             key = result.reason or "unspecified"
             reasons[key] = reasons.get(key, 0) + 1
         analysed = result is not None and result.status is AnalysisStatus.ANALYSED
+        gt = None
         if item.mask_path is not None:
-            gt = _read_mask(item.mask_path)
+            try:
+                gt = _read_mask(item.mask_path)
+            except DecodeError as exc:
+                logger.error("%s: %s (not scored for segmentation)", item.image_id, exc)
+                row["mask_error"] = str(exc)
+        if gt is not None:
             s = score_masks(_predicted_mask(result, gt.shape), gt)
             seg_all.append(s)
             if analysed:
@@ -428,6 +488,7 @@ def evaluate_pipeline(
             "not_analysable": sum(reasons.values()),
             "not_analysable_reasons": reasons,
             "unreadable": unreadable,
+            "errors": failed,
         },
         "seconds_per_image_mean": float(np.mean(seconds)) if seconds else None,
     }
