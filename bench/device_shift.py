@@ -95,7 +95,17 @@ TransformFn = Callable[[RGB, Mask, float, np.random.Generator], tuple[RGB, Mask]
 NOISE_SIGMA = 2.0
 VIGNETTE_COVERAGE = 0.90
 VIGNETTE_SOFT = 0.02
-GATE_SCORES = ("mean_v", "dark_frac", "sharpness", "skin_frac", "foreign_frac", "flat_frac", "edge_density")
+GATE_SCORES = (
+    "mean_v",
+    "field_mean_v",
+    "mean_luma",
+    "dark_frac",
+    "sharpness",
+    "skin_frac",
+    "foreign_frac",
+    "flat_frac",
+    "edge_density",
+)
 
 
 # --------------------------------------------------------------------------------------------- image operations
@@ -474,6 +484,8 @@ def gate_sweep(datasets: list[Dataset]) -> list[dict[str, Any]]:
                 "reasons": reasons,
                 "median_scores": {k: round(float(np.median(v)), 4) for k, v in scores.items()},
                 "min_mean_v": round(float(np.min(scores["mean_v"])), 4),
+                "min_field_mean_v": round(float(np.min(scores["field_mean_v"])), 4),
+                "max_mean_luma": round(float(np.max(scores["mean_luma"])), 4),
                 "min_skin_frac": round(float(np.min(scores["skin_frac"])), 4),
                 "max_foreign_frac": round(float(np.max(scores["foreign_frac"])), 4),
                 "min_sharpness": round(float(np.min(scores["sharpness"])), 4),
