@@ -3,7 +3,8 @@
 :class:`Classifier` loads the ``classifier`` bundle (sha256-verified, see
 :mod:`dermnode.inference.classifier_models`) and classifies the lesion crop:
 
-1. crop = bounding box of the (predicted) mask + 20% margin, squared, resized to the network input size — the
+1. crop = bounding box of the (predicted) mask + the manifest's margin (30 % for the shipped model) on every side,
+   squared, resized to the network input size — the
    same function as at training time (:func:`~dermnode.inference.classifier_models.lesion_crop_box` and
    :func:`~dermnode.inference.classifier_models.warp_crop`); Shades-of-Gray colour constancy; normalisation;
 2. logits averaged over the four flips (test-time augmentation; about 4x a single pass of a ~0.2 M parameter

