@@ -203,7 +203,7 @@ def upsample_mask(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.ND
     factor = max(h / mask.shape[0], w / mask.shape[1])
     up = np.asarray(cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
     if factor > 1.0:
-        up = cv2.GaussianBlur(up, (0, 0), factor)
+        up = np.asarray(cv2.GaussianBlur(up, (0, 0), factor), dtype=np.float32)
     return np.asarray(up > 0.5, dtype=bool)
 
 
