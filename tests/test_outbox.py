@@ -6,7 +6,6 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,7 @@ from dermnode.outbox import Delivery, Outbox, StateUpdateAbandonedError, retry_s
 from dermnode.scp.queue import JobQueue
 from dermnode.scp.workers import WorkerPool
 from dermnode.settings import DeliverySettings, WorkerSettings
-
-LOCKED = "database is locked"
-
-
-def flaky(real: Callable[..., object], failures: int) -> tuple[Callable[..., object], list[int]]:
-    calls: list[int] = []
-
-    def wrapper(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) <= failures:
-            raise sqlite3.OperationalError(LOCKED)
-        return real(*args, **kwargs)
-
-    return wrapper, calls
+from state_faults import LOCKED, flaky
 
 
 @pytest.fixture

@@ -17,8 +17,7 @@ from dermnode.outbox import Outbox
 from dermnode.scp.queue import Job, JobQueue
 from dermnode.scp.workers import WorkerPool, run_job
 from dermnode.settings import DeliverySettings, WorkerSettings
-
-LOCKED = "database is locked"
+from state_faults import LOCKED, flaky
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
@@ -30,17 +29,6 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def flaky(real: Callable[..., object], failures: int) -> tuple[Callable[..., object], list[int]]:
-    """``real`` raising ``database is locked`` on its first ``failures`` calls; the list counts every call."""
-    calls: list[int] = []
-
-    def wrapper(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        if len(calls) <= failures:
-            raise sqlite3.OperationalError(LOCKED)
-        return real(*args, **kwargs)
-
-    return wrapper, calls
 
 
 @pytest.fixture
