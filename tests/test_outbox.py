@@ -62,6 +62,7 @@ def test_unexpected_deliverer_error_is_recorded_as_a_retry(outbox: Outbox) -> No
     assert "bug" in row["last_error"]
 
 
+@pytest.mark.timeout(30)  # returning at all after stop is the behaviour; a hang fails here
 def test_pump_gives_up_on_stop_and_recover_resends(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> None:
     def always_locked(d: Delivery) -> None:
         raise sqlite3.OperationalError(LOCKED)
@@ -69,9 +70,7 @@ def test_pump_gives_up_on_stop_and_recover_resends(outbox: Outbox, monkeypatch: 
     monkeypatch.setattr(outbox, "delivered", always_locked)
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
-    t0 = time.monotonic()
     assert outbox.pump_once({"dicom": lambda d: None}, stop=stop)
-    assert time.monotonic() - t0 < 5.0
     assert state(outbox) == "sending"
     monkeypatch.undo()
     assert outbox.recover() == 1 and state(outbox) == "pending"

@@ -128,6 +128,7 @@ def test_failed_dead_letter_record_is_retried(queue: JobQueue, tmp_path: Path, m
     assert len(queue.dead_letters("job")) == 1, "one dead-letter row, not one per try"
 
 
+@pytest.mark.timeout(30)  # returning at all after stop is the behaviour; a hang fails here
 def test_run_job_gives_up_on_stop_and_the_job_is_recoverable(
     queue: JobQueue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -141,14 +142,13 @@ def test_run_job_gives_up_on_stop_and_the_job_is_recoverable(
     assert job is not None
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
-    t0 = time.monotonic()
     assert run_job(queue, job, lambda j: "analysed", stop=stop) is False
-    assert time.monotonic() - t0 < 5.0
     assert states(queue, "s") == ["running"]
     monkeypatch.undo()
     assert queue.recover() == 1 and states(queue, "s") == ["pending"]
 
 
+@pytest.mark.timeout(30)  # returning at all after stop is the behaviour; a hang fails here
 def test_stop_ends_a_stuck_state_update_after_the_grace_period(
     queue: JobQueue, outbox: Outbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -167,9 +167,7 @@ def test_stop_ends_a_stuck_state_update_after_the_grace_period(
     pool = WorkerPool(queue, outbox, processor, {}, WorkerSettings(count=1, poll_interval_s=0.02), 0.02)
     pool.start()
     assert ran.wait(10)
-    t0 = time.monotonic()
     assert pool.stop(0.3) is True
-    assert time.monotonic() - t0 < 5.0
     assert not any(t.is_alive() for t in pool._threads)
     assert states(queue, "g") == ["running"]  # left for recover() at the next start
 
