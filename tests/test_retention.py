@@ -11,13 +11,19 @@ from pathlib import Path
 import pytest
 
 from dermnode.db import connect, database_path
+from dermnode.outbox import Outbox
 from dermnode.retention import prune
+from dermnode.scp.queue import JobQueue
+from dermnode.settings import DeliverySettings
 
 DAY = 86_400.0
 
 
-def _job(root: Path, uid: str, state: str, age_days: float, deliveries: tuple[str, ...] = ("delivered",)) -> Path:
-    """A job row with a spool file and a results folder, last changed ``age_days`` ago."""
+def _job(root: Path, uid: str, state: str, age_days: float, deliveries: tuple[str, ...] = ("done",)) -> Path:
+    """A job row with a spool file and a results folder, last changed ``age_days`` ago.
+
+    ``deliveries`` are outcomes made through the outbox itself: ``done`` (delivered), ``pending``, ``dead``.
+    """
     spool = root / "spool" / "ab" / f"{uid}.dcm"
     spool.parent.mkdir(parents=True, exist_ok=True)
     spool.write_bytes(b"x" * 100)
@@ -26,18 +32,24 @@ def _job(root: Path, uid: str, state: str, age_days: float, deliveries: tuple[st
     (results / "sr.dcm").write_bytes(b"y" * 50)
     (results / "result.json").write_bytes(b"{}")
     t = time.time() - age_days * DAY
+    queue = JobQueue(database_path(root))
+    assert queue.enqueue(uid, "1.2", spool)
+    outbox = Outbox(database_path(root), DeliverySettings(max_attempts=1))
     conn = connect(database_path(root))
-    job_id = conn.execute(
-        "INSERT INTO jobs (sop_instance_uid, sop_class_uid, path, state, received_at, updated_at)"
-        " VALUES (?, '1.2', ?, ?, ?, ?)",
-        (uid, str(spool), state, t, t),
-    ).lastrowid
-    for i, d_state in enumerate(deliveries):
-        conn.execute(
-            "INSERT INTO deliveries (job_id, kind, destination, object_key, path, state, created_at, updated_at)"
-            " VALUES (?, 'dicom', 'pacs:main', ?, ?, ?, ?, ?)",
-            (job_id, f"{uid}.{i}", str(results / "sr.dcm"), d_state, t, t),
-        )
+    (job_id,) = conn.execute("SELECT id FROM jobs WHERE sop_instance_uid = ?", (uid,)).fetchone()
+    for i, outcome in enumerate(deliveries):
+        assert outbox.add(job_id, "dicom", f"pacs:{uid}", f"{uid}.{i}", results / "sr.dcm")
+        if outcome == "pending":  # due later, so that the claims below take the deliveries of this call only
+            later = time.time() + 1e6
+            conn.execute("UPDATE deliveries SET next_attempt_at = ? WHERE object_key = ?", (later, f"{uid}.{i}"))
+            continue
+        delivery = outbox.claim()
+        assert delivery is not None
+        if outcome == "done":
+            outbox.delivered(delivery)
+        else:
+            outbox.failed(delivery, "refused", permanent=True)
+    conn.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE id = ?", (state, t, job_id))
     conn.close()
     return spool
 
@@ -47,9 +59,10 @@ def test_prunes_only_finished_fully_delivered_old_jobs(tmp_path: Path) -> None:
     old_done = _job(root, "1.1", "done", 40)
     recent = _job(root, "1.2", "done", 1)
     dead = _job(root, "1.3", "dead", 40)
-    undelivered = _job(root, "1.4", "done", 40, ("delivered", "pending"))
+    undelivered = _job(root, "1.4", "done", 40, ("done", "pending"))
     dead_delivery = _job(root, "1.5", "done", 40, ("dead",))
-    no_delivery = _job(root, "1.6", "done", 40, ())  # e.g. no PACS configured: nothing left to send
+    no_delivery = _job(root, "1.6", "done", 40, ())  # no PACS/FHIR configured: results/ is the only copy
+    two_done = _job(root, "1.7", "done", 40, ("done", "done"))
 
     dry = prune(root, 30, dry_run=True)
     assert (dry.jobs, dry.files, dry.bytes) == (2, 6, 2 * (100 + 50 + 2))
@@ -57,14 +70,14 @@ def test_prunes_only_finished_fully_delivered_old_jobs(tmp_path: Path) -> None:
 
     report = prune(root, 30)
     assert (report.jobs, report.files, report.errors) == (2, 6, [])
-    assert not old_done.exists() and not (root / "results" / "1.1").exists()
-    assert not no_delivery.exists()
-    for kept in (recent, dead, undelivered, dead_delivery):
+    for gone in (old_done, two_done):
+        assert not gone.exists() and not (root / "results" / gone.stem).exists()
+    for kept in (recent, dead, undelivered, dead_delivery, no_delivery):
         assert kept.exists() and (root / "results" / kept.stem).is_dir()
 
     conn = connect(database_path(root))
-    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 6  # the audit trail stays
-    assert {r[0] for r in conn.execute("SELECT job_id FROM pruned")} == {1, 6}
+    assert conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 7  # the audit trail stays
+    assert {r[0] for r in conn.execute("SELECT job_id FROM pruned")} == {1, 7}
     conn.close()
     assert prune(root, 30).jobs == 0  # idempotent
 

@@ -2,10 +2,12 @@
 
 dermnode keeps every received image in the spool and every output under ``results/`` until an operator prunes
 them (``dermnode prune --older-than-days N``, e.g. from a daily timer). Only a job that is ``done`` (analysed
-or refused with a reason), last changed more than N days ago, and whose deliveries have **all** been delivered
-is pruned: its spool file and its results folder are deleted. Pending, running, failed or dead-lettered jobs,
-and jobs with a delivery still pending or dead, are never touched, so nothing that may still be needed for a
-retry or a replay goes away. The job and delivery rows stay (the audit trail); ``pruned`` records when the
+or refused with a reason), last changed more than N days ago, that was queued for delivery and whose deliveries
+have **all** been delivered (outbox state ``done``) is pruned: its spool file and its results folder are
+deleted. Pending, running, failed or dead-lettered jobs, jobs with a delivery still pending or dead, and jobs
+that had no delivery at all (no PACS and no FHIR endpoint configured: ``results/`` then holds the only copy of
+the SEG, SR and FHIR bundle) are never touched, so nothing that may still be needed for a retry, a replay or
+as the only copy goes away. The job and delivery rows stay (the audit trail); ``pruned`` records when the
 files went. A re-sent copy of a pruned image is still recognised as already processed.
 """
 
@@ -28,7 +30,8 @@ _SECONDS_PER_DAY = 86_400.0
 _PRUNABLE = """
 SELECT j.id, j.sop_instance_uid, j.path FROM jobs j
 WHERE j.state = 'done' AND j.updated_at < ?
-  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.state != 'delivered')
+  AND EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id)
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.state != 'done')
   AND NOT EXISTS (SELECT 1 FROM pruned p WHERE p.job_id = j.id)
 ORDER BY j.id
 """
