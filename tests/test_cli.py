@@ -115,7 +115,9 @@ def test_analyze_reports_an_undecodable_file_and_goes_on(tmp_path: Path) -> None
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     res = dermnode("analyze", str(bad), "--out", str(tmp_path / "out"))
-    assert res.returncode == 0 and "error:" in res.stdout
+    # reported on its line, and the exit status says that an input failed (scripts and schedulers see it)
+    assert res.returncode == 1 and "error:" in res.stdout
+    assert "1 of 1 input(s) could not be analysed" in res.stderr
 
 
 @needs_models
@@ -218,13 +220,15 @@ def test_analyze_a_folder_of_dicom_photograph_and_garbage(tmp_path: Path) -> Non
     Image.fromarray(synthetic_dermoscopy(300, 400, seed=3)).save(folder / "b.jpg", quality=90)
     (folder / "c.jpg").write_bytes(b"this is not an image")
     (folder / ".hidden.jpg").write_bytes(b"skipped")
+    (folder / "README.md").write_text("# a dataset's readme: not an image, skipped")
+    (folder / "labels.csv").write_text("image_id,diagnosis\nb,NV\n")
     (folder / "sub").mkdir()
     Image.fromarray(synthetic_dermoscopy(300, 400, seed=4)).save(folder / "sub" / "d.png")  # not recursive
     out = tmp_path / "out"
     res = dermnode("analyze", str(folder), "--out", str(out))
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 1, res.stderr  # c.jpg failed; the others were analysed
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 3, lines
+    assert len(lines) == 3, lines  # README.md and labels.csv are not inputs
     errors = [line for line in lines if ": error: " in line]
     assert len(errors) == 1 and errors[0].startswith(str(folder / "c.jpg"))
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
@@ -290,3 +294,41 @@ def test_train_pseudo_labels_then_segmentation_with_them(tmp_path: Path) -> None
     assert r.returncode == 0, r.stderr
     manifest = json.loads((run / "segmentation.json").read_text())
     assert manifest["extra"]["training_data"] == "labelled train split (2 images) + 2 images from pseudo"
+
+
+def test_config_is_accepted_before_or_after_the_command() -> None:
+    from dermnode.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["status"]).config is None
+    assert parser.parse_args(["--config", "a.toml", "status"]).config == "a.toml"
+    assert parser.parse_args(["serve", "--config", "b.toml"]).config == "b.toml"
+    both = ["--config", "a.toml", "prune", "--older-than-days", "1", "--config", "b.toml"]
+    assert parser.parse_args(both).config == "b.toml"  # the one nearest the command wins
+
+
+def test_serve_on_a_taken_port_is_a_clear_error_before_the_models_load(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        env = {**os.environ, "DERMNODE_STORAGE__ROOT": str(tmp_path / "var"), "DERMNODE_SCP__PORT": str(port),
+               "DERMNODE_LOGGING__LEVEL": "INFO"}
+        res = subprocess.run([sys.executable, "-m", "dermnode.cli", "serve"], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert res.returncode == 2
+    assert f"dermnode: error: [Errno 98] cannot bind the DICOM port 127.0.0.1:{port}" in res.stderr
+    assert "Traceback" not in res.stderr and "models loaded" not in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["replay", "--dead-letter"], ["prune", "--older-than-days", "1"]])
+def test_maintenance_commands_never_create_a_state_database(tmp_path: Path, command: list[str]) -> None:
+    """Run in the wrong directory, `status` used to create an empty database and report zeros."""
+    root = tmp_path / "nowhere"
+    env = {**os.environ, "DERMNODE_STORAGE__ROOT": str(root)}
+    res = subprocess.run([sys.executable, "-m", "dermnode.cli", *command], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert res.returncode == 2 and "no state database at" in res.stderr
+    assert not root.exists()

@@ -20,14 +20,36 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
+def _existing_database(settings: Settings) -> Path:
+    """The state database of ``settings``; the read/maintenance commands never create one.
+
+    Raises
+    ------
+    StorageError
+        When there is no state database under ``storage.root`` (a relative root is relative to the working
+        directory: a command run elsewhere would otherwise report an empty, new database).
+    """
+    from dermnode.db import database_path
+    from dermnode.errors import StorageError
+
+    db = database_path(settings.storage_root)
+    if not db.is_file():
+        raise StorageError(
+            f"no state database at {db} (storage.root = {settings.storage.root!r}, working directory "
+            f"{Path.cwd()}): run this where the service runs, or with its configuration"
+        )
+    return db
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dermnode.delivery import build_deliverers
     from dermnode.logging_setup import configure_logging
-    from dermnode.service import Service
+    from dermnode.service import Service, check_port_free
 
     settings = _settings(args)
     configure_logging(settings.logging)
     service = Service(settings, build_deliverers(settings))
+    check_port_free(settings.scp)  # a taken port is reported before the models load, not after
     if settings.workers.count > 0:
         from dermnode.pipeline import build_processor
 
@@ -44,12 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dermnode.db import database_path
     from dermnode.outbox import Outbox
     from dermnode.scp.queue import JobQueue
 
     settings = _settings(args)
-    db = database_path(settings.storage_root)
+    db = _existing_database(settings)
     queue = JobQueue(db)
     outbox = Outbox(db, settings.delivery)
     doc: dict[str, object] = {"jobs": queue.counts(), "deliveries": outbox.counts()}
@@ -77,12 +98,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from dermnode.db import database_path
     from dermnode.outbox import Outbox
     from dermnode.scp.queue import JobQueue
 
     settings = _settings(args)
-    db = database_path(settings.storage_root)
+    db = _existing_database(settings)
     if args.delivery is not None:
         n = Outbox(db, settings.delivery).replay(args.delivery)
     elif args.dead_letter:
@@ -100,6 +120,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from dermnode.retention import prune
 
     settings = _settings(args)
+    _existing_database(settings)
     report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run)
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} the files of {report.jobs} finished job(s): {report.files} file(s), {report.bytes / 1e6:.1f} MB")
@@ -139,7 +160,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     results = analyze_files(settings, [Path(f) for f in args.files], Path(args.out))
     for uid, status in results:
         print(f"{uid}: {status}")
-    return 0
+    failed = sum(1 for _, status in results if status.startswith("error:"))
+    if failed:
+        print(f"dermnode: {failed} of {len(results)} input(s) could not be analysed", file=sys.stderr)
+    return 1 if failed or not results else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -196,31 +220,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermnode", description="DICOM dermoscopy analysis node "
                                 "(decision support only, not a diagnosis).")
     p.add_argument("--version", action="version", version=f"dermnode {__version__}")
-    p.add_argument("--config", help="TOML configuration file (default: $DERMNODE_CONFIG, else built-in defaults)")
+    config_help = "TOML configuration file (default: $DERMNODE_CONFIG, else built-in defaults)"
+    p.add_argument("--config", help=config_help)
+    # --config is also accepted after the command (`dermnode serve --config FILE`); SUPPRESS keeps the value
+    # given before the command when it is not repeated after it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the Store SCP, workers and delivery")
+    s = sub.add_parser("serve", parents=[common], help="run the Store SCP, workers and delivery")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("status", help="queue and delivery counts from the state database")
+    s = sub.add_parser("status", parents=[common], help="queue and delivery counts from the state database")
     s.add_argument("--json", action="store_true")
     s.add_argument("--sop-instance-uid", help="show one job and its deliveries")
     s.add_argument("--dead-letters", action="store_true", help="list dead-letter records")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("replay", help="re-run dead-lettered jobs or deliveries")
+    s = sub.add_parser("replay", parents=[common], help="re-run dead-lettered jobs or deliveries")
     s.add_argument("job", nargs="?", type=int, help="job id")
     s.add_argument("--delivery", type=int, help="delivery id")
     s.add_argument("--dead-letter", action="store_true", help="all dead-lettered jobs and deliveries")
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser("prune", help="delete the spool and result files of finished, fully delivered jobs")
+    s = sub.add_parser(
+        "prune", parents=[common], help="delete the spool and result files of finished, fully delivered jobs"
+    )
     s.add_argument("--older-than-days", type=float, required=True, metavar="N",
                    help="only jobs last changed more than N days ago")
     s.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
     s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser("wrap", help="wrap a photo as a Dermoscopic Photography Image (modality simulator)")
+    s = sub.add_parser(
+        "wrap", parents=[common], help="wrap a photo as a Dermoscopic Photography Image (modality simulator)"
+    )
     s.add_argument("image")
     s.add_argument("--out", required=True)
     s.add_argument("--patient-id", default="DERM0001")
@@ -229,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jpeg", action="store_true", help="JPEG Baseline (YBR_FULL_422) instead of native RGB")
     s.set_defaults(func=cmd_wrap)
 
-    s = sub.add_parser("send", help="C-STORE files to a DICOM node")
+    s = sub.add_parser("send", parents=[common], help="C-STORE files to a DICOM node")
     s.add_argument("files", nargs="+")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=11112)
@@ -238,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=30.0)
     s.set_defaults(func=cmd_send)
 
-    s = sub.add_parser("analyze", help="analyse DICOM files, photographs or folders offline "
+    s = sub.add_parser("analyze", parents=[common], help="analyse DICOM files, photographs or folders offline "
                        "(result.json, overlay, SEG, SR, FHIR)")
     s.add_argument("files", nargs="+", metavar="FILE",
                    help="a DICOM file (recognised by content), a photograph (JPEG, PNG, TIFF, BMP, ...) or a "
@@ -246,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_analyze)
 
-    s = sub.add_parser("evaluate", help="measure the shipped models on a labelled folder")
+    s = sub.add_parser("evaluate", parents=[common], help="measure the shipped models on a labelled folder")
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="val")
     s.add_argument("--out", required=True)
@@ -259,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("train", help="train a model with the project's own training code")
+    s = sub.add_parser("train", parents=[common], help="train a model with the project's own training code")
     s.add_argument("task", choices=["segmentation", "classification", "pseudo-labels"],
                    help="pseudo-labels: write the segmenter's confident masks of --data images to --out")
     s.add_argument("--data", required=True, action="append",

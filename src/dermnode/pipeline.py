@@ -250,11 +250,19 @@ def self_test(analyzer: Analyzer, settings: Settings) -> None:
     logger.info("start-up self-test passed (%s, %.0f ms)", result.status.value, (time.perf_counter() - t0) * 1000)
 
 
+#: Extensions of files in an input folder that are never images (skipped when a folder is expanded).
+NOT_IMAGES: frozenset[str] = frozenset(
+    {".md", ".txt", ".csv", ".tsv", ".json", ".xml", ".html", ".pdf", ".yaml", ".yml", ".toml", ".log", ".zip"}
+)
+
+
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     """The input files of ``dermnode analyze``: a folder stands for the files directly inside it.
 
     A folder is expanded non-recursively to its files (not its sub-folders), sorted by name, hidden files
-    (name starting with ``.``) skipped; any other path is kept as given (a missing file is reported later).
+    (name starting with ``.``) and documents that are never images (:data:`NOT_IMAGES`: ``.md``, ``.csv``, ...,
+    e.g. a dataset's README and labels) skipped; files without an extension stay (DICOM files often have none).
+    Any path given as a file is kept as given (a missing or unreadable file is reported later).
 
     Parameters
     ----------
@@ -274,7 +282,11 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file())
+            inside = sorted(
+                p
+                for p in path.iterdir()
+                if not p.name.startswith(".") and p.is_file() and p.suffix.lower() not in NOT_IMAGES
+            )
             if not inside:
                 logger.warning("%s: no files in this folder", path)
             files.extend(inside)

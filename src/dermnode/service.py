@@ -102,6 +102,11 @@ def _read_pid(fd: int) -> str:
     return text if text.isdigit() else ""
 
 
+class PortInUseError(StorageError, OSError):
+    """The DICOM port is taken: reported as a ``dermnode: error:`` line (a :class:`DermnodeError`) and still an
+    :class:`OSError` for callers that handle socket errors."""
+
+
 def check_port_free(settings: ScpSettings) -> None:
     """Fail fast, before any recovery, when the DICOM port is already taken.
 
@@ -111,8 +116,8 @@ def check_port_free(settings: ScpSettings) -> None:
 
     Raises
     ------
-    OSError
-        When ``scp.bind``:``scp.port`` cannot be bound.
+    PortInUseError
+        When ``scp.bind``:``scp.port`` cannot be bound (an :class:`OSError` and a :class:`DermnodeError`).
     """
     if settings.port == 0:
         return
@@ -127,7 +132,7 @@ def check_port_free(settings: ScpSettings) -> None:
         try:
             probe.bind((settings.bind, settings.port))
         except OSError as exc:
-            raise OSError(
+            raise PortInUseError(
                 exc.errno, f"cannot bind the DICOM port {settings.bind}:{settings.port}: {exc.strerror}"
             ) from exc
 
