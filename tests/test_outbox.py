@@ -115,3 +115,19 @@ def test_delivery_thread_survives_failed_updates(
         assert pool.health().outbox_alive and pool.health().ok
     finally:
         pool.stop(0.5)
+
+
+def test_delivery_dead_letter_names_the_source_image(tmp_path: Path) -> None:
+    """`dermnode status --dead-letters` must say which image a failed result belongs to."""
+    from dermnode.scp.queue import JobQueue
+
+    queue = JobQueue(database_path(tmp_path / "db"))
+    assert queue.enqueue("1.2.3.4", "1.2.840.10008.5.1.4.1.1.77.1.7", tmp_path / "src.dcm")
+    (job_id,) = queue._conn().execute("SELECT id FROM jobs").fetchone()
+    ob = Outbox(database_path(tmp_path / "db"), DeliverySettings(max_attempts=1))
+    ob.add(job_id, "dicom", "pacs:main", "1.2.3.4.5", tmp_path / "seg.dcm")
+    delivery = ob.claim()
+    assert delivery is not None
+    assert ob.failed(delivery, "association rejected", permanent=True) is True
+    (row,) = queue.dead_letters()
+    assert (row["kind"], row["sop_instance_uid"], row["destination"]) == ("delivery", "1.2.3.4", "pacs:main")

@@ -19,7 +19,7 @@ def test_toml_then_environment_override(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         '[scp]\nport = 2000\nallowed_calling_aets = ["A", "B"]\n'
-        '[[pacs]]\nname = "main"\nae_title = "ORTHANC"\nport = 4242\n'
+        '[[pacs]]\nname = "main"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = 4242\n'
         '[[analysis.calibrations]]\nmanufacturer = "FotoFinder"\nmodel = "medicam 1000"\npixel_spacing_mm = 0.02\n'
     )
     s = load_settings(cfg, environ={"DERMNODE_SCP__PORT": "11113", "DERMNODE_WORKERS__COUNT": "2"})
@@ -77,9 +77,16 @@ def test_shipped_configs_are_valid() -> None:
         load_settings(f, environ={})
 
 
-def _pacs_toml(tmp_path: Path, *tables: str) -> Path:
+def _pacs_toml(tmp_path: Path, *tables: str, complete: bool = True) -> Path:
+    """[[pacs]] tables; with ``complete``, each gets an address for the keys it does not set itself."""
+    address = {"ae_title": 'ae_title = "PACS"', "host": 'host = "pacs.example"', "port": "port = 104"}
+    text = ""
+    for t in tables:
+        keys = {line.split("=")[0].strip() for line in t.splitlines() if "=" in line}
+        extra = [line for key, line in address.items() if complete and key not in keys]
+        text += "[[pacs]]\n" + "\n".join([t, *extra]) + "\n"
     cfg = tmp_path / "pacs.toml"
-    cfg.write_text("".join(f"[[pacs]]\n{t}\n" for t in tables))
+    cfg.write_text(text)
     return cfg
 
 
@@ -110,4 +117,22 @@ def test_fhir_endpoint_with_patient_identifier_system_is_accepted() -> None:
 def test_backoff_initial_may_not_exceed_max() -> None:
     env = {"DERMNODE_DELIVERY__BACKOFF_INITIAL_S": "60", "DERMNODE_DELIVERY__BACKOFF_MAX_S": "10"}
     with pytest.raises(ConfigError, match="backoff_initial_s must not exceed"):
+        load_settings(environ=env)
+
+
+def test_pacs_table_needs_its_address(tmp_path: Path) -> None:
+    """No hidden defaults: a [[pacs]] table without ae_title, host or port is an error naming the key."""
+    with pytest.raises(ConfigError, match="AE title"):
+        load_settings(_pacs_toml(tmp_path, 'name = "x"\nhost = "pacs.example"\nport = 104', complete=False), environ={})
+    with pytest.raises(ConfigError, match=r"pacs\.host"):
+        load_settings(_pacs_toml(tmp_path, 'name = "x"\nae_title = "PACS"\nport = 104', complete=False), environ={})
+    with pytest.raises(ConfigError, match=r"pacs\.port"):
+        cfg = _pacs_toml(tmp_path, 'name = "x"\nae_title = "PACS"\nhost = "pacs.example"', complete=False)
+        load_settings(cfg, environ={})
+
+
+def test_tls_material_without_tls_enabled_is_an_error() -> None:
+    """A certificate configured but TLS off would leave the SCP accepting plain associations, silently."""
+    env = {"DERMNODE_SCP__TLS__CERTIFICATE": "/etc/dermnode/server.crt"}
+    with pytest.raises(ConfigError, match=r"scp\.tls\.enabled is false"):
         load_settings(environ=env)

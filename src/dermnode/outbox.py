@@ -207,12 +207,18 @@ class Outbox:
         now = time.time()
         conn = self._conn()
         if permanent or delivery.attempts >= self.settings.max_attempts:
+            # the source image the result belongs to, so that a dead letter names it (like a job's does)
+            row = conn.execute(
+                "SELECT j.sop_instance_uid FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
+                (delivery.id,),
+            ).fetchone()
             dead_letter(
                 conn,
                 "deliveries",
                 delivery.id,
                 error=error,
                 attempts=delivery.attempts,
+                sop_instance_uid="" if row is None else str(row[0]),
                 destination=delivery.destination,
             )
             return True

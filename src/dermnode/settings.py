@@ -99,9 +99,9 @@ class OutputSettings:
 @dataclass(frozen=True)
 class PacsDestination:
     name: str = "pacs"
-    ae_title: str = "ORTHANC"
-    host: str = "127.0.0.1"
-    port: int = 4242
+    ae_title: str = ""  # required in a [[pacs]] table (validated): no silent guess of the archive's address
+    host: str = ""
+    port: int = 0
     calling_ae_title: str = ""  # empty: scp.ae_title
     tls: TLSSettings = field(default_factory=TLSSettings)
 
@@ -309,6 +309,9 @@ def _validate(settings: Settings) -> None:
             raise ConfigError(f"{key}: AE title {aet!r} is invalid (1-16 printable characters, no backslash)")
     if settings.delivery.backoff_initial_s > settings.delivery.backoff_max_s:
         raise ConfigError("delivery.backoff_initial_s must not exceed delivery.backoff_max_s")
+    for p in settings.pacs:
+        if not p.host.strip():
+            raise ConfigError(f"pacs.host is required in the [[pacs]] table {p.name!r}")
     names = [p.name for p in settings.pacs]
     for name in names:
         if not name.strip() or not name.isprintable():
@@ -322,6 +325,11 @@ def _validate(settings: Settings) -> None:
     if a.band_benign_below > a.band_malignant_above:
         raise ConfigError("analysis.band_benign_below must not exceed analysis.band_malignant_above")
     tls = settings.scp.tls
+    if not tls.enabled and (tls.certificate or tls.private_key or tls.require_client_certificate):
+        raise ConfigError(
+            "scp.tls has a certificate, key or client-certificate requirement but scp.tls.enabled is false: the "
+            "SCP would accept plain associations; set scp.tls.enabled = true (or remove those keys)"
+        )
     if tls.enabled and not (tls.certificate and tls.private_key):
         raise ConfigError("scp.tls.enabled needs scp.tls.certificate and scp.tls.private_key")
     if tls.require_client_certificate and not tls.ca_certificates:
