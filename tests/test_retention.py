@@ -82,6 +82,18 @@ def test_prunes_only_finished_fully_delivered_old_jobs(tmp_path: Path) -> None:
     assert prune(root, 30).jobs == 0  # idempotent
 
 
+def test_results_with_an_undelivered_output_are_kept(tmp_path: Path) -> None:
+    """A PACS but no EHR: SEG and SR went out, the FHIR bundle exists only here, so results/ stays."""
+    root = tmp_path / "var"
+    spool = _job(root, "4.1", "done", 10)  # its one done delivery is results/4.1/sr.dcm
+    results = root / "results" / "4.1"
+    (results / "diagnostic-report.json").write_text("{}")
+    report = prune(root, 1)
+    assert (report.jobs, report.results_kept, report.errors) == (1, 1, [])
+    assert not spool.exists()  # the received image's spool copy goes
+    assert (results / "diagnostic-report.json").is_file() and (results / "sr.dcm").is_file()
+
+
 def test_files_outside_the_storage_root_are_left_alone(tmp_path: Path) -> None:
     root = tmp_path / "var"
     outside = tmp_path / "elsewhere.dcm"
@@ -110,3 +122,5 @@ def test_cli_prune(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "removed the files of 1 finished job(s)" in done.stdout and not spool.exists()
+    negative = subprocess.run([*cmd[:-1], "-1"], capture_output=True, text=True, env=env, timeout=120)
+    assert negative.returncode == 2 and "--older-than-days must be 0 or more" in negative.stderr

@@ -117,13 +117,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from dermnode.errors import ConfigError
     from dermnode.retention import prune
 
     settings = _settings(args)
+    if not args.older_than_days >= 0:
+        raise ConfigError(f"--older-than-days must be 0 or more, got {args.older_than_days}")
     _existing_database(settings)
     report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run)
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} the files of {report.jobs} finished job(s): {report.files} file(s), {report.bytes / 1e6:.1f} MB")
+    if report.results_kept:
+        print(f"kept the results of {report.results_kept} of them: an output there was never delivered (only copy)")
     for error in report.errors:
         print(f"not removed: {error}", file=sys.stderr)
     return 1 if report.errors else 0

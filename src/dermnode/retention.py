@@ -3,12 +3,14 @@
 dermnode keeps every received image in the spool and every output under ``results/`` until an operator prunes
 them (``dermnode prune --older-than-days N``, e.g. from a daily timer). Only a job that is ``done`` (analysed
 or refused with a reason), last changed more than N days ago, that was queued for delivery and whose deliveries
-have **all** been delivered (outbox state ``done``) is pruned: its spool file and its results folder are
-deleted. Pending, running, failed or dead-lettered jobs, jobs with a delivery still pending or dead, and jobs
-that had no delivery at all (no PACS and no FHIR endpoint configured: ``results/`` then holds the only copy of
-the SEG, SR and FHIR bundle) are never touched, so nothing that may still be needed for a retry, a replay or
-as the only copy goes away. The job and delivery rows stay (the audit trail); ``pruned`` records when the
-files went. A re-sent copy of a pruned image is still recognised as already processed.
+have **all** been delivered (outbox state ``done``) is pruned: its spool file is deleted, and its results
+folder too when every deliverable output in it (SEG, SR, FHIR bundle) went out; a folder holding an output that
+was never sent anywhere (the FHIR bundle of a node without an EHR, the SEG/SR of a node without a PACS) is kept,
+as it is the only copy. Pending, running, failed or dead-lettered jobs, jobs with a delivery still pending or
+dead, and jobs that had no delivery at all (no PACS and no EHR configured) are never touched, so nothing that
+may still be needed for a retry, a replay or as the only copy goes away. The job and delivery rows stay (the
+audit trail); ``pruned`` records when the files went. A re-sent copy of a pruned image is still recognised as
+already processed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class PruneReport:
     """What :func:`prune` removed (or would remove with ``dry_run``)."""
 
     jobs: int = 0
+    results_kept: int = 0  # results folders kept because an output in them was never delivered anywhere
     files: int = 0
     bytes: int = 0
     dry_run: bool = False
@@ -56,6 +59,22 @@ def _size(path: Path) -> tuple[int, int]:
         files = [p for p in path.rglob("*") if p.is_file()]
         return len(files), sum(p.stat().st_size for p in files)
     return 0, 0
+
+
+def _all_outputs_delivered(conn: sqlite3.Connection, job_id: int, results: Path) -> bool:
+    """Whether every deliverable output in ``results`` (``*.dcm``, the FHIR bundle) went out in a done delivery.
+
+    With a PACS but no EHR the FHIR bundle, or with an EHR but no PACS the SEG and SR, exist only here: such a
+    folder is kept (only the spool copy of the received image goes).
+    """
+    if not results.is_dir():
+        return True
+    delivered = {
+        Path(r[0]).resolve() for r in conn.execute("SELECT path FROM deliveries WHERE job_id = ? AND state = 'done'",
+                                                   (job_id,))
+    }
+    outputs = [*results.glob("*.dcm"), *results.glob("diagnostic-report.json")]
+    return all(p.resolve() in delivered for p in outputs)
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -81,7 +100,8 @@ def prune(
     Returns
     -------
     PruneReport
-        Jobs pruned, files and bytes removed, and the paths that could not be removed (they are retried at
+        Jobs pruned, results folders kept (an undelivered output), files and bytes removed, and the paths that
+        could not be removed (they are retried at
         the next run: the job is recorded as pruned only when all its files are gone).
 
     Raises
@@ -100,7 +120,12 @@ def prune(
     try:
         rows = conn.execute(_PRUNABLE, (cutoff,)).fetchall()
         for row in rows:
-            targets = [Path(row["path"]), results_root / row["sop_instance_uid"]]
+            results = results_root / row["sop_instance_uid"]
+            targets = [Path(row["path"])]
+            if _all_outputs_delivered(conn, row["id"], results):
+                targets.append(results)
+            else:
+                report.results_kept += 1
             failed = False
             for target in targets:
                 if not _inside(target, storage_root):
