@@ -92,9 +92,10 @@ def test_folder_labels_split_and_derived_labels(clinic_folder: Path) -> None:
     listed, selected = read_labelled_folder(clinic_folder, "val")
     assert [i.image_id for i in listed] == ["IMG_1"] and selected == "val"
     assert len(read_labelled_folder(clinic_folder, "all")[0]) == 2
-    # no row of the requested split (another clinic's set may only have "test"): every row, and it says so
-    listed, selected = read_labelled_folder(clinic_folder, "train")
-    assert [i.image_id for i in listed] == ["IMG_0", "IMG_1"] and selected == "all"
+    # no row of the requested split: an error naming the splits (every row would include training images)
+    with pytest.raises(PipelineError, match=r"no row of split 'train' \(splits found: test, val\)"):
+        read_labelled_folder(clinic_folder, "train")
+    assert [i.image_id for i in read_labelled_folder(clinic_folder, " VAL ")[0]] == ["IMG_1"]  # case, spaces
     _write_labels(labels, [{"image_id": "NOPE", "split": "val"}])
     assert read_labelled_folder(clinic_folder, "val")[0][0].image_path is None
 

@@ -16,9 +16,9 @@ Folder layout (the one of ``../shared/data/*``)
         mask's resolution.
     ``labels.csv`` (optional when there are masks)
         Column ``image_id`` (or ``image``, ``isic_id``); a spreadsheet's UTF-8 byte-order mark is ignored.
-        Optional ``split``: rows of ``--split`` are kept; every row is used without the column, with ``all``,
-        or when no row has the requested split (with a warning; ``split_evaluated`` in the metrics says
-        ``all``). Labels, each optional:
+        Optional ``split``: rows of ``--split`` are kept (no such row: an error naming the splits found);
+        every row is used without the column or with ``--split all`` (``split_evaluated`` in the metrics says
+        which). Labels, each optional:
 
         * melanoma (0/1): ``melanoma``, else ``melanoma_isic2017``, else ``diagnosis == MEL``;
         * malignant (benign/malignant): ``benign_malignant``, else derived from ``diagnosis`` (MEL, BCC, SCC and
@@ -165,9 +165,14 @@ def _first(row: dict[str, str], columns: tuple[str, ...]) -> str | None:
 def _select_split(rows: list[dict[str, str]], split: str, labels: Path) -> tuple[list[dict[str, str]], str]:
     """The rows of ``split`` and what was selected: ``split``, or ``"all"`` when every row is kept.
 
-    Every row is kept for ``split == "all"``, when there is no ``split`` column, and when no row has the
-    requested split (a set from another clinic may call its only split ``test``): a warning names the splits
-    found, so a default ``--split val`` still measures such a set rather than failing.
+    Every row is kept for ``split == "all"`` and when there is no ``split`` column. When the column exists but
+    no row has the requested split, that is an error naming the splits found: evaluating every row instead would
+    silently score training images (isic-9class has only ``train`` and ``test``) or a typo's worth of data.
+
+    Raises
+    ------
+    PipelineError
+        When ``labels.csv`` has a ``split`` column and no row of ``split``.
     """
     if split == "all" or not rows:
         return rows, "all"
@@ -177,11 +182,12 @@ def _select_split(rows: list[dict[str, str]], split: str, labels: Path) -> tuple
     wanted = split.strip().casefold()
     chosen = [r for r in rows if (r.get("split") or "").strip().casefold() == wanted]
     if chosen:
-        return chosen, split
+        return chosen, split.strip()
     found = sorted({(r.get("split") or "").strip() or "(empty)" for r in rows})
-    logger.warning("%s has no row of split %r (splits: %s): evaluating all %d rows",
-                   labels, split, ", ".join(found), len(rows))
-    return rows, "all"
+    raise PipelineError(
+        f"{labels} has no row of split {split!r} (splits found: {', '.join(found)}); choose one with --split, "
+        "or --split all to evaluate every row"
+    )
 
 
 def read_labelled_folder(data_dir: Path, split: str) -> tuple[list[LabelledImage], str]:
@@ -199,8 +205,8 @@ def read_labelled_folder(data_dir: Path, split: str) -> tuple[list[LabelledImage
     data_dir:
         The folder (see the module docstring).
     split:
-        Value of the ``split`` column to keep; ``"all"`` keeps every row. Every row is kept when the column
-        does not exist or no row has that value (see :func:`_select_split`).
+        Value of the ``split`` column to keep; ``"all"`` keeps every row, as does a folder whose
+        ``labels.csv`` has no ``split`` column (see :func:`_select_split`).
 
     Returns
     -------
@@ -211,7 +217,7 @@ def read_labelled_folder(data_dir: Path, split: str) -> tuple[list[LabelledImage
     Raises
     ------
     PipelineError
-        When the folder has no ``images/`` folder or the selection is empty.
+        When the folder has no ``images/`` folder, the requested split has no row, or the selection is empty.
     """
     images_dir, masks_dir = data_dir / "images", data_dir / "masks"
     if not images_dir.is_dir():
