@@ -176,3 +176,19 @@ def test_patient_identifier_echoed_by_the_server_is_masked(caplog: pytest.LogCap
     err = _client("http://ehr.example/fhir")._http_error(exc, patient_identifiers(bundle))
     assert "matched 2 resources" in str(err) and "***" in str(err)
     assert patient_id not in str(err) and patient_id not in caplog.text
+
+
+
+def test_patient_identifier_is_masked_in_its_escaped_and_encoded_forms() -> None:
+    """ifNoneExist sends the ID FHIR-escaped and percent-encoded; a server echoes that form back."""
+    import io
+    import urllib.error
+
+    patient_id = "MRN 0042/7,x"
+    echoed = "Patient?identifier=urn:mrn|MRN%200042/7%5C%2Cx matched 2; raw MRN 0042/7\\,x; plain MRN 0042/7,x"
+    body = json.dumps({"resourceType": "OperationOutcome",
+                       "issue": [{"severity": "error", "code": "processing", "diagnostics": echoed}]}).encode()
+    exc = urllib.error.HTTPError("http://ehr.example/fhir", 412, "Precondition Failed", None,  # type: ignore[arg-type]
+                                 io.BytesIO(body))
+    text = str(_client("http://ehr.example/fhir")._http_error(exc, [patient_id]))
+    assert "0042" not in text and "matched 2" in text

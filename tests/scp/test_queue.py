@@ -88,6 +88,19 @@ def test_recover_dead_letters_a_job_that_keeps_killing_the_process(queue: JobQue
     assert job is not None and job.attempts == 1
 
 
+def test_recover_names_the_jobs_that_ran_beside_a_dead_lettered_one(queue: JobQueue, tmp_path: Path) -> None:
+    """With two workers the culprit cannot be told apart: the dead letter says which jobs ran with it."""
+    queue.enqueue("9.1", "1.2", tmp_path / "a")
+    queue.enqueue("9.2", "1.2", tmp_path / "b")
+    for _ in (1, 2, 3):
+        assert queue.claim("w0") is not None and queue.claim("w1") is not None
+        JobQueue(queue.db_path, max_attempts=3).recover()
+    errors = {dl["sop_instance_uid"]: dl["error"] for dl in queue.dead_letters()}
+    assert set(errors) == {"9.1", "9.2"}
+    assert "job(s) 2 were running at the same time" in errors["9.1"]
+    assert "job(s) 1 were running at the same time" in errors["9.2"]
+
+
 def test_recover_dead_letter_keeps_the_previous_error(queue: JobQueue, tmp_path: Path) -> None:
     queue.enqueue("7", "1.2", tmp_path / "a")
     for _ in (1, 2):

@@ -64,15 +64,17 @@ def _urn(source_uid: str, role: str) -> str:
     return f"urn:uuid:{_uuid(source_uid, role)}"
 
 
-def _escape_token(text: str) -> str:
-    """Escape FHIR search special characters, then percent-encode for a query string."""
+def escape_search_token(text: str, *, percent: bool = False) -> str:
+    """Escape FHIR search special characters (``\\ | , $``); with ``percent``, also percent-encode for a query."""
     for ch in ("\\", "|", ",", "$"):
         text = text.replace(ch, "\\" + ch)
-    return quote(text, safe=":/.-_~")
+    return quote(text, safe=":/.-_~") if percent else text
+
 
 
 def _if_none_exist(identifier: JsonDict) -> str:
-    return f"identifier={_escape_token(identifier['system'])}|{_escape_token(identifier['value'])}"
+    system, value = (escape_search_token(identifier[k], percent=True) for k in ("system", "value"))
+    return f"identifier={system}|{value}"
 
 
 def _models_digest(models: Sequence[ModelIdentity]) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from dermnode import __version__
 from dermnode.errors import DeliveryError, OutputError
+from dermnode.fhir.bundle import escape_search_token
 from dermnode.settings import FhirSettings
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,10 @@ class FhirClient:
             exc.close()
         detail = self._redact(_outcome_text(detail))
         for value in sorted(set(hide), key=len, reverse=True):
-            detail = redact(detail, value)
+            # as sent in ifNoneExist (FHIR-escaped, then percent-encoded), and the forms a server may echo back
+            escaped = escape_search_token(value)
+            for form in (escape_search_token(value, percent=True), escaped, value):
+                detail = redact(detail, form)
         detail = detail[:_MAX_BODY_IN_MESSAGE]
         permanent = 400 <= code < 500 and code not in (408, 429)
         kind = "refused" if permanent else "failed (will retry)"

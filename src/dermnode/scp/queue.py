@@ -252,7 +252,9 @@ class JobQueue:
         The interrupted attempt counts (it was counted when the job was claimed). A job whose interrupted attempt
         was its last (``attempts >= max_attempts``) is dead-lettered with the reason "interrupted on attempt N of
         M (the process stopped while analysing it)", plus its previous error if it had one, so an input that
-        kills the process ends in the dead letters; the others go back to ``pending``, due at once.
+        kills the process ends in the dead letters; the others go back to ``pending``, due at once. With several
+        workers, a job running beside the culprit may be dead-lettered with it; its reason names the jobs that ran
+        at the same time, so an operator can replay the innocent one.
 
         Returns
         -------
@@ -260,6 +262,7 @@ class JobQueue:
             The number of jobs re-queued (dead-lettered ones not included).
         """
         conn = self._conn()
+        running = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")]
         poisoned = conn.execute(
             "SELECT id, sop_instance_uid, attempts, last_error FROM jobs WHERE state = 'running' AND attempts >= ?"
             " ORDER BY id",
@@ -270,6 +273,12 @@ class JobQueue:
                 f"interrupted on attempt {row['attempts']} of {self.max_attempts}"
                 " (the process stopped while analysing it)"
             )
+            others = [str(i) for i in running if i != row["id"]]
+            if others:  # with several workers the culprit cannot be told apart: say so, replay may be right
+                reason += (
+                    f"; job(s) {', '.join(others)} were running at the same time, so this image may not be the "
+                    "cause: replay it once the cause is known"
+                )
             if row["last_error"]:
                 reason += f"; previous error: {row['last_error']}"
             dead_letter(
