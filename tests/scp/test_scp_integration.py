@@ -233,16 +233,22 @@ def test_resent_instance_of_a_dead_lettered_job_is_processed_again(scp: Dermnode
     assert "re-received" in scp.log()
 
 
-def test_sop_instance_uid_with_a_path_is_refused(scp: DermnodeProcess, tmp_path: Path) -> None:
-    """``../`` in the SOP Instance UID: 0xC213, nothing written outside the spool, nothing queued."""
-    ds = pydicom.dcmread(make_source(tmp_path, "evil"))
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../../../ESCAPED"
+def _c_store(scp: DermnodeProcess, ds: pydicom.Dataset) -> pydicom.Dataset:
+    """One C-STORE of ``ds`` from a pynetdicom client (Explicit VR Little Endian); the response status."""
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", scp.port, ae_title="DERMNODE")
     assert assoc.is_established
     status = assoc.send_c_store(ds)
     assoc.release()
+    return status
+
+
+def test_sop_instance_uid_with_a_path_is_refused(scp: DermnodeProcess, tmp_path: Path) -> None:
+    """``../`` in the SOP Instance UID: 0xC213, nothing written outside the spool, nothing queued."""
+    ds = pydicom.dcmread(make_source(tmp_path, "evil"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "../../../../ESCAPED"
+    status = _c_store(scp, ds)
     assert status.Status == 0xC213
     assert not list(tmp_path.rglob("ESCAPED*")) and not list(tmp_path.parent.glob("ESCAPED*"))
     assert _db(scp).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
@@ -265,12 +271,7 @@ def test_corrupt_dataset_gets_error_status_and_server_keeps_serving(
 
     ds = pydicom.dcmread(make_source(tmp_path, "good"))
     monkeypatch.setattr(pynetdicom.association, "encode", lambda *a, **k: garbage)
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DERMNODE")
-    assert assoc.is_established
-    status = assoc.send_c_store(ds)
-    assoc.release()
+    status = _c_store(scp, ds)
     monkeypatch.undo()
     assert 0xC000 <= status.Status <= 0xCFFF, hex(status.Status)
     assert _db(scp).execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 0
