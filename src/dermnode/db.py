@@ -125,20 +125,24 @@ def dead_letter(
 
 def replay_dead(conn: sqlite3.Connection, table: str, row_id: int | None = None) -> int:
     """Put dead-lettered jobs or deliveries (one, or all) back to ``pending`` with a fresh attempt count."""
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        return replay_dead_in_transaction(conn, table, row_id)
+
+
+def replay_dead_in_transaction(conn: sqlite3.Connection, table: str, row_id: int | None = None) -> int:
+    """:func:`replay_dead` inside the caller's open transaction (to combine it with other changes atomically)."""
     kind = {"jobs": "job", "deliveries": "delivery"}[table]
     now = time.time()
     only = " AND id = ?" if row_id is not None else ""
     args: tuple[int, ...] = (row_id,) if row_id is not None else ()
-    with conn:
-        conn.execute("BEGIN IMMEDIATE")
-        cur = conn.execute(
-            f"UPDATE {table} SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
-            f" WHERE state = 'dead'{only}",
-            (now, *args),
-        )
-        conn.execute(
-            "UPDATE dead_letters SET replayed_at = ? WHERE kind = ? AND replayed_at IS NULL"
-            + only.replace("id", "ref_id"),
-            (now, kind, *args),
-        )
+    cur = conn.execute(
+        f"UPDATE {table} SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
+        f" WHERE state = 'dead'{only}",
+        (now, *args),
+    )
+    conn.execute(
+        "UPDATE dead_letters SET replayed_at = ? WHERE kind = ? AND replayed_at IS NULL" + only.replace("id", "ref_id"),
+        (now, kind, *args),
+    )
     return cur.rowcount

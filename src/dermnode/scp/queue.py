@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermnode.db import connect, dead_letter, replay_dead
+from dermnode.db import connect, dead_letter, replay_dead, replay_dead_in_transaction
 from dermnode.errors import StorageError
 
 logger = logging.getLogger(__name__)
@@ -164,27 +164,20 @@ class JobQueue:
         StorageError
             When the change cannot be committed.
         """
-        now = time.time()
         conn = self._conn()
         try:
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
                 row = conn.execute(
-                    "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, last_error = NULL,"
-                    " outcome = NULL, owner = NULL, sop_class_uid = ?, study_instance_uid = ?, path = ?,"
-                    " calling_aet = ?, peer = ?, updated_at = ? WHERE sop_instance_uid = ? AND state = 'dead'"
-                    " RETURNING id",
-                    (sop_class_uid, study_instance_uid, str(path), calling_aet, peer, now, sop_instance_uid),
+                    "UPDATE jobs SET last_error = NULL, outcome = NULL, owner = NULL, sop_class_uid = ?,"
+                    " study_instance_uid = ?, path = ?, calling_aet = ?, peer = ?"
+                    " WHERE sop_instance_uid = ? AND state = 'dead' RETURNING id",
+                    (sop_class_uid, study_instance_uid, str(path), calling_aet, peer, sop_instance_uid),
                 ).fetchone()
-                if row is not None:
-                    conn.execute(
-                        "UPDATE dead_letters SET replayed_at = ? WHERE kind = 'job' AND ref_id = ?"
-                        " AND replayed_at IS NULL",
-                        (now, row["id"]),
-                    )
+                requeued = row is not None and replay_dead_in_transaction(conn, "jobs", row["id"]) == 1
         except sqlite3.Error as exc:
             raise StorageError(f"cannot re-queue the dead job of a re-received instance: {exc}") from exc
-        return row is not None
+        return requeued
 
     # -- consumer side (the workers) ----------------------------------------------------------------------
     def claim(self, owner: str) -> Job | None:
