@@ -85,7 +85,7 @@ from PIL import Image
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.cls_metrics import roc_auc
 from dermnode.inference.pipeline_evaluation import evaluate_pipeline
-from dermnode.inference.types import AnalysisResult, SourceImage
+from dermnode.vocabulary import AnalysisResult, SourceImage
 from dermnode.settings import AnalysisSettings
 
 RGB = npt.NDArray[np.uint8]

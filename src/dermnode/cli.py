@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import csv
 
         from dermnode.inference.analyzer import models_dir
-        from dermnode.inference.pseudo_labels import write_pseudo_labels
+        from dermnode.training.pseudo_labels import write_pseudo_labels
 
         excluded: set[str] = set()
         for folder in args.exclude or []:
@@ -199,7 +199,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"kept {summary.kept} of {summary.considered} images in {out} (rejected: {summary.rejected})")
         return 0
     if args.task == "segmentation":
-        from dermnode.inference.seg_training import train_segmentation
+        from dermnode.training.segmentation import train_segmentation
 
         path = train_segmentation(
             data[0], args.arch or "lite_unet", out, epochs=args.epochs, image_size=args.image_size or 256,
@@ -208,7 +208,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             time_budget_s=args.time_budget, **({"lr": args.lr} if args.lr is not None else {}),
         )
     else:
-        from dermnode.inference.cls_training import train_classification
+        from dermnode.training.classification import train_classification
 
         if not args.arch:
             print("error: --arch is required for classification", file=sys.stderr)

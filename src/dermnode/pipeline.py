@@ -28,7 +28,7 @@ from dermnode.errors import DecodeError, OutputError
 from dermnode.fhir.bundle import build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import encode_png, render_overlay
-from dermnode.inference.types import AnalysisResult, AnalysisStatus
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus
 from dermnode.metrics import StageMetrics
 from dermnode.outbox import Outbox
 from dermnode.scp.queue import Job

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from dicom_output_cases import CASES, Case, make_case
 
-from dermnode.inference.types import AnalysisStatus
+from dermnode.vocabulary import AnalysisStatus
 
 
 @pytest.fixture(params=sorted(CASES))

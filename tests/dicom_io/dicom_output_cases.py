@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
-from dermnode.inference.types import (
+from dermnode.vocabulary import (
     AnalysisResult,
     AnalysisStatus,
     Band,

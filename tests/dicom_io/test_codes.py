@@ -9,7 +9,7 @@ import pytest
 from pydicom.sr.coding import Code
 
 from dermnode.dicom_io import codes
-from dermnode.inference.types import Band
+from dermnode.vocabulary import Band
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "dicom-conformance.md"
 

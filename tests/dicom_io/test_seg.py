@@ -11,7 +11,7 @@ from dicom_output_cases import MODELS, as_multiframe, dciodvfy, make_case
 
 from dermnode.dicom_io.seg import SEGMENTATION_STORAGE, build_segmentation, device_uid
 from dermnode.errors import OutputError
-from dermnode.inference.types import ModelIdentity
+from dermnode.vocabulary import ModelIdentity
 from dermnode.settings import OutputSettings
 
 SETTINGS = OutputSettings(institution_name="Test Clinic")

@@ -9,7 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
-from dermnode.inference.types import (
+from dermnode.vocabulary import (
     AnalysisResult,
     AnalysisStatus,
     Band,

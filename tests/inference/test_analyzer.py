@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dermnode.inference.analyzer import ANALYSIS_MAX_SIDE, Analyzer, working_copy
-from dermnode.inference.types import AnalysisStatus, PixelSpacing, SourceImage, SpacingSource
+from dermnode.vocabulary import AnalysisStatus, PixelSpacing, SourceImage, SpacingSource
 from dermnode.settings import AnalysisSettings
 from synthetic import synthetic_dermoscopy
 

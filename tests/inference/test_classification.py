@@ -18,7 +18,7 @@ from dermnode.inference.classifier_models import (
     save_classifier,
     warp_crop,
 )
-from dermnode.inference.types import Band
+from dermnode.vocabulary import Band
 from dermnode.settings import AnalysisSettings
 from synthetic import synthetic_dermoscopy
 

@@ -15,7 +15,7 @@ from dermnode.inference.measurements import (
     measure,
     tds_bounds,
 )
-from dermnode.inference.types import PixelSpacing, SpacingSource
+from dermnode.vocabulary import PixelSpacing, SpacingSource
 
 SKIN = (188, 163, 151)  # the reference skin colour: no white-balance change
 SPACING = PixelSpacing(0.05, 0.05, SpacingSource.PIXEL_SPACING)

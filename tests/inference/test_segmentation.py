@@ -19,7 +19,7 @@ from dermnode.inference.segmentation import (
     select_lesion,
     upsample_mask,
 )
-from dermnode.inference.types import ModelIdentity
+from dermnode.vocabulary import ModelIdentity
 
 REPO = Path(__file__).resolve().parents[2]
 

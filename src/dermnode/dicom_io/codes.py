@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dermnode.inference.types import Band
+from dermnode.vocabulary import Band
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def band_code(band: Band) -> Code:
     Raises
     ------
     KeyError
-        When ``band`` is not a :class:`~dermnode.inference.types.Band`.
+        When ``band`` is not a :class:`~dermnode.vocabulary.Band`.
     """
     return _BAND_CODES[Band(band)].value
 

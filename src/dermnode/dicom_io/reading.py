@@ -1,4 +1,4 @@
-"""Reading and decoding source instances into :class:`~dermnode.inference.types.SourceImage`.
+"""Reading and decoding source instances into :class:`~dermnode.vocabulary.SourceImage`.
 
 Any accepted source (RGB, YBR_FULL, YBR_FULL_422, palette colour, monochrome; native, deflated, JPEG,
 JPEG-LS, JPEG 2000 or RLE encoded) is decoded to an RGB uint8 array. Multi-frame sources are analysed on their
@@ -22,7 +22,7 @@ from pydicom.uid import UID, RLELossless
 
 from dermnode.dicom_io.uids import is_valid_uid
 from dermnode.errors import DecodeError
-from dermnode.inference.types import PixelSpacing, SourceImage, SpacingSource
+from dermnode.vocabulary import PixelSpacing, SourceImage, SpacingSource
 from dermnode.settings import DeviceCalibration
 
 logger = logging.getLogger(__name__)

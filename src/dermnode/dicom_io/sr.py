@@ -41,7 +41,7 @@ from dermnode.dicom_io.seg import (
 )
 from dermnode.dicom_io.uids import derived_uid
 from dermnode.errors import OutputError
-from dermnode.inference.types import AnalysisResult, AnalysisStatus, ModelIdentity
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, ModelIdentity
 from dermnode.settings import OutputSettings
 
 logger = logging.getLogger(__name__)

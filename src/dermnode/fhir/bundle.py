@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from dermnode import __version__
 from dermnode.errors import OutputError
 from dermnode.fhir import codes as C
-from dermnode.inference.types import AnalysisResult, AnalysisStatus, Band, Measurements, ModelIdentity
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, Band, Measurements, ModelIdentity
 from dermnode.settings import FhirSettings
 
 logger = logging.getLogger(__name__)

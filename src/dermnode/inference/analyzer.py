@@ -32,7 +32,7 @@ from dermnode.inference.measurements import measure
 from dermnode.inference.quality import assess_quality
 from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.segmentation import Segmenter
-from dermnode.inference.types import (
+from dermnode.vocabulary import (
     AnalysisResult,
     AnalysisStatus,
     Measurements,

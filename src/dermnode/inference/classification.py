@@ -35,7 +35,7 @@ from dermnode.inference.classifier_models import (
     preprocess_crop,
     warp_crop,
 )
-from dermnode.inference.types import Band, Classification, ModelIdentity
+from dermnode.vocabulary import Band, Classification, ModelIdentity
 from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from torch import nn
 
 from dermnode.errors import ModelError
 from dermnode.inference.registry import load_model_bundle, register_architecture, save_model_bundle
-from dermnode.inference.types import ModelIdentity
+from dermnode.vocabulary import ModelIdentity
 
 logger = logging.getLogger(__name__)
 

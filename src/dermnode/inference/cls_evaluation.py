@@ -4,7 +4,7 @@
 Classifier` (crop from the ground-truth mask box for ISIC 2017, whole image for isic-9class; flip TTA;
 temperature scaling) and writes ``classification_metrics.json``, ``roc.png`` and ``confusion_matrix.png``.
 
-Which images a split means (see :func:`dermnode.inference.cls_training.load_samples`):
+Which images a split means (see :func:`dermnode.training.classification.load_samples`):
 
 * ``val`` — melanoma metrics on the ISIC 2017 official validation split (150 images, 30 melanomas); 9-class
   metrics on the held-out 15% of the isic-9class train rows.
@@ -40,7 +40,7 @@ from dermnode.inference.cls_metrics import (
     roc_curve,
     sensitivity_at_specificity,
 )
-from dermnode.inference.cls_training import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
+from dermnode.training.classification import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
 from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)

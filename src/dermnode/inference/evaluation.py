@@ -22,7 +22,7 @@ from typing import Any
 from dermnode.errors import PipelineError
 from dermnode.inference.analyzer import models_dir
 from dermnode.inference.cls_evaluation import evaluate_classification
-from dermnode.inference.cls_training import is_training_dataset
+from dermnode.training.classification import is_training_dataset
 from dermnode.inference.pipeline_evaluation import evaluate_pipeline
 from dermnode.inference.seg_evaluation import evaluate_segmentation
 from dermnode.settings import Settings

@@ -71,7 +71,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from dermnode.inference.types import Measurements, PixelSpacing
+from dermnode.vocabulary import Measurements, PixelSpacing
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ from dermnode.inference.cls_evaluation import binary_metrics, plot_confusion, pl
 from dermnode.inference.cls_metrics import balanced_accuracy, confusion_matrix, expected_calibration_error, roc_curve
 from dermnode.inference.seg_evaluation import save_segmentation_figures
 from dermnode.inference.seg_metrics import SegmentationScores, mean_scores, score_masks
-from dermnode.inference.types import AnalysisResult, AnalysisStatus, SourceImage
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, SourceImage
 from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)

@@ -66,7 +66,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from dermnode.inference.types import QualityReport
+from dermnode.vocabulary import QualityReport
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ and to export a trained network::
                       arch_kwargs={...}, input_size=(224, 224), mean=(...), std=(...), extra={...})
 
 New architectures register a constructor with ``@register_architecture("my_arch")``. Built-in
-architectures (:mod:`dermnode.inference.models`) are registered on first load; a manifest may also name an
+architectures (:mod:`dermnode.inference.architectures`) are registered on first load; a manifest may also name an
 ``arch_module`` inside the ``dermnode`` package that is imported before the lookup.
 """
 
@@ -46,13 +46,13 @@ import torch
 from torch import nn
 
 from dermnode.errors import ModelError
-from dermnode.inference.types import ModelIdentity
+from dermnode.vocabulary import ModelIdentity
 
 logger = logging.getLogger(__name__)
 
 ArchConstructor = Callable[..., nn.Module]
 _ARCHITECTURES: dict[str, ArchConstructor] = {}
-_BUILTIN_MODULES = ("dermnode.inference.models",)
+_BUILTIN_MODULES = ("dermnode.inference.architectures",)
 
 F = TypeVar("F", bound=ArchConstructor)
 
@@ -347,7 +347,7 @@ def load_model_bundle(models_dir: Path, name: str) -> ModelBundle:
     Returns
     -------
     ModelBundle
-        The network, its :class:`~dermnode.inference.types.ModelIdentity` and its manifest.
+        The network, its :class:`~dermnode.vocabulary.ModelIdentity` and its manifest.
 
     Raises
     ------

@@ -20,7 +20,7 @@ from dermnode.inference.artefacts import remove_artefacts, remove_hair
 from dermnode.inference.overlay import render_overlay
 from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.seg_metrics import mean_scores, score_masks
-from dermnode.inference.seg_training import load_segmentation_split
+from dermnode.training.segmentation import load_segmentation_split
 from dermnode.inference.segmentation import Segmenter
 from dermnode.settings import AnalysisSettings
 

@@ -22,7 +22,7 @@ import numpy.typing as npt
 import torch
 
 from dermnode.inference.registry import ModelBundle
-from dermnode.inference.types import ModelIdentity
+from dermnode.vocabulary import ModelIdentity
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 
 from dermnode.inference.analyzer import SHIPPED_MODELS
-from dermnode.inference.pseudo_labels import write_pseudo_labels
-from dermnode.inference.seg_training import load_segmentation_split
+from dermnode.training.pseudo_labels import write_pseudo_labels
+from dermnode.training.segmentation import load_segmentation_split
 from synthetic import synthetic_dermoscopy
 
 

@@ -359,7 +359,7 @@ def train_segmentation(
         learning-rate schedule is stretched or shrunk to end with the last epoch.
     extra_train_dirs:
         More training data laid out like ``data_dir`` (e.g. pseudo-labels written by
-        :func:`dermnode.inference.pseudo_labels.write_pseudo_labels`): their ``train`` rows are added to the
+        :func:`dermnode.training.pseudo_labels.write_pseudo_labels`): their ``train`` rows are added to the
         training set (resized to its image size). Validation always uses ``data_dir``'s ``val`` split.
     init_from:
         Folder of an exported ``segmentation.pt``/``.json`` of the same architecture whose weights start the

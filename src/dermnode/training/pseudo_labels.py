@@ -3,7 +3,7 @@
 Semi-supervised ("self-training" / noisy-student) use of images that have no ground-truth mask: the shipped
 segmenter (the *teacher*, flip TTA and production post-processing) outlines the lesion of every image, confident
 outlines are kept, and a *student* is trained on the labelled set plus these masks with the usual strong
-augmentation (:func:`dermnode.inference.seg_training.train_segmentation`, ``extra_train_dirs``).
+augmentation (:func:`dermnode.training.segmentation.train_segmentation`, ``extra_train_dirs``).
 
 Selection (per image)
     * the quality gate accepts the image (:func:`~dermnode.inference.quality.assess_quality`);
