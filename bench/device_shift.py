@@ -17,7 +17,7 @@ images and masks at 256x256 with the aspect ratio stretched; ``orig_width``/``or
 aspect) and the 5 HAM10000 images (600x450, true 4:3, all benign). For every transform below, each source image
 and its ground-truth mask are transformed together and written to a temporary labelled folder (``images/``,
 ``masks/``, ``labels.csv`` with the source rows verbatim), one folder per dataset, and
-:func:`dermnode.inference.pipeline_evaluation.evaluate_pipeline` is run on it with the default
+:func:`dermnode.evaluation.pipeline.evaluate_pipeline` is run on it with the default
 :class:`~dermnode.settings.AnalysisSettings` (quality gate, multiscale hair removal, segmentation, measurements,
 classification on the predicted lesion; torch 1 thread). The :class:`~dermnode.inference.analyzer.Analyzer` is
 the production one, subclassed only to record each image's gate scores (the analysis itself is untouched).
@@ -82,11 +82,11 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from dermnode.evaluation.classification_metrics import roc_auc
+from dermnode.evaluation.pipeline import evaluate_pipeline
 from dermnode.inference.analyzer import Analyzer
-from dermnode.inference.cls_metrics import roc_auc
-from dermnode.inference.pipeline_evaluation import evaluate_pipeline
-from dermnode.vocabulary import AnalysisResult, SourceImage
 from dermnode.settings import AnalysisSettings
+from dermnode.vocabulary import AnalysisResult, SourceImage
 
 RGB = npt.NDArray[np.uint8]
 Mask = npt.NDArray[np.bool_]
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # "melanoma metrics skipped" for the all-benign HAM sample is expected; errors still show
-    logging.getLogger("dermnode.inference.pipeline_evaluation").setLevel(logging.ERROR)
+    logging.getLogger("dermnode.evaluation.pipeline").setLevel(logging.ERROR)
     cv2.setNumThreads(1)
     names = [t.name for t in TRANSFORMS] if args.transforms == "all" else args.transforms.split(",")
     unknown = set(names) - {t.name for t in TRANSFORMS}

@@ -172,7 +172,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dermnode.inference.evaluation import evaluate
+    from dermnode.evaluation.runner import evaluate
 
     settings = _settings(args)
     metrics = evaluate(Path(args.data), args.split, settings, Path(args.out), task=args.task)

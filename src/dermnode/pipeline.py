@@ -28,13 +28,13 @@ from dermnode.errors import DecodeError, OutputError
 from dermnode.fhir.bundle import build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import encode_png, render_overlay
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus
 from dermnode.metrics import StageMetrics
 from dermnode.outbox import Outbox
 from dermnode.scp.queue import Job
 from dermnode.scp.spool import atomic_write
 from dermnode.scp.workers import Processor
 from dermnode.settings import Settings
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pydicom.uid import RLELossless
 from dermnode.dicom_io.reading import decode_rgb, pixel_spacing, read_dataset, to_source_image
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
 from dermnode.errors import DecodeError
-from dermnode.vocabulary import SpacingSource
 from dermnode.settings import DeviceCalibration
+from dermnode.vocabulary import SpacingSource
 from synthetic import synthetic_dermoscopy
 
 RGB = synthetic_dermoscopy(40, 56)

@@ -11,8 +11,8 @@ from dicom_output_cases import MODELS, as_multiframe, dciodvfy, make_case
 
 from dermnode.dicom_io.seg import SEGMENTATION_STORAGE, build_segmentation, device_uid
 from dermnode.errors import OutputError
-from dermnode.vocabulary import ModelIdentity
 from dermnode.settings import OutputSettings
+from dermnode.vocabulary import ModelIdentity
 
 SETTINGS = OutputSettings(institution_name="Test Clinic")
 

@@ -12,8 +12,8 @@ from dicom_output_cases import MODELS, as_multiframe, dciodvfy, dsrdump, make_ca
 from dermnode.dicom_io import codes
 from dermnode.dicom_io.seg import build_segmentation, device_uid
 from dermnode.dicom_io.sr import COMPREHENSIVE_3D_SR_STORAGE, DISCLAIMER, build_report
-from dermnode.vocabulary import AnalysisStatus
 from dermnode.settings import OutputSettings
+from dermnode.vocabulary import AnalysisStatus
 
 SETTINGS = OutputSettings()
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dermnode.inference.analyzer import ANALYSIS_MAX_SIDE, Analyzer, working_copy
-from dermnode.vocabulary import AnalysisStatus, PixelSpacing, SourceImage, SpacingSource
 from dermnode.settings import AnalysisSettings
+from dermnode.vocabulary import AnalysisStatus, PixelSpacing, SourceImage, SpacingSource
 from synthetic import synthetic_dermoscopy
 
 

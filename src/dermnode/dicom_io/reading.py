@@ -22,8 +22,8 @@ from pydicom.uid import UID, RLELossless
 
 from dermnode.dicom_io.uids import is_valid_uid
 from dermnode.errors import DecodeError
-from dermnode.vocabulary import PixelSpacing, SourceImage, SpacingSource
 from dermnode.settings import DeviceCalibration
+from dermnode.vocabulary import PixelSpacing, SourceImage, SpacingSource
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dermnode.dicom_io import codes
 from dermnode.dicom_io.reading import analysed_frame_numbers
 from dermnode.dicom_io.uids import SECONDARY_CAPTURE_IMAGE_STORAGE, derived_uid
 from dermnode.errors import OutputError
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, ModelIdentity
 from dermnode.settings import OutputSettings
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, ModelIdentity
 
 logger = logging.getLogger(__name__)
 

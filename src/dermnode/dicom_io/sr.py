@@ -41,8 +41,8 @@ from dermnode.dicom_io.seg import (
 )
 from dermnode.dicom_io.uids import derived_uid
 from dermnode.errors import OutputError
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, ModelIdentity
 from dermnode.settings import OutputSettings
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, ModelIdentity
 
 logger = logging.getLogger(__name__)
 

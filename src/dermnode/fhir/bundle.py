@@ -29,8 +29,8 @@ from pydicom.dataset import Dataset
 from dermnode import __version__
 from dermnode.errors import OutputError
 from dermnode.fhir import codes as C
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, Band, Measurements, ModelIdentity
 from dermnode.settings import FhirSettings
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, Band, Measurements, ModelIdentity
 
 logger = logging.getLogger(__name__)
 

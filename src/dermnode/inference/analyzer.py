@@ -32,6 +32,7 @@ from dermnode.inference.measurements import measure
 from dermnode.inference.quality import assess_quality
 from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.segmentation import Segmenter
+from dermnode.settings import AnalysisSettings
 from dermnode.vocabulary import (
     AnalysisResult,
     AnalysisStatus,
@@ -40,7 +41,6 @@ from dermnode.vocabulary import (
     PixelSpacing,
     SourceImage,
 )
-from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dermnode.inference.cls_metrics import (
+from dermnode.evaluation.classification_metrics import (
     balanced_accuracy,
     bootstrap_auc_ci,
     confusion_matrix,
@@ -82,3 +82,28 @@ def test_bootstrap_ci_brackets_auc() -> None:
     s = np.r_[rng.normal(1, 1, 30), rng.normal(0, 1, 120)]
     lo, hi = bootstrap_auc_ci(y, s, n_boot=300)
     assert lo < roc_auc(y, s) < hi
+
+
+def test_known_values_from_the_scikit_learn_documentation() -> None:
+    # the examples of sklearn.metrics.roc_curve / roc_auc_score / balanced_accuracy_score, worked by hand:
+    # positives 0.35 and 0.8 against negatives 0.1 and 0.4 -> 3 of 4 pairs ordered -> AUC 0.75
+    y = [0, 0, 1, 1]
+    s = [0.1, 0.4, 0.35, 0.8]
+    assert roc_auc(y, s) == 0.75
+    fpr, tpr, thr = roc_curve(y, s)
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+    assert tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert thr[1:].tolist() == [0.8, 0.4, 0.35, 0.1]
+    # recalls 3/4 (class 0) and 1/2 (class 1)
+    assert balanced_accuracy([0, 1, 0, 0, 1, 0], [0, 1, 0, 0, 0, 1]) == 0.625
+    # a predicted class absent from y_true has no recall and is not averaged
+    assert balanced_accuracy([0, 0], [0, 1]) == 0.5
+
+
+def test_bootstrap_ci_known_value() -> None:
+    # fixed seed: the interval of this small stratified bootstrap is reproducible to the last digits
+    y = [0, 0, 0, 1, 1, 1]
+    s = [0.1, 0.5, 0.3, 0.4, 0.9, 0.8]
+    assert roc_auc(y, s) == pytest.approx(8 / 9)
+    lo, hi = bootstrap_auc_ci(y, s, n_boot=200, seed=0)
+    assert (lo, hi) == pytest.approx((5 / 9, 1.0), abs=1e-12)  # the numpy-only implementation gave the same

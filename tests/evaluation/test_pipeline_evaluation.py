@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from dermnode.errors import PipelineError
-from dermnode.inference.analyzer import Analyzer
-from dermnode.inference.cls_evaluation import binary_metrics
-from dermnode.inference.evaluation import evaluate
-from dermnode.inference.pipeline_evaluation import (
+from dermnode.evaluation.classification import binary_metrics
+from dermnode.evaluation.pipeline import (
     evaluate_pipeline,
     normalise_diagnosis,
     read_labelled_folder,
 )
+from dermnode.evaluation.runner import evaluate
+from dermnode.inference.analyzer import Analyzer
 from dermnode.settings import AnalysisSettings, Settings
 from synthetic import synthetic_dermoscopy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dermnode.inference.seg_metrics import mean_scores, score_masks
+from dermnode.evaluation.segmentation_metrics import mean_scores, score_masks
 
 
 def _masks() -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,7 @@
 
 The model is run exactly as in production (:class:`~dermnode.inference.segmentation.Segmenter`, with its
 post-processing, at the images' own resolution); metrics are computed per image and averaged
-(:mod:`dermnode.inference.seg_metrics`).
+(:mod:`dermnode.evaluation.segmentation_metrics`).
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dermnode.evaluation.segmentation_metrics import mean_scores, score_masks
 from dermnode.inference.artefacts import remove_artefacts, remove_hair
 from dermnode.inference.overlay import render_overlay
 from dermnode.inference.registry import load_model_bundle
-from dermnode.inference.seg_metrics import mean_scores, score_masks
-from dermnode.training.segmentation import load_segmentation_split
 from dermnode.inference.segmentation import Segmenter
 from dermnode.settings import AnalysisSettings
+from dermnode.training.segmentation import load_segmentation_split
 
 logger = logging.getLogger(__name__)
 

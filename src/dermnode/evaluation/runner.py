@@ -5,11 +5,11 @@ of two ways, and the metrics are written to ``metrics.json`` in the output folde
 PNGs:
 
 * the training sets (``isic2017``, ``isic-9class`` or the data root holding them): each network on its own, as
-  the model cards report it — segmentation when there are masks (:mod:`~dermnode.inference.seg_evaluation`),
-  classification on ground-truth lesion crops (:mod:`~dermnode.inference.cls_evaluation`);
+  the model cards report it — segmentation when there are masks (:mod:`~dermnode.evaluation.segmentation`),
+  classification on ground-truth lesion crops (:mod:`~dermnode.evaluation.classification`);
 * any other folder (another clinic, another dermoscope), or any folder with ``task="pipeline"``: the whole
   production analyser on every image, classification on the *predicted* lesion
-  (:mod:`~dermnode.inference.pipeline_evaluation`), metrics under ``"pipeline"``.
+  (:mod:`~dermnode.evaluation.pipeline`), metrics under ``"pipeline"``.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from dermnode.errors import PipelineError
+from dermnode.evaluation.classification import evaluate_classification
+from dermnode.evaluation.pipeline import evaluate_pipeline
+from dermnode.evaluation.segmentation import evaluate_segmentation
 from dermnode.inference.analyzer import models_dir
-from dermnode.inference.cls_evaluation import evaluate_classification
-from dermnode.training.classification import is_training_dataset
-from dermnode.inference.pipeline_evaluation import evaluate_pipeline
-from dermnode.inference.seg_evaluation import evaluate_segmentation
 from dermnode.settings import Settings
+from dermnode.training.classification import is_training_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -1,47 +1,34 @@
-"""Classification metrics implemented with numpy only (no scikit-learn).
+"""Classification metrics: scikit-learn where it has them, two small functions where it has none.
 
-* **AUC** — rank-based (Mann–Whitney U): ``AUC = (R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg)`` where
-  ``R_pos`` is the sum of the mid-ranks of the positive scores (ties get the average rank, so a tie between a
-  positive and a negative counts 1/2).
-* **ROC curve** — thresholds at every distinct score, from the highest down.
+* **AUC**, **ROC curve**, **balanced accuracy**, **confusion matrix** — :mod:`sklearn.metrics`
+  (``roc_auc_score``, ``roc_curve`` with every threshold kept, ``balanced_accuracy_score``,
+  ``confusion_matrix``), behind the checks this project relies on (binary 0/1 labels, both classes present,
+  labels in range). The AUC counts a tie between a positive and a negative as 1/2 (Mann–Whitney U).
 * **Sensitivity at a specificity** — the highest sensitivity over ROC operating points whose specificity is at
   least the target (a step function, no interpolation).
-* **Balanced accuracy** — mean over the classes present in ``y_true`` of the per-class recall.
-* **ECE** — expected calibration error with ``n_bins`` equal-width bins on the confidence:
+* **ECE** — expected calibration error with ``n_bins`` equal-width bins on the confidence (scikit-learn's
+  ``calibration_curve`` gives the per-bin means but not the bin sizes the ECE weighs them by):
   ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``. For a binary probability the "confidence" is the
   predicted probability of the positive class and "accuracy" the observed positive rate in the bin
   (reliability-diagram form); for multi-class outputs the confidence is the top probability and the accuracy
   whether the top class is right. Bins are ``(lo, hi]`` except the first, which is ``[0, hi]``.
 * **Bootstrap CI** — percentile interval of the AUC over stratified resamples (positives and negatives are
   resampled separately so every replicate has both classes).
+* **Temperature** — one scalar fitted by minimising the NLL (no scikit-learn equivalent).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import numpy.typing as npt
+from sklearn import metrics as skm
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float64]
-
-
-def _rankdata(x: FloatArray) -> FloatArray:
-    """Mid-ranks (1-based) of ``x``; ties share the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    n = len(x)
-    while i < n:
-        j = i
-        while j + 1 < n and xs[j + 1] == xs[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
 
 
 def _binary_inputs(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[npt.NDArray[np.bool_], FloatArray]:
@@ -54,8 +41,13 @@ def _binary_inputs(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[npt.ND
     return y.astype(bool), s
 
 
+def _both_classes(y: npt.NDArray[np.bool_], what: str) -> None:
+    if not y.any() or y.all():
+        raise ValueError(f"{what} needs at least one positive and one negative")
+
+
 def roc_auc(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> float:
-    """Area under the ROC curve (rank-based, ties count one half).
+    """Area under the ROC curve (:func:`sklearn.metrics.roc_auc_score`; ties count one half).
 
     Parameters
     ----------
@@ -75,17 +67,12 @@ def roc_auc(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> float:
         When the inputs differ in length, labels are not binary, or only one class is present.
     """
     y, s = _binary_inputs(y_true, scores)
-    n_pos = int(y.sum())
-    n_neg = int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs at least one positive and one negative")
-    ranks = _rankdata(s)
-    r_pos = float(ranks[y].sum())
-    return (r_pos - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    _both_classes(y, "AUC")
+    return float(skm.roc_auc_score(y, s))
 
 
 def roc_curve(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """ROC operating points.
+    """ROC operating points at every distinct score (:func:`sklearn.metrics.roc_curve`, none dropped).
 
     Parameters
     ----------
@@ -106,19 +93,8 @@ def roc_curve(y_true: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray,
         When only one class is present or the inputs are invalid.
     """
     y, s = _binary_inputs(y_true, scores)
-    n_pos = int(y.sum())
-    n_neg = int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC needs at least one positive and one negative")
-    order = np.argsort(-s, kind="mergesort")
-    s_sorted = s[order]
-    y_sorted = y[order]
-    distinct = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s_sorted) - 1]
-    tps = np.cumsum(y_sorted)[distinct]
-    fps = (distinct + 1) - tps
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    thr = np.r_[np.inf, s_sorted[distinct]]
+    _both_classes(y, "ROC")
+    fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
     return fpr.astype(np.float64), tpr.astype(np.float64), thr.astype(np.float64)
 
 
@@ -150,7 +126,8 @@ def sensitivity_at_specificity(y_true: npt.ArrayLike, scores: npt.ArrayLike, spe
 
 
 def balanced_accuracy(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> float:
-    """Mean per-class recall over the classes present in ``y_true``.
+    """Mean per-class recall over the classes present in ``y_true``
+    (:func:`sklearn.metrics.balanced_accuracy_score`).
 
     Parameters
     ----------
@@ -173,12 +150,15 @@ def balanced_accuracy(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> float:
     p = np.asarray(y_pred).ravel()
     if t.shape != p.shape or t.size == 0:
         raise ValueError("y_true and y_pred must be non-empty and of equal length")
-    recalls = [float((p[t == c] == c).mean()) for c in np.unique(t)]
-    return float(np.mean(recalls))
+    with warnings.catch_warnings():
+        # a predicted class absent from y_true has no recall: scikit-learn leaves it out (as intended) and warns
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(skm.balanced_accuracy_score(t, p))
 
 
 def confusion_matrix(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: int) -> npt.NDArray[np.int64]:
-    """Confusion matrix with rows = true class and columns = predicted class.
+    """Confusion matrix with rows = true class and columns = predicted class
+    (:func:`sklearn.metrics.confusion_matrix` over the labels ``0 .. n_classes - 1``).
 
     Parameters
     ----------
@@ -205,9 +185,9 @@ def confusion_matrix(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: in
         raise ValueError("y_true and y_pred differ in length")
     if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= n_classes):
         raise ValueError("label out of range")
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (t, p), 1)
-    return cm
+    if t.size == 0:
+        return np.zeros((n_classes, n_classes), dtype=np.int64)
+    return skm.confusion_matrix(t, p, labels=np.arange(n_classes)).astype(np.int64)
 
 
 def expected_calibration_error(y_true: npt.ArrayLike, probs: npt.ArrayLike, n_bins: int = 10) -> float:

@@ -29,9 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dermnode.errors import PipelineError
-from dermnode.inference.classification import band_for
-from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES, load_classifier
-from dermnode.inference.cls_metrics import (
+from dermnode.evaluation.classification_metrics import (
     balanced_accuracy,
     bootstrap_auc_ci,
     confusion_matrix,
@@ -40,8 +38,10 @@ from dermnode.inference.cls_metrics import (
     roc_curve,
     sensitivity_at_specificity,
 )
-from dermnode.training.classification import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
+from dermnode.inference.classification import band_for
+from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES, load_classifier
 from dermnode.settings import AnalysisSettings
+from dermnode.training.classification import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
 
 logger = logging.getLogger(__name__)
 

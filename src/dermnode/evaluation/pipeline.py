@@ -1,6 +1,6 @@
 """End-to-end evaluation of the production analyser on any labelled folder of dermoscopy images.
 
-:mod:`~dermnode.inference.seg_evaluation` and :mod:`~dermnode.inference.cls_evaluation` measure each network on
+:mod:`~dermnode.evaluation.segmentation` and :mod:`~dermnode.evaluation.classification` measure each network on
 the layouts of the training data (ISIC 2017 with its official split, the isic-9class set with its cleaning rules,
 classifier crops from the ground-truth masks). A set from another clinic and another dermoscope is judged the way
 the service works instead: every image goes through :class:`~dermnode.inference.analyzer.Analyzer` (quality gate,
@@ -62,14 +62,19 @@ import numpy as np
 import numpy.typing as npt
 
 from dermnode.errors import DecodeError, PipelineError
+from dermnode.evaluation.classification import binary_metrics, plot_confusion, plot_roc
+from dermnode.evaluation.classification_metrics import (
+    balanced_accuracy,
+    confusion_matrix,
+    expected_calibration_error,
+    roc_curve,
+)
+from dermnode.evaluation.segmentation import save_segmentation_figures
+from dermnode.evaluation.segmentation_metrics import SegmentationScores, mean_scores, score_masks
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES
-from dermnode.inference.cls_evaluation import binary_metrics, plot_confusion, plot_roc
-from dermnode.inference.cls_metrics import balanced_accuracy, confusion_matrix, expected_calibration_error, roc_curve
-from dermnode.inference.seg_evaluation import save_segmentation_figures
-from dermnode.inference.seg_metrics import SegmentationScores, mean_scores, score_masks
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, SourceImage
 from dermnode.settings import AnalysisSettings
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, SourceImage
 
 logger = logging.getLogger(__name__)
 
