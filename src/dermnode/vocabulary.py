@@ -1,8 +1,14 @@
-"""Typed inputs and outputs of the analysis pipeline stages.
+"""The vocabulary shared by the analysis, the DICOM writers and the FHIR builders, in one neutral place.
 
-These dataclasses are the contract between the pipeline (``dermnode.inference``), the DICOM writers
-(``dermnode.dicom_io``) and the FHIR builders (``dermnode.fhir``). They carry no DICOM or FHIR objects, only
-plain values, so each side can be tested on its own.
+* the typed inputs and outputs of the analysis pipeline stages: the contract between the pipeline
+  (``dermnode.inference``), the DICOM writers (``dermnode.dicom_io``) and the FHIR builders (``dermnode.fhir``).
+  They carry no DICOM or FHIR objects, only plain values, so each side can be tested on its own;
+* the concepts both outputs code: the melanoma probability :class:`Band`, the ISIC diagnosis classes
+  (:class:`IsicClass`, :data:`DIAGNOSIS_CLASSES`, :data:`DIAGNOSES` with their verified SNOMED CT concept), the
+  dermoscopic colours and the procedure (:data:`PROCEDURE_DERMOSCOPY`).
+
+How each side writes a concept (a pydicom ``Code``, a FHIR ``Coding``) stays in ``dicom_io/codes.py`` and
+``fhir/codes.py``. This module imports nothing from dermnode.
 """
 
 from __future__ import annotations
@@ -28,6 +34,76 @@ class Band(enum.StrEnum):
     BENIGN = "benign"
     INDETERMINATE = "indeterminate"
     MALIGNANT = "malignant"
+
+
+class IsicClass(enum.StrEnum):
+    """Diagnostic classes of the ISIC challenges that the classifier may output."""
+
+    AK = "AK"
+    BCC = "BCC"
+    DF = "DF"
+    MEL = "MEL"
+    NV = "NV"
+    BKL = "BKL"
+    SK = "SK"
+    SCC = "SCC"
+    VASC = "VASC"
+
+
+#: The classifier's diagnosis classes, in the order of its 9 logits.
+DIAGNOSIS_CLASSES: tuple[str, ...] = tuple(c.value for c in IsicClass)
+
+#: The malignant diagnosis classes (melanoma, basal and squamous cell carcinoma, actinic keratosis).
+MALIGNANT_CLASSES: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A coded concept as plain values: ``scheme`` (``"SCT"`` for SNOMED CT), ``code`` and ``meaning``."""
+
+    scheme: str
+    code: str
+    meaning: str
+
+
+#: SNOMED CT 446078004 "Dermoscopic photography": the procedure of the SR and the code of the FHIR report.
+PROCEDURE_DERMOSCOPY = Concept("SCT", "446078004", "Dermoscopic photography")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One ISIC diagnosis class: its display name and, where verified, its SNOMED CT concept."""
+
+    label: IsicClass
+    display: str
+    snomed: Concept | None
+
+
+#: Diagnosis classes and their concepts: the single source of truth for both the SR and the FHIR report.
+#: SNOMED CT is used only where the concept is verified (DICOM PS3.16 via pydicom's code dictionary, or a
+#: SNOMED CT browser); BKL and VASC are ISIC groupings without a single SNOMED CT concept, and the DF and SK
+#: concepts could not be verified offline, so those four have none until terminology review (the SR codes them
+#: with a private concept, FHIR with the local class code only); see docs/dicom-conformance.md for the source
+#: of each code.
+DIAGNOSES: dict[IsicClass, Diagnosis] = {
+    d.label: d
+    for d in (
+        Diagnosis(IsicClass.MEL, "Melanoma", Concept("SCT", "1162635006", "Malignant melanoma")),
+        Diagnosis(IsicClass.NV, "Melanocytic nevus", Concept("SCT", "400096001", "Melanocytic nevus")),
+        Diagnosis(IsicClass.BCC, "Basal cell carcinoma", Concept("SCT", "254701007", "Basal cell carcinoma of skin")),
+        Diagnosis(
+            IsicClass.SCC, "Squamous cell carcinoma", Concept("SCT", "254651007", "Squamous cell carcinoma of skin")
+        ),
+        Diagnosis(IsicClass.AK, "Actinic keratosis", Concept("SCT", "201101007", "Actinic keratosis")),
+        Diagnosis(IsicClass.DF, "Dermatofibroma", None),
+        Diagnosis(IsicClass.SK, "Seborrheic keratosis", None),
+        Diagnosis(IsicClass.BKL, "Benign keratosis-like lesion", None),
+        Diagnosis(IsicClass.VASC, "Vascular lesion", None),
+    )
+}
+
+#: The six dermoscopic colours of the ABCD rule, as :attr:`Measurements.colors` names them.
+DERMOSCOPIC_COLOURS: tuple[str, ...] = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
 
 
 class SpacingSource(enum.StrEnum):

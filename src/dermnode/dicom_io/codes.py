@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dermnode.vocabulary import Band
+from dermnode import vocabulary
+from dermnode.vocabulary import Band, IsicClass
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,11 @@ PURPOSE_PROCESSING_EQUIPMENT: Code = codes.DCM.ProcessingEquipment
 
 # ----------------------------------------------------------------------------------------------- SR concepts
 #: Procedure Reported of the TID 1500 report: SCT 446078004 "Dermoscopic photography".
-PROCEDURE_DERMOSCOPY = Code("446078004", "SCT", "Dermoscopic photography")
+PROCEDURE_DERMOSCOPY = Code(
+    value=vocabulary.PROCEDURE_DERMOSCOPY.code,
+    scheme_designator=vocabulary.PROCEDURE_DERMOSCOPY.scheme,
+    meaning=vocabulary.PROCEDURE_DERMOSCOPY.meaning,
+)
 #: Finding type of the measurement group: SCT 95324001 "Skin lesion".
 FINDING_TYPE_SKIN_LESION: Code = codes.SCT.SkinLesion
 #: Concept name of the suspected diagnosis: DCM 111023 "Differential Diagnosis/Impression".
@@ -108,36 +113,18 @@ def band_code(band: Band) -> Code:
     return _BAND_CODES[Band(band)].value
 
 
-class IsicClass(enum.StrEnum):
-    """Diagnostic classes of the ISIC challenges that the classifier may output."""
-
-    AK = "AK"
-    BCC = "BCC"
-    DF = "DF"
-    MEL = "MEL"
-    NV = "NV"
-    BKL = "BKL"
-    SK = "SK"
-    SCC = "SCC"
-    VASC = "VASC"
+def _diagnosis_code(isic_class: IsicClass) -> Code:
+    diagnosis = vocabulary.DIAGNOSES[isic_class]
+    if diagnosis.snomed is not None:
+        return Code(diagnosis.snomed.code, diagnosis.snomed.scheme, diagnosis.snomed.meaning)
+    return _private(isic_class.value, diagnosis.display)
 
 
-#: Suspected-finding value per ISIC class: the single source of truth for both the SR and the FHIR report.
-#: SNOMED CT is used only where the concept is verified (DICOM PS3.16 via pydicom's code dictionary, or a
-#: SNOMED CT browser); BKL and VASC are ISIC groupings without a single SNOMED CT concept, and the DF and SK
-#: concepts could not be verified offline, so those four are private concepts until terminology review;
-#: see docs/dicom-conformance.md for the source of each code.
-SUSPECTED_FINDING_CODES: dict[IsicClass, Code] = {
-    IsicClass.AK: Code("201101007", "SCT", "Actinic keratosis"),
-    IsicClass.BCC: Code("254701007", "SCT", "Basal cell carcinoma of skin"),
-    IsicClass.DF: _private("DF", "Dermatofibroma"),
-    IsicClass.MEL: Code("1162635006", "SCT", "Malignant melanoma"),
-    IsicClass.NV: Code("400096001", "SCT", "Melanocytic nevus"),
-    IsicClass.BKL: _private("BKL", "Benign keratosis-like lesion"),
-    IsicClass.SK: _private("SK", "Seborrheic keratosis"),
-    IsicClass.SCC: Code("254651007", "SCT", "Squamous cell carcinoma of skin"),
-    IsicClass.VASC: _private("VASC", "Vascular lesion"),
-}
+#: Suspected-finding value per ISIC class, from :data:`dermnode.vocabulary.DIAGNOSES` (the single source of truth
+#: for both the SR and the FHIR report): its SNOMED CT concept where verified, else a private concept named after
+#: the class (BKL and VASC are ISIC groupings; the DF and SK concepts await terminology review); see
+#: docs/dicom-conformance.md for the source of each code.
+SUSPECTED_FINDING_CODES: dict[IsicClass, Code] = {c: _diagnosis_code(c) for c in IsicClass}
 
 
 def suspected_finding_code(isic_class: str) -> Code | None:

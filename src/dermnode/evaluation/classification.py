@@ -39,9 +39,10 @@ from dermnode.evaluation.classification_metrics import (
     sensitivity_at_specificity,
 )
 from dermnode.inference.classification import band_for
-from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES, load_classifier
+from dermnode.inference.classifier_models import load_classifier
 from dermnode.settings import AnalysisSettings
 from dermnode.training.classification import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
+from dermnode.vocabulary import DIAGNOSIS_CLASSES
 
 logger = logging.getLogger(__name__)
 

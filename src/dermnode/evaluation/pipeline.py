@@ -72,16 +72,15 @@ from dermnode.evaluation.classification_metrics import (
 from dermnode.evaluation.segmentation import save_segmentation_figures
 from dermnode.evaluation.segmentation_metrics import SegmentationScores, mean_scores, score_masks
 from dermnode.inference.analyzer import Analyzer
-from dermnode.inference.classifier_models import DIAGNOSIS_CLASSES
 from dermnode.settings import AnalysisSettings
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, SourceImage
+from dermnode.vocabulary import DIAGNOSIS_CLASSES, MALIGNANT_CLASSES, AnalysisResult, AnalysisStatus, SourceImage
 
 logger = logging.getLogger(__name__)
 
 #: Image file extensions tried, in this order, for ``images/<image_id>``.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm")
 #: Diagnoses counted as malignant (AK as pre-malignant), as in the shared data's README.
-MALIGNANT_CODES: frozenset[str] = frozenset({"MEL", "BCC", "SCC", "AK"})
+MALIGNANT_CODES: frozenset[str] = MALIGNANT_CLASSES
 _DIAGNOSIS_ALIASES: dict[str, str] = {
     "AKIEC": "AK",
     "NEV": "NV",

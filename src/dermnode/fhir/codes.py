@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from dermnode.dicom_io.codes import PROCEDURE_DERMOSCOPY, SUSPECTED_FINDING_CODES, IsicClass
+from dermnode.vocabulary import DERMOSCOPIC_COLOURS, DIAGNOSES, PROCEDURE_DERMOSCOPY
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Code:
 REPORT_CODE = Code(LOINC, "18748-4", "Diagnostic imaging study")
 #: SNOMED CT 446078004 "Dermoscopic photography (procedure)": the dermoscopy code of the report, shared with the
 #: SR's Procedure Reported (DICOM PS3.16, pydicom codedict ``SCT.DermoscopicPhotography``).
-REPORT_CODE_DERMOSCOPY = Code(SNOMED, PROCEDURE_DERMOSCOPY.value, "Dermoscopic photography")
+REPORT_CODE_DERMOSCOPY = Code(SNOMED, PROCEDURE_DERMOSCOPY.code, PROCEDURE_DERMOSCOPY.meaning)
 #: Local refinement of the report code (sent as a further coding).
 REPORT_CODE_LOCAL = Code(LOCAL_REPORT, "dermoscopy-ai-report", "Dermoscopy AI analysis report")
 #: Observation category "imaging" (also used as the DiagnosticReport category, see docs/fhir.md).
@@ -102,22 +102,19 @@ BAND_CODES: dict[str, Code] = {
 }
 
 # --- Dermoscopic colours (the six colours of the ABCD rule) ------------------------------------------------
+def _colour_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-").replace(" ", "-").replace("grey", "gray")
+
+
+#: Local code per colour: ``light-brown`` / "Light brown" for the vocabulary's ``"light brown"``.
 COLOUR_CODES: dict[str, Code] = {
-    name: Code(LOCAL_COLOUR, name, display)
-    for name, display in (
-        ("white", "White"),
-        ("red", "Red"),
-        ("light-brown", "Light brown"),
-        ("dark-brown", "Dark brown"),
-        ("blue-gray", "Blue-gray"),
-        ("black", "Black"),
-    )
+    _colour_key(name): Code(LOCAL_COLOUR, _colour_key(name), name.capitalize()) for name in DERMOSCOPIC_COLOURS
 }
 
 
 def colour_code(name: str) -> Code:
     """The local code of a dermoscopic colour name (``"light brown"``, ``"light_brown"`` are accepted)."""
-    key = name.strip().lower().replace("_", "-").replace(" ", "-").replace("grey", "gray")
+    key = _colour_key(name)
     return COLOUR_CODES.get(key, Code(LOCAL_COLOUR, key, name))
 
 
@@ -139,27 +136,11 @@ def _cls(code: str, display: str, snomed: tuple[str, str] | None) -> DiagnosisCl
     return DiagnosisClass(Code(LOCAL_DIAGNOSIS, code, display), None if snomed is None else Code(SNOMED, *snomed))
 
 
-_DISPLAY = {
-    "MEL": "Melanoma",
-    "NV": "Melanocytic nevus",
-    "BCC": "Basal cell carcinoma",
-    "SCC": "Squamous cell carcinoma",
-    "AK": "Actinic keratosis",
-    "DF": "Dermatofibroma",
-    "SK": "Seborrheic keratosis",
-    "BKL": "Benign keratosis-like lesion",
-    "VASC": "Vascular lesion",
-}
-
-
-def _snomed(label: str) -> tuple[str, str] | None:
-    """The SNOMED CT concept of a class from the DICOM code table (one source of truth for SR and FHIR)."""
-    code = SUSPECTED_FINDING_CODES[IsicClass(label)]
-    return (code.value, code.meaning) if code.scheme_designator == "SCT" else None
-
-
+#: Local class code and, where verified, SNOMED CT concept of each class (:data:`dermnode.vocabulary.DIAGNOSES`,
+#: one source of truth for SR and FHIR); AKIEC (ISIC 2018's name of AK) is an alias.
 DIAGNOSIS_CODES: dict[str, DiagnosisClass] = {
-    label: _cls(label, text, _snomed(label)) for label, text in _DISPLAY.items()
+    label.value: _cls(label.value, d.display, None if d.snomed is None else (d.snomed.code, d.snomed.meaning))
+    for label, d in DIAGNOSES.items()
 }
 DIAGNOSIS_CODES["AKIEC"] = DIAGNOSIS_CODES["AK"]
 

@@ -71,7 +71,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from dermnode.vocabulary import Measurements, PixelSpacing
+from dermnode.vocabulary import DERMOSCOPIC_COLOURS, Measurements, PixelSpacing
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ BORDER_MIN_CONTRAST = 8.0
 BORDER_ABRUPT_RISE = 0.08
 BORDER_PROFILE_REACH = 0.15
 REFERENCE_SKIN_RGB = (188, 163, 151)  # median skin colour around the lesions of ISIC 2017 training images
-COLOR_NAMES: tuple[str, ...] = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
+COLOR_NAMES: tuple[str, ...] = DERMOSCOPIC_COLOURS
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
