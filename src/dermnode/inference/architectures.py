@@ -156,3 +156,45 @@ def build_lite_unet(widths: list[int] | None = None, in_channels: int = 3) -> nn
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters of ``module``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+#: Encoders of :func:`build_smp_unet` and the normalisation of 0..1 RGB their pretrained weights expect.
+SMP_ENCODERS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "tu-tf_efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
+
+
+@register_architecture("smp_unet")
+def build_smp_unet(
+    encoder: str = "tu-tf_efficientnet_lite0", decoder_channels: list[int] | None = None, in_channels: int = 3
+) -> nn.Module:
+    """A segmentation-models-pytorch U-Net (one output logit per pixel), registered as ``"smp_unet"``.
+
+    Parameters
+    ----------
+    encoder:
+        smp encoder name (a key of :data:`SMP_ENCODERS`); timm encoders are spelled ``tu-<timm name>``.
+    decoder_channels:
+        Channels of the five decoder stages; default ``(48, 32, 24, 16, 8)``, sized for a CPU.
+    in_channels:
+        Input channels.
+
+    Returns
+    -------
+    torch.nn.Module
+        The untrained network (no weights are downloaded: pretrained encoders are loaded at training time).
+
+    Raises
+    ------
+    ValueError
+        When ``encoder`` is not listed.
+    """
+    if encoder not in SMP_ENCODERS:
+        raise ValueError(f"unknown encoder {encoder!r} (known: {', '.join(SMP_ENCODERS)})")
+    import segmentation_models_pytorch as smp  # runtime dependency of this architecture only
+
+    channels = tuple(decoder_channels) if decoder_channels is not None else (48, 32, 24, 16, 8)
+    module: nn.Module = smp.Unet(
+        encoder_name=encoder, encoder_weights=None, decoder_channels=channels, in_channels=in_channels, classes=1
+    )
+    return module

@@ -72,8 +72,8 @@ class Classifier:
         Folder holding ``classifier.pt`` and ``classifier.json``.
     settings : AnalysisSettings, optional
         Band thresholds (defaults: 0.15 / 0.85).
-    tta : bool
-        Average the logits over the four flips (the calibration was fitted this way).
+    tta : bool, optional
+        Average the logits over the four flips; default: as the manifest says (its calibration was fitted so).
     name : str
         Bundle name.
 
@@ -88,12 +88,12 @@ class Classifier:
         models_dir: Path,
         settings: AnalysisSettings | None = None,
         *,
-        tta: bool = True,
+        tta: bool | None = None,
         name: str = "classifier",
     ) -> None:
         self.bundle = load_classifier(Path(models_dir), name)
         self.settings = settings if settings is not None else AnalysisSettings()
-        self.tta = tta
+        self.tta = self.bundle.tta if tta is None else tta
 
     @property
     def identity(self) -> ModelIdentity:
@@ -149,7 +149,7 @@ class Classifier:
         ValueError
             When the image or the mask has the wrong shape.
         """
-        x = preprocess_crop(self.crop(rgb, mask))[None]
+        x = preprocess_crop(self.crop(rgb, mask), self.bundle.mean, self.bundle.std)[None]
         mel, diag = predict_logits(self.bundle.model, x, tta=self.tta)
         return float(mel[0]), diag[0]
 

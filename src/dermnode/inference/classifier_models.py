@@ -165,6 +165,96 @@ class DermNetEnsemble(nn.Module):
         return mel, diag
 
 
+#: Networks from timm with two heads. ``normalisation`` is what their pretrained weights expect on 0..1 RGB
+#: (EfficientNet-Lite from TensorFlow: ``(x - 127) / 128`` on 0..255 values).
+TIMM_BACKBONES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "tf_efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
+    "tf_efficientnet_lite2": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
+
+
+class TimmTwoHead(nn.Module):
+    """A timm image backbone (pooled features) with the melanoma and diagnosis heads of :class:`DermNet`.
+
+    Parameters
+    ----------
+    backbone : str
+        A timm model name listed in :data:`TIMM_BACKBONES`.
+    n_classes : int
+        Number of diagnosis classes.
+    dropout : float
+        Dropout before the heads.
+
+    Raises
+    ------
+    ValueError
+        When ``backbone`` is not listed.
+    """
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite0", n_classes: int = len(DIAGNOSIS_CLASSES),
+                 dropout: float = 0.3) -> None:
+        super().__init__()
+        if backbone not in TIMM_BACKBONES:
+            raise ValueError(f"unknown backbone {backbone!r} (known: {', '.join(TIMM_BACKBONES)})")
+        import timm  # runtime dependency of this architecture only
+
+        self.variant = backbone
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        n = int(self.backbone.num_features)
+        self.dropout = nn.Dropout(dropout)
+        self.melanoma_head = nn.Linear(n, 1)
+        self.diagnosis_head = nn.Linear(n, n_classes)
+        self.n_features = n
+        for head in (self.melanoma_head, self.diagnosis_head):
+            nn.init.normal_(head.weight, 0.0, 0.01)
+            nn.init.zeros_(head.bias)
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """``(mean, std)`` on 0..1 RGB expected by the backbone."""
+        return TIMM_BACKBONES[self.variant]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(melanoma_logit (N,), diagnosis_logits (N, K))``."""
+        f = self.dropout(self.backbone(x))
+        return self.melanoma_head(f).squeeze(1), self.diagnosis_head(f)
+
+
+ClassifierNet = DermNet | DermNetEnsemble | TimmTwoHead
+
+
+def build_classifier(arch: str, n_classes: int = len(DIAGNOSIS_CLASSES)) -> DermNet | TimmTwoHead:
+    """An untrained classifier: a ``dermnet-*`` variant or a timm backbone of :data:`TIMM_BACKBONES`.
+
+    Parameters
+    ----------
+    arch : str
+        Variant or backbone name.
+    n_classes : int
+        Number of diagnosis classes.
+
+    Returns
+    -------
+    DermNet or TimmTwoHead
+        The network.
+
+    Raises
+    ------
+    ValueError
+        When ``arch`` is unknown.
+    """
+    if arch in TIMM_BACKBONES:
+        return TimmTwoHead(arch, n_classes=n_classes)
+    return DermNet(arch, n_classes=n_classes)
+
+
+def classifier_normalisation(model: nn.Module) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """``(mean, std)`` on 0..1 RGB of a classifier's input (:data:`MEAN`/:data:`STD` for DermNets)."""
+    if isinstance(model, TimmTwoHead):
+        return model.normalisation
+    return (float(MEAN[0]), float(MEAN[1]), float(MEAN[2])), (float(STD[0]), float(STD[1]), float(STD[2]))
+
+
 def n_diagnosis_classes(model: nn.Module) -> int:
     """Number of diagnosis logits of a :class:`DermNet` or :class:`DermNetEnsemble`.
 
@@ -183,7 +273,7 @@ def n_diagnosis_classes(model: nn.Module) -> int:
     TypeError
         When ``model`` is neither.
     """
-    if isinstance(model, DermNet):
+    if isinstance(model, DermNet | TimmTwoHead):
         return int(model.diagnosis_head.out_features)
     if isinstance(model, DermNetEnsemble):
         return int(model.n_classes)
@@ -318,13 +408,19 @@ def shades_of_gray(rgb: npt.NDArray[np.uint8], p: float = 6.0) -> npt.NDArray[np
     return np.clip(x * gain[None, None, :], 0.0, 1.0).astype(np.float32)
 
 
-def preprocess_crop(crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+def preprocess_crop(
+    crop: npt.NDArray[np.uint8],
+    mean: npt.ArrayLike = MEAN,
+    std: npt.ArrayLike = STD,
+) -> npt.NDArray[np.float32]:
     """Colour-normalise a crop and return the CHW float32 network input.
 
     Parameters
     ----------
     crop : ndarray
         uint8 crop (S, S, 3).
+    mean, std : array-like
+        Per-channel normalisation of the colour-corrected 0..1 values (the network's own).
 
     Returns
     -------
@@ -332,12 +428,31 @@ def preprocess_crop(crop: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         float32 (3, S, S).
     """
     x = shades_of_gray(crop)
-    x = (x - MEAN) / STD
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------
 # bundle (stored with the project's generic model registry, see dermnode.inference.registry)
+
+
+@register_architecture("timm_two_head")
+def build_timm_two_head(backbone: str = "tf_efficientnet_lite0", n_classes: int = len(DIAGNOSIS_CLASSES)) -> TimmTwoHead:
+    """Registry constructor of :class:`TimmTwoHead`.
+
+    Parameters
+    ----------
+    backbone : str
+        timm model name (see :data:`TIMM_BACKBONES`).
+    n_classes : int
+        Number of diagnosis classes.
+
+    Returns
+    -------
+    TimmTwoHead
+        The untrained network.
+    """
+    return TimmTwoHead(backbone, n_classes=n_classes)
 
 
 @register_architecture("dermnet")
@@ -392,7 +507,7 @@ def build_dermnet_ensemble(variants: list[str], n_classes: int = len(DIAGNOSIS_C
 class ClassifierBundle:
     """A loaded classifier and its calibration/pre-processing parameters."""
 
-    model: DermNet | DermNetEnsemble
+    model: ClassifierNet
     identity: ModelIdentity
     input_size: int
     margin: float
@@ -400,10 +515,13 @@ class ClassifierBundle:
     temperature_diagnosis: float
     classes: tuple[str, ...] = field(default=DIAGNOSIS_CLASSES)
     extra: dict[str, Any] = field(default_factory=dict)
+    mean: tuple[float, float, float] = (float(MEAN[0]), float(MEAN[1]), float(MEAN[2]))
+    std: tuple[float, float, float] = (float(STD[0]), float(STD[1]), float(STD[2]))
+    tta: bool = True
 
 
 def save_classifier(
-    model: DermNet | DermNetEnsemble,
+    model: ClassifierNet,
     models_dir: Path,
     *,
     variant: str | None = None,
@@ -413,6 +531,7 @@ def save_classifier(
     extra: dict[str, Any] | None = None,
     name: str = "classifier",
     margin: float = DEFAULT_MARGIN,
+    tta: bool = True,
 ) -> Path:
     """Write ``<name>.pt`` (float16 state_dict) and ``<name>.json`` (manifest with sha256).
 
@@ -436,6 +555,8 @@ def save_classifier(
         Bundle name.
     margin : float
         Crop margin to use at inference.
+    tta : bool
+        Whether inference averages the logits over the four flips (the temperatures must be fitted the same way).
 
     Returns
     -------
@@ -454,12 +575,15 @@ def save_classifier(
             "classes": list(DIAGNOSIS_CLASSES),
             "margin": float(margin),
             "colour_constancy": "shades_of_gray_p6",
-            "tta": "mean logits over 4 flips",
+            "tta": "mean logits over 4 flips" if tta else "none",
         }
     )
-    if isinstance(model, DermNetEnsemble):
+    if isinstance(model, TimmTwoHead):
+        arch = "timm_two_head"
+        arch_kwargs: dict[str, Any] = {"backbone": model.variant, "n_classes": n_diagnosis_classes(model)}
+    elif isinstance(model, DermNetEnsemble):
         arch = "dermnet_ensemble"
-        arch_kwargs: dict[str, Any] = {"variants": model.variants, "n_classes": model.n_classes}
+        arch_kwargs = {"variants": model.variants, "n_classes": model.n_classes}
     else:
         arch = "dermnet"
         arch_kwargs = {"variant": variant or model.variant, "n_classes": len(DIAGNOSIS_CLASSES)}
@@ -471,8 +595,8 @@ def save_classifier(
         arch=arch,
         arch_kwargs=arch_kwargs,
         input_size=(input_size, input_size),
-        mean=(float(MEAN[0]), float(MEAN[1]), float(MEAN[2])),
-        std=(float(STD[0]), float(STD[1]), float(STD[2])),
+        mean=classifier_normalisation(model)[0],
+        std=classifier_normalisation(model)[1],
         extra=ex,
         arch_module="dermnode.inference.classifier_models",
     )
@@ -501,8 +625,8 @@ def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBun
         fit the declared architecture.
     """
     bundle = load_model_bundle(Path(models_dir), name)
-    if not isinstance(bundle.module, DermNet | DermNetEnsemble):
-        raise ModelError(f"model {name} is a {type(bundle.module).__name__}, not a DermNet classifier")
+    if not isinstance(bundle.module, DermNet | DermNetEnsemble | TimmTwoHead):
+        raise ModelError(f"model {name} is a {type(bundle.module).__name__}, not a two-headed classifier")
     ex = bundle.manifest.extra
     try:
         temps = ex.get("temperatures", {})
@@ -528,6 +652,9 @@ def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBun
         temperature_diagnosis=t_diag,
         classes=classes,
         extra=dict(ex),
+        mean=bundle.manifest.mean,
+        std=bundle.manifest.std,
+        tta=str(ex.get("tta", "mean logits over 4 flips")) != "none",
     )
 
 

@@ -46,8 +46,13 @@ from dermnode.errors import PipelineError
 from dermnode.inference.classifier_models import (
     DEFAULT_MARGIN,
     DIAGNOSIS_CLASSES,
-    DermNet,
+    MEAN,
+    STD,
+    TIMM_BACKBONES,
+    ClassifierNet,
     DermNetEnsemble,
+    build_classifier,
+    classifier_normalisation,
     lesion_crop_box,
     predict_logits,
     preprocess_crop,
@@ -288,7 +293,12 @@ def augment_crop(sample: Sample, size: int, rng: np.random.Generator) -> npt.NDA
     return np.ascontiguousarray(crop)
 
 
-def colour_jitter(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.float32]:
+def colour_jitter(
+    x: npt.NDArray[np.float32],
+    rng: np.random.Generator,
+    mean: npt.ArrayLike = MEAN,
+    std: npt.ArrayLike = STD,
+) -> npt.NDArray[np.float32]:
     """Photometric jitter on a normalised CHW input (applied after colour constancy).
 
     Parameters
@@ -297,15 +307,17 @@ def colour_jitter(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.N
         float32 (3, S, S) from :func:`preprocess_crop`.
     rng : numpy.random.Generator
         Random source.
+    mean, std : array-like
+        The normalisation ``x`` was made with.
 
     Returns
     -------
     ndarray
         Jittered input.
     """
-    from dermnode.inference.classifier_models import MEAN, STD
-
-    img = x * STD[:, None, None] + MEAN[:, None, None]
+    m3 = np.asarray(mean, np.float32)[:, None, None]
+    s3 = np.asarray(std, np.float32)[:, None, None]
+    img = x * s3 + m3
     img = img * float(rng.uniform(0.8, 1.2))  # brightness
     mean = img.mean()
     img = (img - mean) * float(rng.uniform(0.8, 1.25)) + mean  # contrast
@@ -313,15 +325,18 @@ def colour_jitter(x: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.N
     img = (img - grey) * float(rng.uniform(0.75, 1.3)) + grey  # saturation
     img = img * rng.uniform(0.93, 1.07, size=(3, 1, 1)).astype(np.float32)  # residual colour cast
     img = np.clip(img, 0.0, 1.0) ** float(np.exp(rng.uniform(-0.2, 0.2)))  # gamma
-    return ((img - MEAN[:, None, None]) / STD[:, None, None]).astype(np.float32)
+    return ((img - m3) / s3).astype(np.float32)
 
 
 class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    def __init__(self, samples: list[Sample], size: int, seed: int) -> None:
+    def __init__(
+        self, samples: list[Sample], size: int, seed: int, normalisation: tuple[npt.ArrayLike, npt.ArrayLike]
+    ) -> None:
         self.samples = samples
         self.size = size
         self.seed = seed
         self.epoch = 0
+        self.mean, self.std = normalisation
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -329,7 +344,9 @@ class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, i))
         s = self.samples[i]
-        x = colour_jitter(preprocess_crop(augment_crop(s, self.size, rng)), rng)
+        x = colour_jitter(
+            preprocess_crop(augment_crop(s, self.size, rng), self.mean, self.std), rng, self.mean, self.std
+        )
         return (
             torch.from_numpy(x),
             torch.tensor(float(s.melanoma)),
@@ -337,7 +354,12 @@ class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch
         )
 
 
-def eval_batch(samples: list[Sample], size: int, margin: float = DEFAULT_MARGIN) -> npt.NDArray[np.float32]:
+def eval_batch(
+    samples: list[Sample],
+    size: int,
+    margin: float = DEFAULT_MARGIN,
+    normalisation: tuple[npt.ArrayLike, npt.ArrayLike] = (MEAN, STD),
+) -> npt.NDArray[np.float32]:
     """Deterministic inference-time inputs (crop box, no augmentation) for ``samples``.
 
     Parameters
@@ -349,6 +371,8 @@ def eval_batch(samples: list[Sample], size: int, margin: float = DEFAULT_MARGIN)
     margin : float
         Crop margin; the stored boxes (built with ``DEFAULT_MARGIN``) are rescaled by
         ``(1 + 2 margin) / (1 + 2 DEFAULT_MARGIN)`` around their centre.
+    normalisation : tuple
+        ``(mean, std)`` of the network (:func:`classifier_normalisation`).
 
     Returns
     -------
@@ -358,7 +382,10 @@ def eval_batch(samples: list[Sample], size: int, margin: float = DEFAULT_MARGIN)
     if not samples:
         return np.zeros((0, 3, size, size), dtype=np.float32)
     f = (1.0 + 2.0 * margin) / (1.0 + 2.0 * DEFAULT_MARGIN)
-    return np.stack([preprocess_crop(warp_crop(s.rgb, (s.box[0], s.box[1], s.box[2] * f), size)) for s in samples])
+    mean, std = normalisation
+    return np.stack(
+        [preprocess_crop(warp_crop(s.rgb, (s.box[0], s.box[1], s.box[2] * f), size), mean, std) for s in samples]
+    )
 
 
 def batched_logits(
@@ -448,6 +475,8 @@ def train_classification(
     version: str = "1.0.0",
     limit: int | None = None,
     split_seed: int = 0,
+    pretrained: bool = True,
+    tta: bool = True,
 ) -> Path:
     """Train the classifier, calibrate it and export the fp16 bundle.
 
@@ -456,7 +485,8 @@ def train_classification(
     data_dirs : list of Path
         Shared data root or dataset folders (``isic2017``, ``isic-9class``).
     arch : str
-        Architecture name (see :data:`~dermnode.inference.classifier_models.ARCHS`).
+        A ``dermnet-*`` variant (:data:`~dermnode.inference.classifier_models.ARCHS`, trained from scratch) or a
+        timm backbone of :data:`~dermnode.inference.classifier_models.TIMM_BACKBONES` (ImageNet-initialised).
     out_dir : Path
         Run folder: ``checkpoint.pt``, ``history.json``, ``training_curves.png``, ``classifier.{pt,json}``.
     epochs : int
@@ -482,6 +512,10 @@ def train_classification(
     split_seed : int
         Seed of the isic-9class train/val split (keep it fixed across runs so that an ensemble of runs with
         different ``seed`` values shares one validation set).
+    pretrained : bool
+        Start a timm backbone from its ImageNet weights (:mod:`dermnode.training.backbones`).
+    tta : bool
+        Calibrate (and let inference use) the 4-flip test-time augmentation.
 
     Returns
     -------
@@ -529,8 +563,14 @@ def train_classification(
         "melanoma pos/neg %d/%d pos_weight %.2f; diagnosis counts %s", n_pos, n_neg, pos_weight, counts.tolist()
     )
 
-    model = DermNet(arch)
-    ema = DermNet(arch)
+    model = build_classifier(arch)
+    if pretrained and arch in TIMM_BACKBONES:
+        from dermnode.training.backbones import load_into
+
+        load_into(model, arch, prefix="backbone.")
+    norm = classifier_normalisation(model)
+    model = model.to(memory_format=torch.channels_last)  # much faster depthwise convolutions on CPU
+    ema = build_classifier(arch)
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -541,7 +581,7 @@ def train_classification(
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
-    dataset = _TrainSet(train, image_size, seed)
+    dataset = _TrainSet(train, image_size, seed, norm)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total_steps = epochs * steps_per_epoch
     warmup = min(2 * steps_per_epoch, total_steps // 10 + 1)
@@ -570,8 +610,8 @@ def train_classification(
         best_state = ck["best_state"]
         logger.info("resumed from epoch %d (best val AUC %.4f)", start_epoch, best_auc)
 
-    x17 = eval_batch(val17, image_size)
-    x9 = eval_batch(val9, image_size)
+    x17 = eval_batch(val17, image_size, normalisation=norm)
+    x9 = eval_batch(val9, image_size, normalisation=norm)
     y17 = np.array([s.melanoma for s in val17], dtype=np.int64)
     y9 = np.array([s.diagnosis for s in val9], dtype=np.int64)
     ema_decay = 0.998 if steps_per_epoch * epochs > 2000 else 0.99
@@ -589,7 +629,7 @@ def train_classification(
             step = epoch * steps_per_epoch + b
             for gparam in opt.param_groups:
                 gparam["lr"] = lr_at(step)
-            lm, ld = model(x)
+            lm, ld = model(x.contiguous(memory_format=torch.channels_last))
             mm = ym >= 0
             loss_m = (bce(lm, ym.clamp(min=0)) * mm).sum() / mm.sum().clamp(min=1)
             md = yd >= 0
@@ -652,10 +692,12 @@ def train_classification(
 
     if best_state is None:
         raise PipelineError("training produced no model")
-    final = DermNet(arch)
+    final = build_classifier(arch)
     final.load_state_dict(best_state)
     final.eval()
-    return _calibrate_and_export(final, arch, image_size, val17, val9, history, out_dir, version, seed, epochs)
+    return _calibrate_and_export(
+        final, arch, image_size, val17, val9, history, out_dir, version, seed, epochs, tta=tta
+    )
 
 
 def _best_epoch(history: list[dict[str, float]]) -> int:
@@ -667,7 +709,7 @@ def _best_epoch(history: list[dict[str, float]]) -> int:
 
 
 def _calibrate_and_export(
-    final: DermNet | DermNetEnsemble,
+    final: ClassifierNet,
     arch: str,
     image_size: int,
     val17: list[Sample],
@@ -678,14 +720,16 @@ def _calibrate_and_export(
     seed: int,
     epochs: int,
     margin: float = DEFAULT_MARGIN,
+    tta: bool = True,
 ) -> Path:
-    """Fit the temperatures on the validation logits (flip TTA), report ECE, export the bundle."""
-    x17 = eval_batch(val17, image_size, margin)
-    x9 = eval_batch(val9, image_size, margin)
+    """Fit the temperatures on the validation logits (with the inference TTA), report ECE, export the bundle."""
+    norm = classifier_normalisation(final)
+    x17 = eval_batch(val17, image_size, margin, norm)
+    x9 = eval_batch(val9, image_size, margin, norm)
     y17 = np.array([s.melanoma for s in val17], dtype=np.int64)
     y9 = np.array([s.diagnosis for s in val9], dtype=np.int64)
-    m17, d17 = batched_logits(final, x17, tta=True)
-    _, d9 = batched_logits(final, x9, tta=True)
+    m17, d17 = batched_logits(final, x17, tta=tta)
+    _, d9 = batched_logits(final, x9, tta=tta)
     calib: dict[str, Any] = {}
     t_mel = 1.0
     if len(np.unique(y17)) == 2:
@@ -725,13 +769,20 @@ def _calibrate_and_export(
         version=version,
         extra=extra,
         margin=margin,
+        tta=tta,
     )
     logger.info("exported %s", path)
     return path
 
 
 def export_from_checkpoint(
-    data_dirs: list[Path], run_dir: Path, *, version: str = "1.0.0", seed: int = 0, margin: float = DEFAULT_MARGIN
+    data_dirs: list[Path],
+    run_dir: Path,
+    *,
+    version: str = "1.0.0",
+    seed: int = 0,
+    margin: float = DEFAULT_MARGIN,
+    tta: bool = True,
 ) -> Path:
     """Calibrate and export the best model of a (finished or interrupted) run from its ``checkpoint.pt``.
 
@@ -747,6 +798,8 @@ def export_from_checkpoint(
         Seed used for the isic-9class train/val split (must match the training run).
     margin : float
         Crop margin used at inference (stored in the manifest; the temperatures are fitted with it).
+    tta : bool
+        Whether inference uses the 4-flip test-time augmentation (the temperatures are fitted with it).
 
     Returns
     -------
@@ -765,7 +818,7 @@ def export_from_checkpoint(
     if ck.get("best_state") is None:
         raise PipelineError(f"checkpoint {ck_path} holds no model")
     arch, image_size = str(ck["arch"]), int(ck["image_size"])
-    final = DermNet(arch)
+    final = build_classifier(arch)
     final.load_state_dict(ck["best_state"])
     final.eval()
     samples = load_samples(data_dirs, seed=seed, splits=("val",))
@@ -784,6 +837,7 @@ def export_from_checkpoint(
         seed,
         int(ck.get("epochs", len(history))),
         margin,
+        tta,
     )
 
 
