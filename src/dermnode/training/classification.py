@@ -43,6 +43,12 @@ import torch
 from torch import nn
 
 from dermnode.errors import PipelineError
+from dermnode.evaluation.classification_metrics import (
+    balanced_accuracy,
+    expected_calibration_error,
+    fit_temperature,
+    roc_auc,
+)
 from dermnode.inference.classifier_models import (
     DEFAULT_MARGIN,
     DIAGNOSIS_CLASSES,
@@ -58,12 +64,6 @@ from dermnode.inference.classifier_models import (
     preprocess_crop,
     save_classifier,
     warp_crop,
-)
-from dermnode.inference.cls_metrics import (
-    balanced_accuracy,
-    expected_calibration_error,
-    fit_temperature,
-    roc_auc,
 )
 
 logger = logging.getLogger(__name__)

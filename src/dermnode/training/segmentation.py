@@ -30,8 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dermnode.errors import ModelError
+from dermnode.evaluation.segmentation_metrics import mean_scores, score_masks
 from dermnode.inference.registry import build_architecture, load_model_bundle, save_model_bundle
-from dermnode.inference.seg_metrics import mean_scores, score_masks
 from dermnode.inference.segmentation import postprocess
 
 logger = logging.getLogger(__name__)
