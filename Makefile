@@ -10,7 +10,7 @@ PEERS  := dcmtk orthanc
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,train]'
 	touch $(STAMP)
 
 ## setup: virtualenv with dermnode (editable) + dev tools, and the DICOM test peers from Debian

@@ -4,9 +4,11 @@
 ``models/segmentation.*``) and turns an RGB image of any size into a boolean lesion mask plus a probability
 map, both at the source resolution.
 
-Preprocessing resizes the whole image to the network's square working size *without* keeping the aspect
-ratio: the ISIC training images were stretched the same way from their (mostly 4:3) originals, so a real 4:3
-dermoscopy image is presented to the network exactly as the training images were. Post-processing
+Preprocessing resizes the whole image to the network's working size (``input_size`` of the manifest). A model
+trained in a landscape frame (manifest ``extra.frame_follows_orientation``, e.g. 192x256 for 4:3 images; its
+training images were shown in their original aspect ratio) gets portrait images in the turned frame, so the
+aspect ratio is kept up to the difference between the image's and the frame's. The older square models
+(trained on the ISIC copies stretched to 256x256) get every image stretched to their square in the same way. Post-processing
 thresholds the probability, keeps one lesion component (the largest; among several of similar size the one
 nearest the image centre), fills its holes and smooths its outline.
 """
@@ -231,8 +233,15 @@ class Segmenter:
         self.tta = bool(tta if tta is not None else extra.get("tta", False))
         self.input_size = bundle.manifest.input_size
 
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` the network sees an image of this size at (the frame, turned for portrait)."""
+        h, w = self.input_size
+        if self._manifest.extra.get("frame_follows_orientation") and (height > width) != (h > w) and h != w:
+            return w, h
+        return h, w
+
     def predict_probability(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        """Lesion probability at the network's working size ``input_size``.
+        """Lesion probability at the network's working size (:meth:`working_size`).
 
         Parameters
         ----------
@@ -242,10 +251,11 @@ class Segmenter:
         Returns
         -------
         numpy.ndarray
-            ``input_size`` float32 probabilities.
+            float32 probabilities of the working size.
         """
         m = self._manifest
-        x = torch.from_numpy(preprocess(rgb, m.input_size, m.mean, m.std))[None]
+        size = self.working_size(rgb.shape[0], rgb.shape[1])
+        x = torch.from_numpy(preprocess(rgb, size, m.mean, m.std))[None]
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.tta:

@@ -51,8 +51,14 @@ class SegmentationDataset:
     masks: npt.NDArray[np.uint8]
 
 
-def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None) -> SegmentationDataset:
+def load_segmentation_split(
+    data_dir: Path, split: str, limit: int | None = None, frame: tuple[int, int] | None = None
+) -> SegmentationDataset:
     """Load every image and mask of one split of ``data_dir/labels.csv`` into memory.
+
+    With ``frame`` every image is presented as the service presents a real image to a network with that
+    (landscape) working frame: in its original aspect ratio (``orig_width``/``orig_height`` undo the ISIC
+    copies' 256x256 stretch), portrait images turned to landscape, then resized to the frame.
 
     Parameters
     ----------
@@ -64,11 +70,14 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
         file has no ``split`` column).
     limit:
         Load at most this many images (smoke runs).
+    frame:
+        ``(height, width)`` to load every image at (see above); ``None`` keeps the files' size (all images
+        resized to the size of the first one if sizes differ).
 
     Returns
     -------
     SegmentationDataset
-        The split; all images are resized to the size of the first one if sizes differ.
+        The split.
 
     Raises
     ------
@@ -79,9 +88,11 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
     """
     data_dir = Path(data_dir)
     with open(data_dir / "labels.csv", newline="", encoding="utf-8") as fh:
-        ids = [row["image_id"] for row in csv.DictReader(fh) if split == "all" or row.get("split") == split]
+        rows = [row for row in csv.DictReader(fh) if split == "all" or row.get("split") == split]
     if limit is not None:
-        ids = ids[:limit]
+        rows = rows[:limit]
+    ids = [row["image_id"] for row in rows]
+    portrait = {row["image_id"] for row in rows if _int(row.get("orig_height")) > _int(row.get("orig_width"))}
     if not ids:
         raise ValueError(f"split {split!r} of {data_dir} is empty")
     images: list[npt.NDArray[np.uint8]] = []
@@ -93,8 +104,10 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
         gt = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
         if bgr is None or gt is None:
             raise FileNotFoundError(f"cannot read {img_path} or {mask_path}")
+        if frame is not None and image_id in portrait:
+            bgr, gt = np.ascontiguousarray(bgr.transpose(1, 0, 2)), np.ascontiguousarray(gt.T)
         if size is None:
-            size = (bgr.shape[1], bgr.shape[0])
+            size = (frame[1], frame[0]) if frame is not None else (bgr.shape[1], bgr.shape[0])
         if (bgr.shape[1], bgr.shape[0]) != size:
             bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
         if (gt.shape[1], gt.shape[0]) != size:
@@ -102,6 +115,13 @@ def load_segmentation_split(data_dir: Path, split: str, limit: int | None = None
         images.append(np.asarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), dtype=np.uint8))
         masks.append((gt > 127).astype(np.uint8))
     return SegmentationDataset(ids=ids, images=np.stack(images), masks=np.stack(masks))
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 def _concatenate(a: SegmentationDataset, b: SegmentationDataset) -> SegmentationDataset:
@@ -119,9 +139,9 @@ def _concatenate(a: SegmentationDataset, b: SegmentationDataset) -> Segmentation
 
 
 def augment(
-    image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8], size: int, rng: np.random.Generator
+    image: npt.NDArray[np.uint8], mask: npt.NDArray[np.uint8], size: int | tuple[int, int], rng: np.random.Generator
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Randomly transform one image/mask pair to ``size x size``.
+    """Randomly transform one image/mask pair to ``size x size`` (or ``(height, width)``).
 
     Geometry (one affine warp): flips, rotation, zoom 0.7-1.35, aspect ratio 0.75-1.33, shift up to 10 %;
     the border is reflected or black (a dermoscope frame). Colour: brightness, contrast, saturation, hue,
@@ -134,33 +154,34 @@ def augment(
     mask:
         ``(H, W)`` uint8 0/1.
     size:
-        Output side length.
+        Output side length, or ``(height, width)``.
     rng:
         Random generator.
 
     Returns
     -------
     tuple
-        Image as ``(size, size, 3)`` float32 in 0..1 and mask as ``(size, size)`` float32 0/1.
+        Image as ``(height, width, 3)`` float32 in 0..1 and mask as ``(height, width)`` float32 0/1.
     """
     h, w = mask.shape
+    oh, ow = (size, size) if isinstance(size, int) else size
     zoom = math.exp(rng.uniform(math.log(0.7), math.log(1.35)))
     aspect = math.exp(rng.uniform(math.log(0.75), math.log(1.333)))
-    sx = size / w * zoom * math.sqrt(aspect)
-    sy = size / h * zoom / math.sqrt(aspect)
+    sx = ow / w * zoom * math.sqrt(aspect)
+    sy = oh / h * zoom / math.sqrt(aspect)
     angle = rng.uniform(0, 2 * math.pi) if rng.random() < 0.8 else 0.0
     fx = -1.0 if rng.random() < 0.5 else 1.0
     fy = -1.0 if rng.random() < 0.5 else 1.0
     c, s = math.cos(angle), math.sin(angle)
     A = np.array([[c, -s], [s, c]]) @ np.diag([sx * fx, sy * fy])
     centre_src = np.array([w / 2.0, h / 2.0])
-    centre_dst = np.array([size / 2.0, size / 2.0]) + rng.uniform(-0.1, 0.1, 2) * size
+    centre_dst = np.array([ow / 2.0, oh / 2.0]) + rng.uniform(-0.1, 0.1, 2) * np.array([ow, oh])
     M = np.hstack([A, (centre_dst - A @ centre_src)[:, None]]).astype(np.float64)
     black = rng.random() < 0.3
     border = cv2.BORDER_CONSTANT if black else cv2.BORDER_REFLECT_101
-    img = cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+    img = cv2.warpAffine(image, M, (ow, oh), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
     msk = cv2.warpAffine(
-        mask.astype(np.float32), M, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0
+        mask.astype(np.float32), M, (ow, oh), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0
     )
     x = img.astype(np.float32) * (1.0 / 255.0)
     # colour jitter in HSV (hue in degrees for float images)
@@ -181,10 +202,22 @@ def augment(
     return x.astype(np.float32), (msk > 0.5).astype(np.float32)
 
 
-def _normalise_batch(x: npt.NDArray[np.float32]) -> torch.Tensor:
+Normalisation = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def normalisation_for(arch: str, arch_kwargs: dict[str, Any]) -> Normalisation:
+    """``(mean, std)`` on 0..1 RGB: the pretrained encoder's for ``smp_unet``, ImageNet's otherwise."""
+    if arch == "smp_unet":
+        from dermnode.inference.architectures import SMP_ENCODERS
+
+        return SMP_ENCODERS[str(arch_kwargs.get("encoder", "tu-tf_efficientnet_lite0"))]
+    return MEAN, STD
+
+
+def _normalise_batch(x: npt.NDArray[np.float32], norm: Normalisation = (MEAN, STD)) -> torch.Tensor:
     """``(N, H, W, 3)`` float 0..1 -> normalised ``(N, 3, H, W)`` channels-last tensor."""
     t = torch.from_numpy(x).permute(0, 3, 1, 2)
-    t = (t - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    t = (t - torch.tensor(norm[0]).view(1, 3, 1, 1)) / torch.tensor(norm[1]).view(1, 3, 1, 1)
     return t.contiguous(memory_format=torch.channels_last)
 
 
@@ -227,9 +260,13 @@ class _EMA:
 
 @torch.no_grad()
 def predict_probabilities(
-    module: nn.Module, images: npt.NDArray[np.uint8], size: int, batch_size: int = 16
+    module: nn.Module,
+    images: npt.NDArray[np.uint8],
+    size: int | tuple[int, int],
+    batch_size: int = 16,
+    norm: Normalisation = (MEAN, STD),
 ) -> npt.NDArray[np.float32]:
-    """Lesion probabilities of a stack of images at ``size x size`` (no TTA).
+    """Lesion probabilities of a stack of images at ``size x size`` or ``(height, width)`` (no TTA).
 
     Parameters
     ----------
@@ -241,6 +278,8 @@ def predict_probabilities(
         Network input size.
     batch_size:
         Images per forward pass.
+    norm:
+        The network's input normalisation.
 
     Returns
     -------
@@ -251,13 +290,16 @@ def predict_probabilities(
     out: list[npt.NDArray[np.float32]] = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
-        x = np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in chunk])
-        t = _normalise_batch(x.astype(np.float32) / 255.0)
+        oh, ow = (size, size) if isinstance(size, int) else size
+        x = np.stack([cv2.resize(im, (ow, oh), interpolation=cv2.INTER_AREA) for im in chunk])
+        t = _normalise_batch(x.astype(np.float32) / 255.0, norm)
         out.append(torch.sigmoid(module(t))[:, 0].numpy().astype(np.float32))
     return np.concatenate(out)
 
 
-def validate(module: nn.Module, data: SegmentationDataset, size: int) -> dict[str, float]:
+def validate(
+    module: nn.Module, data: SegmentationDataset, size: int | tuple[int, int], norm: Normalisation = (MEAN, STD)
+) -> dict[str, float]:
     """Mean metrics of ``module`` on ``data`` after the full post-processing, at the masks' resolution.
 
     Parameters
@@ -268,13 +310,15 @@ def validate(module: nn.Module, data: SegmentationDataset, size: int) -> dict[st
         Validation split.
     size:
         Network input size.
+    norm:
+        The network's input normalisation.
 
     Returns
     -------
     dict
         Mean Dice, Jaccard, thresholded Jaccard, pixel accuracy, sensitivity, specificity.
     """
-    probs = predict_probabilities(module, data.images, size)
+    probs = predict_probabilities(module, data.images, size, norm=norm)
     h, w = data.masks.shape[1:]
     scores = []
     for prob, gt in zip(probs, data.masks, strict=True):
@@ -323,6 +367,8 @@ def train_segmentation(
     time_budget_s: float | None = None,
     extra_train_dirs: Sequence[Path] = (),
     init_from: Path | None = None,
+    frame: tuple[int, int] | None = None,
+    pretrained: bool = True,
 ) -> Path:
     """Train a segmentation network and export the best epoch.
 
@@ -364,6 +410,13 @@ def train_segmentation(
     init_from:
         Folder of an exported ``segmentation.pt``/``.json`` of the same architecture whose weights start the
         training (fine-tuning) instead of a random initialisation; ignored when resuming a checkpoint.
+    frame:
+        ``(height, width)`` landscape working frame (multiples of 32) instead of the square ``image_size``:
+        images keep their original aspect ratio (see :func:`load_segmentation_split`, loaded at 1.25 times
+        the frame for the augmentation), and the exported model works in the frame, turned for portrait
+        images (manifest ``extra.frame_follows_orientation``).
+    pretrained:
+        Start the encoder of an ``smp_unet`` from its ImageNet weights (:mod:`dermnode.training.backbones`).
 
     Returns
     -------
@@ -379,17 +432,21 @@ def train_segmentation(
     """
     if image_size <= 0 or image_size % 32:
         raise ValueError("image_size must be a positive multiple of 32")
+    if frame is not None and (min(frame) <= 0 or frame[0] % 32 or frame[1] % 32):
+        raise ValueError("frame must be positive multiples of 32")
+    work: tuple[int, int] = frame if frame is not None else (image_size, image_size)
+    store = (round(work[0] * 1.25), round(work[1] * 1.25)) if frame is not None else None
     if threads > 0:
         torch.set_num_threads(threads)
     cv2.setNumThreads(1)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    train = load_segmentation_split(data_dir, "train", limit)
+    train = load_segmentation_split(data_dir, "train", limit, store)
     n_labelled = len(train.ids)
     for extra_dir in extra_train_dirs:
-        train = _concatenate(train, load_segmentation_split(Path(extra_dir), "train", limit))
-    val = load_segmentation_split(data_dir, "val", limit)
+        train = _concatenate(train, load_segmentation_split(Path(extra_dir), "train", limit, store))
+    val = load_segmentation_split(data_dir, "val", limit, store)
     logger.info("train %d images, val %d images", len(train.ids), len(val.ids))
     training_data = f"{Path(data_dir).name} train split ({n_labelled} images)"
     if len(train.ids) > n_labelled:
@@ -398,7 +455,14 @@ def train_segmentation(
     if init_from is not None:
         training_data += f"; fine-tuned from {Path(init_from).name}"
     kwargs = dict(arch_kwargs or {})
+    norm = normalisation_for(arch, kwargs)
     model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
+    if pretrained and init_from is None and arch == "smp_unet":
+        from dermnode.training.backbones import load_into
+
+        encoder = str(kwargs.get("encoder", "tu-tf_efficientnet_lite0"))
+        load_into(model, encoder.removeprefix("tu-"), prefix="encoder.model.")
+        training_data += f"; encoder initialised from ImageNet {encoder.removeprefix('tu-')}"
     if init_from is not None:
         start = load_model_bundle(Path(init_from), MODEL_NAME)
         if start.manifest.arch != arch or dict(start.manifest.arch_kwargs) != kwargs:
@@ -455,8 +519,8 @@ def train_segmentation(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{plan['epochs']}", mininterval=20)
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
-            pairs = [augment(train.images[i], train.masks[i], image_size, rng) for i in idx]
-            x = _normalise_batch(np.stack([p[0] for p in pairs]))
+            pairs = [augment(train.images[i], train.masks[i], work, rng) for i in idx]
+            x = _normalise_batch(np.stack([p[0] for p in pairs]), norm)
             y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
             loss = bce_dice_loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -467,7 +531,7 @@ def train_segmentation(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
         eval_model.load_state_dict(ema.shadow)
-        metrics = validate(eval_model, val, image_size)
+        metrics = validate(eval_model, val, work, norm)
         elapsed += time.time() - t0
         if time_budget_s is not None:
             mean_epoch_s = elapsed / (epoch + 1)
@@ -490,13 +554,14 @@ def train_segmentation(
                 name=MODEL_NAME,
                 version=MODEL_VERSION,
                 arch=arch,
-                input_size=(image_size, image_size),
-                mean=MEAN,
-                std=STD,
+                input_size=work,
+                mean=norm[0],
+                std=norm[1],
                 arch_kwargs=kwargs,
                 extra={
                     "threshold": 0.5,
                     "tta": False,
+                    "frame_follows_orientation": frame is not None,
                     "task": "binary lesion segmentation (dermoscopy)",
                     "training_data": training_data,
                     "selected_epoch": epoch + 1,
@@ -517,6 +582,7 @@ def train_segmentation(
                 "arch": arch,
                 "arch_kwargs": kwargs,
                 "image_size": image_size,
+                "frame": list(work),
             },
             ckpt_path.with_suffix(".tmp"),
         )
