@@ -34,9 +34,9 @@ from pynetdicom.events import Event
 
 import dermnode.scp.server as srv
 from dermnode.logging_setup import configure_logging
-from dermnode.scp.queue import JobQueue
 from dermnode.scp.spool import Spool
 from dermnode.settings import LoggingSettings, ScpSettings
+from dermnode.workqueue.jobs import JobQueue
 
 # the test helpers (tests/ is put on sys.path by common)
 from peers import free_port

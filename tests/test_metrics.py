@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from dermnode.db import database_path
 from dermnode.metrics import StageMetrics, health_document, render_metrics, start_http
-from dermnode.outbox import Outbox
-from dermnode.scp.queue import Job, JobQueue
-from dermnode.scp.workers import PoolHealth, WorkerPool
 from dermnode.settings import DeliverySettings, WorkerSettings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import Job, JobQueue
+from dermnode.workqueue.outbox import Outbox
+from dermnode.workqueue.workers import PoolHealth, WorkerPool
 
 HEALTHY = PoolHealth(running=True, workers_configured=2, workers_alive=2, outbox_alive=True)
 DEAD = PoolHealth(running=True, workers_configured=2, workers_alive=1, outbox_alive=False, dead=("worker-1", "outbox"))

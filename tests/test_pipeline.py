@@ -9,14 +9,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dermnode.db import database_path
 from dermnode.dicom_io.uids import content_digest
 from dermnode.dicom_io.wrap import WrapOptions, synthetic_dermoscopy, wrap_rgb
 from dermnode.inference.analyzer import Analyzer
-from dermnode.outbox import Outbox
 from dermnode.pipeline import JobProcessor, analyse_dataset
-from dermnode.scp.queue import JobQueue
 from dermnode.settings import PacsDestination, Settings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
+from dermnode.workqueue.outbox import Outbox
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dermnode.db import connect, database_path
-from dermnode.outbox import Outbox
 from dermnode.retention import prune
-from dermnode.scp.queue import JobQueue
 from dermnode.settings import DeliverySettings
+from dermnode.workqueue.db import connect, database_path
+from dermnode.workqueue.jobs import JobQueue
+from dermnode.workqueue.outbox import Outbox
 
 DAY = 86_400.0
 

@@ -16,10 +16,10 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dermnode.db import database_path
-from dermnode.scp.queue import JobQueue
 from dermnode.service import LOCK_FILE, InstanceLockedError, Service
 from dermnode.settings import HttpSettings, ScpSettings, Settings, StorageSettings, WorkerSettings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
 from dermnode_proc import DermnodeProcess, dermnode_env
 from peers import free_port
 

@@ -120,6 +120,13 @@ def test_backoff_initial_may_not_exceed_max() -> None:
         load_settings(environ=env)
 
 
+def test_job_retry_delay_may_not_exceed_its_max() -> None:
+    assert load_settings(environ={}).workers.retry_delay_max_s == 600
+    env = {"DERMNODE_WORKERS__RETRY_DELAY_S": "60", "DERMNODE_WORKERS__RETRY_DELAY_MAX_S": "10"}
+    with pytest.raises(ConfigError, match="retry_delay_s must not exceed"):
+        load_settings(environ=env)
+
+
 def test_pacs_table_needs_its_address(tmp_path: Path) -> None:
     """No hidden defaults: a [[pacs]] table without ae_title, host or port is an error naming the key."""
     with pytest.raises(ConfigError, match="AE title"):

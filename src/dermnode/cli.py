@@ -29,8 +29,8 @@ def _existing_database(settings: Settings) -> Path:
         When there is no state database under ``storage.root`` (a relative root is relative to the working
         directory: a command run elsewhere would otherwise report an empty, new database).
     """
-    from dermnode.db import database_path
     from dermnode.errors import StorageError
+    from dermnode.workqueue.db import database_path
 
     db = database_path(settings.storage_root)
     if not db.is_file():
@@ -66,8 +66,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dermnode.outbox import Outbox
-    from dermnode.scp.queue import JobQueue
+    from dermnode.workqueue.jobs import JobQueue
+    from dermnode.workqueue.outbox import Outbox
 
     settings = _settings(args)
     db = _existing_database(settings)
@@ -98,8 +98,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from dermnode.outbox import Outbox
-    from dermnode.scp.queue import JobQueue
+    from dermnode.workqueue.jobs import JobQueue
+    from dermnode.workqueue.outbox import Outbox
 
     settings = _settings(args)
     db = _existing_database(settings)

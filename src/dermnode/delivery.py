@@ -8,8 +8,8 @@ import logging
 from dermnode.dicom_io.sender import send_files
 from dermnode.errors import DeliveryError
 from dermnode.fhir.client import FhirClient
-from dermnode.outbox import Deliverer, Delivery
 from dermnode.settings import Settings
+from dermnode.workqueue.outbox import Deliverer, Delivery
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dermnode.outbox import Outbox
-from dermnode.scp.queue import JobQueue
-from dermnode.scp.workers import PoolHealth
+from dermnode.workqueue.jobs import JobQueue
+from dermnode.workqueue.outbox import Outbox
+from dermnode.workqueue.workers import PoolHealth
 
 logger = logging.getLogger(__name__)
 

@@ -29,12 +29,12 @@ from dermnode.fhir.bundle import build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import encode_png, render_overlay
 from dermnode.metrics import StageMetrics
-from dermnode.outbox import Outbox
-from dermnode.scp.queue import Job
-from dermnode.scp.spool import atomic_write
-from dermnode.scp.workers import Processor
 from dermnode.settings import Settings
 from dermnode.vocabulary import AnalysisResult, AnalysisStatus
+from dermnode.workqueue.durable import atomic_write
+from dermnode.workqueue.jobs import Job
+from dermnode.workqueue.outbox import Outbox
+from dermnode.workqueue.workers import Processor
 
 logger = logging.getLogger(__name__)
 

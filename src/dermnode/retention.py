@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dermnode.db import connect, database_path
 from dermnode.errors import StorageError
+from dermnode.workqueue.db import connect, database_path
 
 logger = logging.getLogger(__name__)
 

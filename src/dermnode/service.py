@@ -19,15 +19,15 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 
-from dermnode.db import database_path
 from dermnode.errors import StorageError
 from dermnode.metrics import StageMetrics, start_http
-from dermnode.outbox import Deliverer, Outbox
-from dermnode.scp.queue import JobQueue
 from dermnode.scp.server import start_server
 from dermnode.scp.spool import Spool
-from dermnode.scp.workers import PoolHealth, Processor, WorkerPool
 from dermnode.settings import ScpSettings, Settings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
+from dermnode.workqueue.outbox import Deliverer, Outbox
+from dermnode.workqueue.workers import PoolHealth, Processor, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,9 @@ class Service:
         try:
             db = database_path(root)
             self.spool = Spool(root, settings.storage.min_free_mb, fsync=settings.storage.fsync)
-            self.queue = JobQueue(db, settings.workers.max_attempts, settings.workers.retry_delay_s)
+            self.queue = JobQueue(
+                db, settings.workers.max_attempts, settings.workers.retry_delay_s, settings.workers.retry_delay_max_s
+            )
             self.outbox = Outbox(db, settings.delivery)
             self.pool = WorkerPool(
                 self.queue,

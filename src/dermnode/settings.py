@@ -60,7 +60,8 @@ class StorageSettings:
 class WorkerSettings:
     count: int = 1
     max_attempts: int = 3
-    retry_delay_s: float = 5.0
+    retry_delay_s: float = 5.0  # doubles with each failed attempt ...
+    retry_delay_max_s: float = 600.0  # ... up to this (the outbox's policy: exponential, capped)
     poll_interval_s: float = 0.1  # idle workers look for new jobs this often (one indexed SQLite query)
     shutdown_grace_s: float = 30.0
 
@@ -181,6 +182,7 @@ _POSITIVE: tuple[str, ...] = (
     "scp.dimse_timeout_s",
     "scp.network_timeout_s",
     "workers.retry_delay_s",
+    "workers.retry_delay_max_s",
     "workers.poll_interval_s",
     "workers.shutdown_grace_s",
     "delivery.backoff_initial_s",
@@ -307,6 +309,8 @@ def _validate(settings: Settings) -> None:
     for key, aet in aets:
         if not aet.strip() or len(aet) > 16 or "\\" in aet or not aet.isprintable():
             raise ConfigError(f"{key}: AE title {aet!r} is invalid (1-16 printable characters, no backslash)")
+    if settings.workers.retry_delay_s > settings.workers.retry_delay_max_s:
+        raise ConfigError("workers.retry_delay_s must not exceed workers.retry_delay_max_s")
     if settings.delivery.backoff_initial_s > settings.delivery.backoff_max_s:
         raise ConfigError("delivery.backoff_initial_s must not exceed delivery.backoff_max_s")
     for p in settings.pacs:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import stat
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +12,7 @@ from fhir_fixtures import ISSUED, SR_UID, make_result, make_source
 
 from dermnode.errors import DeliveryError, OutputError
 from dermnode.fhir.bundle import build_bundle
-from dermnode.fhir.client import FhirClient, redact, write_bundle_file
+from dermnode.fhir.client import FhirClient, redact
 from dermnode.settings import FhirSettings
 from fhir_server import FhirTestServer
 
@@ -141,19 +139,6 @@ def test_client_needs_http_url() -> None:
 def test_redact() -> None:
     assert redact(f"Bearer {TOKEN} x", TOKEN) == "Bearer *** x"
     assert redact("abc", "") == "abc"
-
-
-def test_write_bundle_file(tmp_path: Path) -> None:
-    bundle = _bundle("not_analysable")
-    path = write_bundle_file(bundle, tmp_path / "fhir", "report-1")
-    assert path == tmp_path / "fhir" / "report-1.json"
-    assert json.loads(path.read_text(encoding="utf-8")) == bundle
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE((tmp_path / "fhir").stat().st_mode) == 0o700
-    assert write_bundle_file(bundle, tmp_path / "fhir", "report-1.json") == path  # overwrite, same name
-    assert [p.name for p in (tmp_path / "fhir").iterdir()] == ["report-1.json"]  # no temp files left
-    with pytest.raises(OutputError):
-        write_bundle_file(bundle, tmp_path, "../escape")
 
 
 def test_patient_identifier_echoed_by_the_server_is_masked(caplog: pytest.LogCaptureFixture) -> None:

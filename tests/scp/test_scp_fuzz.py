@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from dermnode.db import database_path
 from dermnode.dicom_io.uids import DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE
 from dermnode.dicom_io.wrap import wrap_rgb
-from dermnode.scp.queue import JobQueue
 from dermnode.scp.server import start_server
 from dermnode.scp.spool import Spool
 from dermnode.settings import ScpSettings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
 from peers import free_port
 from synthetic import synthetic_dermoscopy
 

@@ -16,12 +16,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
-from dermnode.db import database_path
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
-from dermnode.scp.queue import JobQueue
 from dermnode.scp.server import STATUS_INVALID_UID, start_server
 from dermnode.scp.spool import Spool
 from dermnode.settings import ScpSettings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
 from peers import free_port
 from synthetic import synthetic_dermoscopy
 

@@ -13,16 +13,12 @@ failures other than certificate verification are transient. A certificate verifi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import ssl
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from dermnode import __version__
@@ -213,59 +209,3 @@ def _outcome_text(body: str) -> str:
         ]
         return "; ".join(t for t in texts if t)
     return " ".join(body.split())
-
-
-def write_bundle_file(bundle: dict[str, Any], directory: Path, name: str) -> Path:
-    """Write ``bundle`` as ``<directory>/<name>.json`` atomically, readable by the owner only.
-
-    The JSON goes to a temporary file in the same directory (mode 0600), is fsynced and renamed over the
-    target, so a reader never sees a partial file.
-
-    Parameters
-    ----------
-    bundle:
-        The Bundle as a JSON-compatible dict.
-    directory:
-        Target directory (created with mode 0700 when missing).
-    name:
-        File name without directory; ``.json`` is appended unless already there.
-
-    Returns
-    -------
-    pathlib.Path
-        The path of the written file.
-
-    Raises
-    ------
-    OutputError
-        When ``name`` is not a plain file name or the file cannot be written.
-    """
-    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise OutputError(f"invalid bundle file name {name!r}")
-    if not name.endswith(".json"):
-        name += ".json"
-    target = directory / name
-    tmp_name = ""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp creates the file with mode 0600
-            json.dump(bundle, fh, ensure_ascii=False, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, target)
-        tmp_name = ""
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise OutputError(f"cannot write FHIR bundle file {target}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp_name:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-    logger.info("wrote FHIR bundle file %s", target)
-    return target

@@ -40,9 +40,9 @@ from dermnode.dicom_io.uids import (
     is_valid_uid,
 )
 from dermnode.errors import InsufficientSpaceError, StorageError
-from dermnode.scp.queue import JobQueue
 from dermnode.scp.spool import Spool
 from dermnode.settings import ScpSettings, TLSSettings
+from dermnode.workqueue.jobs import JobQueue
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("dermnode.audit")

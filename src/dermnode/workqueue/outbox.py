@@ -3,7 +3,8 @@
 A delivery is one object (a SEG or SR file, a FHIR bundle file) for one destination. It is recorded
 with ``UNIQUE(destination, object_key)``, so re-processing a job never queues a second copy. A failed send is
 retried with exponential backoff (``delivery.backoff_initial_s`` doubling up to ``delivery.backoff_max_s``)
-until ``delivery.max_attempts``, then dead-lettered with the last error. A permanent failure (a DICOM
+until ``delivery.max_attempts``, then dead-lettered with the last error (the claim, backoff and dead-letter
+mechanism shared with the job queue: :class:`~dermnode.workqueue.base.WorkQueue`). A permanent failure (a DICOM
 refusal, an HTTP 4xx) is dead-lettered at once. Retries resend the same file, hence the same SOP Instance
 UIDs or FHIR identifiers: idempotent at the receiver.
 """
@@ -17,80 +18,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
-from dermnode.db import connect, dead_letter, replay_dead
 from dermnode.errors import DeliveryError, StorageError
 from dermnode.settings import DeliverySettings
+from dermnode.workqueue.base import StateUpdateAbandonedError, WorkQueue, retry_state_update
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("dermnode.audit")
 
-T = TypeVar("T")
-
-#: First pause before a failed state update (``database is locked`` past the busy timeout, a full disk) is
-#: retried; the pause doubles up to :data:`STATE_RETRY_MAX_S`.
-STATE_RETRY_INITIAL_S = 0.1
-#: Longest pause between two tries of a state update.
-STATE_RETRY_MAX_S = 5.0
-
-
-class StateUpdateAbandonedError(StorageError):
-    """A state update still failed when its caller was told to stop.
-
-    The row keeps its in-flight state (``running`` job, ``sending`` delivery) and is put back to ``pending`` by
-    ``recover()`` at the next start.
-    """
-
-
-def retry_state_update(
-    update: Callable[[], T],
-    *,
-    what: str,
-    stop: threading.Event,
-    initial_s: float | None = None,
-    max_s: float | None = None,
-) -> T:
-    """Run ``update`` (one state-database write) until it succeeds, backing off between tries.
-
-    Every failure is logged with its traceback; the pause starts at ``initial_s`` and doubles up to ``max_s``
-    (defaults: :data:`STATE_RETRY_INITIAL_S`, :data:`STATE_RETRY_MAX_S`) and ends at once when ``stop`` is set.
-
-    Parameters
-    ----------
-    update:
-        The write; it must be safe to repeat (each state update of the queue and the outbox is).
-    what:
-        What is recorded, for the log (no PHI: ids only).
-    stop:
-        Set when the caller must give up (shutdown).
-
-    Returns
-    -------
-    T
-        What ``update`` returned.
-
-    Raises
-    ------
-    StateUpdateAbandonedError
-        When ``stop`` is set while the update still fails.
-    """
-    delay = STATE_RETRY_INITIAL_S if initial_s is None else initial_s
-    cap = STATE_RETRY_MAX_S if max_s is None else max_s
-    tries = 0
-    while True:
-        tries += 1
-        try:
-            result = update()
-        except Exception:
-            logger.exception("cannot record %s (try %d), retrying in %.1fs", what, tries, delay)
-        else:
-            if tries > 1:
-                logger.info("recorded %s after %d tries", what, tries)
-            return result
-        if stop.wait(delay):
-            raise StateUpdateAbandonedError(f"gave up recording {what} after {tries} tries: stopping")
-        delay = min(cap, delay * 2)
+DELIVERY_STATES = ("pending", "sending", "done", "dead")
 
 
 @dataclass(frozen=True)
@@ -108,7 +44,7 @@ class Delivery:
 Deliverer = Callable[[Delivery], None]
 
 
-class Outbox:
+class Outbox(WorkQueue):
     """SQLite-backed outbox. Thread-safe: one connection per thread.
 
     Raises
@@ -117,18 +53,17 @@ class Outbox:
         From the constructor, when the database cannot be opened.
     """
 
-    def __init__(self, db_path: Path, settings: DeliverySettings) -> None:
-        self.db_path = db_path
-        self.settings = settings
-        self._local = threading.local()
-        self._conn()
+    table = "deliveries"
+    in_flight = "sending"
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.db_path)
-            self._local.conn = conn
-        return conn
+    def __init__(self, db_path: Path, settings: DeliverySettings) -> None:
+        self.settings = settings
+        super().__init__(
+            db_path,
+            max_attempts=settings.max_attempts,
+            backoff_initial_s=settings.backoff_initial_s,
+            backoff_max_s=settings.backoff_max_s,
+        )
 
     def add(self, job_id: int | None, kind: str, destination: str, object_key: str, path: Path) -> bool:
         """Queue one object for one destination; returns ``False`` if it was already queued.
@@ -151,21 +86,7 @@ class Outbox:
 
     def claim(self) -> Delivery | None:
         """Take the oldest due delivery (marking it ``sending``)."""
-        now = time.time()
-        try:
-            row = (
-                self._conn()
-                .execute(
-                    "UPDATE deliveries SET state = 'sending', attempts = attempts + 1, updated_at = ?"
-                    " WHERE id = (SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
-                    " ORDER BY id LIMIT 1) RETURNING id, job_id, kind, destination, object_key, path, attempts",
-                    (now, now),
-                )
-                .fetchone()
-            )
-        except sqlite3.OperationalError as exc:
-            logger.warning("delivery claim failed, will retry: %s", exc)
-            return None
+        row = self._claim_row("id, job_id, kind, destination, object_key, path, attempts")
         if row is None:
             return None
         return Delivery(
@@ -192,10 +113,6 @@ class Outbox:
             (now, now, delivery.id),
         )
 
-    def backoff(self, attempts: int) -> float:
-        s = self.settings
-        return float(min(s.backoff_max_s, s.backoff_initial_s * 2 ** max(attempts - 1, 0)))
-
     def failed(self, delivery: Delivery, error: str, *, permanent: bool) -> bool:
         """Record a failed attempt; returns ``True`` when the delivery was dead-lettered.
 
@@ -204,29 +121,26 @@ class Outbox:
         sqlite3.Error
             When the state database cannot be written (:meth:`pump_once` retries).
         """
-        now = time.time()
-        conn = self._conn()
-        if permanent or delivery.attempts >= self.settings.max_attempts:
+        sop_instance_uid = ""
+        if self.exhausted(delivery.attempts, permanent=permanent):
             # the source image the result belongs to, so that a dead letter names it (like a job's does)
-            row = conn.execute(
-                "SELECT j.sop_instance_uid FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
-                (delivery.id,),
-            ).fetchone()
-            dead_letter(
-                conn,
-                "deliveries",
-                delivery.id,
-                error=error,
-                attempts=delivery.attempts,
-                sop_instance_uid="" if row is None else str(row[0]),
-                destination=delivery.destination,
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT j.sop_instance_uid FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
+                    (delivery.id,),
+                )
+                .fetchone()
             )
-            return True
-        conn.execute(
-            "UPDATE deliveries SET state = 'pending', last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
-            (error, now + self.backoff(delivery.attempts), now, delivery.id),
+            sop_instance_uid = "" if row is None else str(row[0])
+        return self._record_failure(
+            delivery.id,
+            delivery.attempts,
+            error,
+            permanent=permanent,
+            sop_instance_uid=sop_instance_uid,
+            destination=delivery.destination,
         )
-        return False
 
     def recover(self) -> int:
         """Deliveries left ``sending`` by a dead process go back to ``pending`` (resent: idempotent)."""
@@ -235,14 +149,9 @@ class Outbox:
         )
         return cur.rowcount
 
-    def replay(self, delivery_id: int | None = None) -> int:
-        """Put dead-lettered deliveries (one, or all) back with a fresh attempt count."""
-        return replay_dead(self._conn(), "deliveries", delivery_id)
-
     def counts(self) -> dict[str, int]:
-        out = {"pending": 0, "sending": 0, "done": 0, "dead": 0}
-        for row in self._conn().execute("SELECT state, COUNT(*) AS n FROM deliveries GROUP BY state"):
-            out[row["state"]] = row["n"]
+        """Deliveries by state, ``dead`` reported as ``dead_letter``."""
+        out = self._state_counts(DELIVERY_STATES)
         out["dead_letter"] = out.pop("dead")
         return out
 

@@ -1,7 +1,8 @@
 """The durable job queue: one job per received SOP Instance, with retry and dead-letter.
 
 States: ``pending`` -> ``running`` -> ``done``; a failed attempt goes back to ``pending`` with a delay until
-``max_attempts`` is reached, then to ``dead`` with a row in ``dead_letters``. An attempt is counted when the job
+``max_attempts`` is reached, then to ``dead`` with a row in ``dead_letters`` (the claim, backoff and dead-letter
+mechanism shared with the outbox: :class:`~dermnode.workqueue.base.WorkQueue`). An attempt is counted when the job
 is claimed. A job left ``running`` by a process that died (or was stopped before the job finished) is handled by
 :meth:`JobQueue.recover` at start-up: it goes back to ``pending`` while it has attempts left, and is
 dead-lettered ("interrupted on attempt N of N") once the interrupted attempt was its last, so an input that
@@ -19,13 +20,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dermnode.db import connect, dead_letter, replay_dead, replay_dead_in_transaction
 from dermnode.errors import StorageError
+from dermnode.workqueue.base import WorkQueue
+from dermnode.workqueue.db import dead_letter, replay_dead_in_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,11 @@ class Job:
     attempts: int
 
 
-class JobQueue:
+#: Longest pause between two attempts of a job (``workers.retry_delay_max_s``'s default).
+DEFAULT_RETRY_DELAY_MAX_S = 600.0
+
+
+class JobQueue(WorkQueue):
     """SQLite-backed job queue. Thread-safe: each thread gets its own connection.
 
     Parameters
@@ -53,28 +58,29 @@ class JobQueue:
     max_attempts:
         Attempts before a job is dead-lettered.
     retry_delay_s:
-        Base delay before a failed job is retried (doubles with each attempt).
+        Delay before a failed job is retried; it doubles with each attempt ...
+    retry_delay_max_s:
+        ... up to this.
     """
 
-    def __init__(self, db_path: Path, max_attempts: int = 3, retry_delay_s: float = 5.0) -> None:
-        self.db_path = db_path
-        self.max_attempts = max_attempts
-        self.retry_delay_s = retry_delay_s
-        self._local = threading.local()
-        self._conn()  # create the schema now, fail early
+    table = "jobs"
+    in_flight = "running"
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.db_path)
-            self._local.conn = conn
-        return conn
+    def __init__(
+        self,
+        db_path: Path,
+        max_attempts: int = 3,
+        retry_delay_s: float = 5.0,
+        retry_delay_max_s: float = DEFAULT_RETRY_DELAY_MAX_S,
+    ) -> None:
+        super().__init__(
+            db_path, max_attempts=max_attempts, backoff_initial_s=retry_delay_s, backoff_max_s=retry_delay_max_s
+        )
 
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    @property
+    def retry_delay_s(self) -> float:
+        """The delay before the first retry."""
+        return self.backoff_initial_s
 
     # -- producer side (the SCP) --------------------------------------------------------------------------
     def state(self, sop_instance_uid: str) -> str | None:
@@ -182,22 +188,9 @@ class JobQueue:
     # -- consumer side (the workers) ----------------------------------------------------------------------
     def claim(self, owner: str) -> Job | None:
         """Atomically take the oldest due pending job, mark it running and count the attempt."""
-        now = time.time()
-        try:
-            row = (
-                self._conn()
-                .execute(
-                    "UPDATE jobs SET state = 'running', attempts = attempts + 1, owner = ?, updated_at = ?"
-                    " WHERE id = (SELECT id FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
-                    " ORDER BY id LIMIT 1) RETURNING id, sop_instance_uid, sop_class_uid, study_instance_uid,"
-                    " path, calling_aet, attempts",
-                    (owner, now, now),
-                )
-                .fetchone()
-            )
-        except sqlite3.OperationalError as exc:
-            logger.warning("job claim failed, will retry: %s", exc)
-            return None
+        row = self._claim_row(
+            "id, sop_instance_uid, sop_class_uid, study_instance_uid, path, calling_aet, attempts", owner=owner
+        )
         if row is None:
             return None
         return Job(
@@ -218,18 +211,14 @@ class JobQueue:
 
     def fail(self, job: Job, error: str, *, permanent: bool = False) -> bool:
         """Record a failed attempt. Returns ``True`` when the job was dead-lettered."""
-        now = time.time()
-        conn = self._conn()
-        if permanent or job.attempts >= self.max_attempts:
-            dead_letter(conn, "jobs", job.id, error=error, attempts=job.attempts, sop_instance_uid=job.sop_instance_uid)
-            return True
-        delay = self.retry_delay_s * 2 ** (job.attempts - 1)
-        conn.execute(
-            "UPDATE jobs SET state = 'pending', last_error = ?, owner = NULL, next_attempt_at = ?,"
-            " updated_at = ? WHERE id = ?",
-            (error, now + delay, now, job.id),
+        return self._record_failure(
+            job.id,
+            job.attempts,
+            error,
+            permanent=permanent,
+            sop_instance_uid=job.sop_instance_uid,
+            clear_owner=True,
         )
-        return False
 
     def release(self, job: Job) -> None:
         """Give a claimed job back untouched (shutdown before it ran); the attempt is not counted."""
@@ -292,17 +281,11 @@ class JobQueue:
             logger.warning("re-queued %d job(s) interrupted by a previous shutdown or crash", cur.rowcount)
         return cur.rowcount
 
-    def replay(self, job_id: int | None = None) -> int:
-        """Put dead-lettered jobs (one, or all) back into the queue with a fresh attempt count."""
-        return replay_dead(self._conn(), "jobs", job_id)
-
     # -- reporting ----------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         """Jobs by state plus ``failed`` (pending jobs that already failed at least once)."""
         conn = self._conn()
-        out = dict.fromkeys(JOB_STATES, 0)
-        for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
-            out[row["state"]] = row["n"]
+        out = self._state_counts(JOB_STATES)
         failed = conn.execute(
             "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND last_error IS NOT NULL"
         ).fetchone()[0]

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from dermnode.db import database_path
 from dermnode.errors import DeliveryError
-from dermnode.outbox import Delivery, Outbox, StateUpdateAbandonedError, retry_state_update
-from dermnode.scp.queue import JobQueue
-from dermnode.scp.workers import WorkerPool
 from dermnode.settings import DeliverySettings, WorkerSettings
+from dermnode.workqueue import base
+from dermnode.workqueue.base import StateUpdateAbandonedError, retry_state_update
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
+from dermnode.workqueue.outbox import Delivery, Outbox
+from dermnode.workqueue.workers import WorkerPool
 from state_faults import LOCKED, flaky
 
 
@@ -76,23 +78,73 @@ def test_pump_gives_up_on_stop_and_recover_resends(outbox: Outbox, monkeypatch: 
     assert outbox.recover() == 1 and state(outbox) == "pending"
 
 
+class RecordingStop(threading.Event):
+    """A stop event that records the pauses it is asked to wait (and waits them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(float(timeout or 0.0))
+        return super().wait(timeout)
+
+
 def test_retry_state_update_backs_off_and_is_bounded() -> None:
     calls: list[float] = []
 
     def update() -> int:
         calls.append(time.monotonic())
-        if len(calls) < 4:
+        if len(calls) < 5:
             raise sqlite3.OperationalError(LOCKED)
         return 7
 
-    assert retry_state_update(update, what="x", stop=threading.Event(), initial_s=0.01, max_s=0.02) == 7
+    stop = RecordingStop()
+    assert retry_state_update(update, what="x", stop=stop, initial_s=0.01, max_s=0.04) == 7
+    # the pause doubles from initial_s and stops growing at max_s: exactly these, not zero
+    assert stop.waits == [0.01, 0.02, 0.04, 0.04]
     gaps = [b - a for a, b in itertools.pairwise(calls)]
-    assert len(gaps) == 3 and all(g < 1.0 for g in gaps)
+    assert len(gaps) == 4
+    assert all(g >= w * 0.9 for g, w in zip(gaps, stop.waits, strict=True)), (gaps, stop.waits)
+    assert all(g < 1.0 for g in gaps)
 
-    stop = threading.Event()
-    stop.set()
+    stopped = threading.Event()
+    stopped.set()
     with pytest.raises(StateUpdateAbandonedError):
-        retry_state_update(lambda: (_ for _ in ()).throw(sqlite3.OperationalError(LOCKED)), what="y", stop=stop)
+        retry_state_update(lambda: (_ for _ in ()).throw(sqlite3.OperationalError(LOCKED)), what="y", stop=stopped)
+
+
+class Clock:
+    """A settable ``time`` stand-in for the work-queue base (claims and retries read ``time.time()``)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_failed_delivery_backs_off_exponentially_up_to_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(1000.0)
+    monkeypatch.setattr(base, "time", clock)
+    ob = Outbox(database_path(tmp_path), DeliverySettings(max_attempts=5, backoff_initial_s=5, backoff_max_s=12))
+    ob.add(None, "dicom", "pacs:main", "1.2.3.seg", tmp_path / "seg.dcm")
+
+    def down(d: Delivery) -> None:
+        raise DeliveryError("peer down")
+
+    for expected_delay in (5.0, 10.0, 12.0, 12.0):
+        started = clock.now
+        assert ob.pump_once({"dicom": down})
+        (due,) = ob._conn().execute("SELECT next_attempt_at FROM deliveries").fetchone()
+        assert due == pytest.approx(started + expected_delay)
+        clock.now = due - 0.01
+        assert ob.claim() is None, f"re-sent {expected_delay - 0.01:.2f}s into a {expected_delay:.0f}s backoff"
+        clock.now = due
+    assert ob.pump_once({"dicom": down})  # the 5th attempt is the last
+    assert ob.counts()["dead_letter"] == 1
 
 
 def test_delivery_thread_survives_failed_updates(
@@ -119,7 +171,7 @@ def test_delivery_thread_survives_failed_updates(
 
 def test_delivery_dead_letter_names_the_source_image(tmp_path: Path) -> None:
     """`dermnode status --dead-letters` must say which image a failed result belongs to."""
-    from dermnode.scp.queue import JobQueue
+    from dermnode.workqueue.jobs import JobQueue
 
     queue = JobQueue(database_path(tmp_path / "db"))
     assert queue.enqueue("1.2.3.4", "1.2.840.10008.5.1.4.1.1.77.1.7", tmp_path / "src.dcm")

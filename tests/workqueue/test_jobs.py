@@ -1,17 +1,29 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dermnode.db import database_path
 from dermnode.errors import DeliveryError, InsufficientSpaceError, StorageError
-from dermnode.outbox import Delivery, Outbox
-from dermnode.scp.queue import JobQueue
-from dermnode.scp.spool import Spool, atomic_write
+from dermnode.scp.spool import Spool
 from dermnode.settings import DeliverySettings
+from dermnode.workqueue import base
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import JobQueue
+from dermnode.workqueue.outbox import Delivery, Outbox
+
+
+class Clock:
+    """A settable ``time`` stand-in for the work-queue base (claims and retries read ``time.time()``)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -172,14 +184,6 @@ def test_scp_side_methods_turn_database_errors_into_storage_errors(
         queue.requeue_dead("1.2.3", "1.2", tmp_path / "a")
 
 
-def test_atomic_write_is_owner_only_and_leaves_no_temp(tmp_path: Path) -> None:
-    path = tmp_path / "d" / "x.dcm"
-    atomic_write(path, b"abc")
-    assert path.read_bytes() == b"abc"
-    assert (path.stat().st_mode & 0o777) == 0o600
-    assert [p.name for p in path.parent.iterdir()] == ["x.dcm"]
-
-
 def test_spool_refuses_below_min_free(tmp_path: Path) -> None:
     spool = Spool(tmp_path, min_free_mb=10**9)
     with pytest.raises(InsufficientSpaceError):
@@ -218,6 +222,55 @@ def test_outbox_permanent_error_is_not_retried(tmp_path: Path) -> None:
     ob.pump_once({"fhir": rejected})
     assert ob.counts()["dead_letter"] == 1
     assert not ob.pump_once({"fhir": rejected})
+
+
+def test_job_and_outbox_share_one_backoff_policy(tmp_path: Path) -> None:
+    queue = JobQueue(database_path(tmp_path), retry_delay_s=5, retry_delay_max_s=60)
+    ob = Outbox(database_path(tmp_path), DeliverySettings(backoff_initial_s=5, backoff_max_s=60))
+    assert [queue.backoff(n) for n in range(1, 8)] == [ob.backoff(n) for n in range(1, 8)]
+    assert [queue.backoff(n) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
+    assert JobQueue(database_path(tmp_path)).backoff(20) == 600  # capped by default (was unbounded)
+
+
+def test_failed_job_is_not_reclaimed_before_its_retry_is_due(tmp_path: Path) -> None:
+    """A real retry delay (every other fixture sets 0): the job waits, then runs again."""
+    queue = JobQueue(database_path(tmp_path), max_attempts=3, retry_delay_s=0.4)
+    queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
+    job = queue.claim("w")
+    assert job is not None
+    failed_at = time.time()
+    assert queue.fail(job, "boom") is False
+    assert queue.claim("w") is None, "claimed again at once despite retry_delay_s"
+    while time.time() < failed_at + 0.3:
+        assert queue.claim("w") is None, "claimed again before the retry delay was over"
+        time.sleep(0.05)
+    deadline = time.time() + 5
+    again = None
+    while again is None and time.time() < deadline:
+        again = queue.claim("w")
+        time.sleep(0.02)
+    assert again is not None and again.attempts == 2
+    assert time.time() - failed_at >= 0.4
+
+
+def test_job_retry_delay_doubles_and_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock(1000.0)
+    monkeypatch.setattr(base, "time", clock)
+    queue = JobQueue(database_path(tmp_path), max_attempts=5, retry_delay_s=30, retry_delay_max_s=100)
+    queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
+    for attempt, delay in enumerate((30.0, 60.0, 100.0, 100.0), start=1):
+        job = queue.claim("w")
+        assert job is not None and job.attempts == attempt
+        assert queue.fail(job, f"error {attempt}") is False
+        (due,) = queue._conn().execute("SELECT next_attempt_at FROM jobs").fetchone()
+        assert due == pytest.approx(clock.now + delay)
+        clock.now = due - 0.5
+        assert queue.claim("w") is None
+        clock.now = due
+    job = queue.claim("w")
+    assert job is not None and job.attempts == 5
+    assert queue.fail(job, "last") is True
+    assert queue.counts()["dead_letter"] == 1
 
 
 def test_outbox_backoff_is_exponential_and_capped(tmp_path: Path) -> None:

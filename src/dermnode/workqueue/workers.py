@@ -21,9 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dermnode.errors import DecodeError, OutputError
-from dermnode.outbox import Deliverer, Outbox, StateUpdateAbandonedError, retry_state_update
-from dermnode.scp.queue import Job, JobQueue
 from dermnode.settings import WorkerSettings
+from dermnode.workqueue.base import StateUpdateAbandonedError, retry_state_update
+from dermnode.workqueue.jobs import Job, JobQueue
+from dermnode.workqueue.outbox import Deliverer, Outbox
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("dermnode.audit")
@@ -46,7 +47,7 @@ def run_job(queue: JobQueue, job: Job, processor: Processor, stop: threading.Eve
 
     A failure of the processor is recorded, never raised. A failure to record the outcome (e.g.
     ``sqlite3.OperationalError: database is locked``) is logged and retried with bounded backoff
-    (:func:`~dermnode.outbox.retry_state_update`) without running the processor again.
+    (:func:`~dermnode.workqueue.base.retry_state_update`) without running the processor again.
 
     Parameters
     ----------

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from dermnode.db import database_path
 from dermnode.errors import DecodeError
-from dermnode.outbox import Outbox
-from dermnode.scp.queue import Job, JobQueue
-from dermnode.scp.workers import WorkerPool, run_job
 from dermnode.settings import DeliverySettings, WorkerSettings
+from dermnode.workqueue.db import database_path
+from dermnode.workqueue.jobs import Job, JobQueue
+from dermnode.workqueue.outbox import Outbox
+from dermnode.workqueue.workers import WorkerPool, run_job
 from state_faults import LOCKED, flaky
 
 
@@ -175,7 +175,7 @@ def test_stop_ends_a_stuck_state_update_after_the_grace_period(
 def test_worker_loop_survives_an_unexpected_error(
     queue: JobQueue, outbox: Outbox, pools: list[WorkerPool], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dermnode.scp.workers as workers
+    import dermnode.workqueue.workers as workers
 
     real = workers.run_job
     calls: list[int] = []

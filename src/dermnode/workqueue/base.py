@@ -1,0 +1,256 @@
+"""The one work-queue mechanism under the job queue and the delivery outbox.
+
+A work item is a row of a state-database table (``jobs`` or ``deliveries``) with a ``state``, an ``attempts``
+count and a ``next_attempt_at`` time. Both queues share:
+
+* **claim** — one atomic ``UPDATE ... RETURNING`` takes the oldest due ``pending`` row, marks it in flight
+  (``running`` job, ``sending`` delivery) and counts the attempt (:meth:`WorkQueue._claim_row`);
+* **retry with backoff** — a failed attempt goes back to ``pending``, due after :func:`backoff_delay`:
+  exponential (``initial_s * 2 ** (attempts - 1)``) and capped at ``max_s``;
+* **dead letter** — a permanent failure, or a failure on the last allowed attempt, marks the row ``dead`` and
+  records why in ``dead_letters`` (:meth:`WorkQueue._record_failure`); :meth:`WorkQueue.replay` puts dead rows
+  back with a fresh attempt count;
+* **state updates that must not be lost** — :func:`retry_state_update` repeats a failed state-database write
+  with the same capped exponential backoff until it succeeds or the caller stops.
+
+Each thread gets its own SQLite connection (:func:`~dermnode.workqueue.db.connect`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from dermnode.errors import StorageError
+from dermnode.workqueue.db import connect, dead_letter, replay_dead
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: First pause before a failed state update (``database is locked`` past the busy timeout, a full disk) is
+#: retried; the pause doubles up to :data:`STATE_RETRY_MAX_S`.
+STATE_RETRY_INITIAL_S = 0.1
+#: Longest pause between two tries of a state update.
+STATE_RETRY_MAX_S = 5.0
+
+
+def backoff_delay(attempts: int, initial_s: float, max_s: float) -> float:
+    """The pause after failed attempt number ``attempts``: ``initial_s`` doubling per attempt, capped at ``max_s``.
+
+    Parameters
+    ----------
+    attempts:
+        Attempts made so far (1 after the first failure; 0 is treated as 1).
+    initial_s:
+        Pause after the first failure.
+    max_s:
+        Longest pause.
+
+    Returns
+    -------
+    float
+        ``min(max_s, initial_s * 2 ** (attempts - 1))`` seconds.
+    """
+    return float(min(max_s, initial_s * 2 ** max(attempts - 1, 0)))
+
+
+class StateUpdateAbandonedError(StorageError):
+    """A state update still failed when its caller was told to stop.
+
+    The row keeps its in-flight state (``running`` job, ``sending`` delivery) and is put back to ``pending`` by
+    ``recover()`` at the next start.
+    """
+
+
+def retry_state_update(
+    update: Callable[[], T],
+    *,
+    what: str,
+    stop: threading.Event,
+    initial_s: float | None = None,
+    max_s: float | None = None,
+) -> T:
+    """Run ``update`` (one state-database write) until it succeeds, backing off between tries.
+
+    Every failure is logged with its traceback; the pause follows :func:`backoff_delay` from ``initial_s`` up to
+    ``max_s`` (defaults: :data:`STATE_RETRY_INITIAL_S`, :data:`STATE_RETRY_MAX_S`) and ends at once when ``stop``
+    is set.
+
+    Parameters
+    ----------
+    update:
+        The write; it must be safe to repeat (each state update of the queue and the outbox is).
+    what:
+        What is recorded, for the log (no PHI: ids only).
+    stop:
+        Set when the caller must give up (shutdown).
+
+    Returns
+    -------
+    T
+        What ``update`` returned.
+
+    Raises
+    ------
+    StateUpdateAbandonedError
+        When ``stop`` is set while the update still fails.
+    """
+    first = STATE_RETRY_INITIAL_S if initial_s is None else initial_s
+    cap = STATE_RETRY_MAX_S if max_s is None else max_s
+    tries = 0
+    while True:
+        tries += 1
+        delay = backoff_delay(tries, first, cap)
+        try:
+            result = update()
+        except Exception:
+            logger.exception("cannot record %s (try %d), retrying in %.1fs", what, tries, delay)
+        else:
+            if tries > 1:
+                logger.info("recorded %s after %d tries", what, tries)
+            return result
+        if stop.wait(delay):
+            raise StateUpdateAbandonedError(f"gave up recording {what} after {tries} tries: stopping")
+
+
+class WorkQueue:
+    """Claim, retry with capped exponential backoff, and dead-letter over one state-database table.
+
+    Subclasses name their table and in-flight state and build their own item type from the claimed row.
+    Thread-safe: each thread gets its own connection.
+
+    Parameters
+    ----------
+    db_path:
+        The state database file.
+    max_attempts:
+        Attempts before an item is dead-lettered.
+    backoff_initial_s, backoff_max_s:
+        The retry pause (:func:`backoff_delay`).
+
+    Raises
+    ------
+    StorageError
+        From the constructor, when the database cannot be opened.
+    """
+
+    #: The table of the items (``jobs``, ``deliveries``).
+    table: ClassVar[str]
+    #: The state of a claimed item (``running``, ``sending``).
+    in_flight: ClassVar[str]
+
+    def __init__(self, db_path: Path, *, max_attempts: int, backoff_initial_s: float, backoff_max_s: float) -> None:
+        self.db_path = db_path
+        self.max_attempts = max_attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._local = threading.local()
+        self._conn()  # create the schema now, fail early
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds before an item that failed its attempt number ``attempts`` is due again."""
+        return backoff_delay(attempts, self.backoff_initial_s, self.backoff_max_s)
+
+    def exhausted(self, attempts: int, *, permanent: bool = False) -> bool:
+        """Whether a failure on attempt ``attempts`` dead-letters the item."""
+        return permanent or attempts >= self.max_attempts
+
+    def _claim_row(self, returning: str, *, owner: str | None = None) -> sqlite3.Row | None:
+        """Atomically take the oldest due pending row, mark it in flight and count the attempt.
+
+        A busy database (``sqlite3.OperationalError``) is logged and answered with ``None`` (the caller's loop
+        tries again).
+        """
+        now = time.time()
+        set_owner = "owner = ?, " if owner is not None else ""
+        args = (owner, now, now) if owner is not None else (now, now)
+        try:
+            row: sqlite3.Row | None = (
+                self._conn()
+                .execute(
+                    f"UPDATE {self.table} SET state = '{self.in_flight}', attempts = attempts + 1, {set_owner}"
+                    f"updated_at = ? WHERE id = (SELECT id FROM {self.table} WHERE state = 'pending'"
+                    f" AND next_attempt_at <= ? ORDER BY id LIMIT 1) RETURNING {returning}",
+                    args,
+                )
+                .fetchone()
+            )
+        except sqlite3.OperationalError as exc:
+            logger.warning("%s claim failed, will retry: %s", self.table, exc)
+            return None
+        return row
+
+    def _record_failure(
+        self,
+        row_id: int,
+        attempts: int,
+        error: str,
+        *,
+        permanent: bool,
+        sop_instance_uid: str = "",
+        destination: str = "",
+        clear_owner: bool = False,
+    ) -> bool:
+        """Dead-letter the row (:meth:`exhausted`) or put it back to ``pending``, due after :meth:`backoff`.
+
+        Returns
+        -------
+        bool
+            ``True`` when the row was dead-lettered.
+
+        Raises
+        ------
+        sqlite3.Error
+            When the state database cannot be written (callers retry with :func:`retry_state_update`).
+        """
+        conn = self._conn()
+        if self.exhausted(attempts, permanent=permanent):
+            dead_letter(
+                conn,
+                self.table,
+                row_id,
+                error=error,
+                attempts=attempts,
+                sop_instance_uid=sop_instance_uid,
+                destination=destination,
+            )
+            return True
+        now = time.time()
+        owner = "owner = NULL, " if clear_owner else ""
+        conn.execute(
+            f"UPDATE {self.table} SET state = 'pending', last_error = ?, {owner}next_attempt_at = ?, updated_at = ?"
+            " WHERE id = ?",
+            (error, now + self.backoff(attempts), now, row_id),
+        )
+        return False
+
+    def replay(self, row_id: int | None = None) -> int:
+        """Put dead-lettered items (one, or all) back into the queue with a fresh attempt count."""
+        return replay_dead(self._conn(), self.table, row_id)
+
+    def _state_counts(self, states: tuple[str, ...]) -> dict[str, int]:
+        """Items by state, in the order of ``states`` (0 for a state without items)."""
+        out = dict.fromkeys(states, 0)
+        for row in self._conn().execute(f"SELECT state, COUNT(*) AS n FROM {self.table} GROUP BY state"):
+            out[row["state"]] = row["n"]
+        return out
