@@ -11,16 +11,14 @@ import hashlib
 import json
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dermnode import __version__
-from dermnode.dicom_io.reading import read_dataset, to_source_image
+from dermnode.dicom_io.reading import read_dataset, read_dicom_file, to_source_image
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
 from dermnode.dicom_io.uids import content_digest, derived_uid
@@ -295,41 +293,6 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _read_headerless_dicom(path: Path) -> pydicom.Dataset | None:
-    """``path`` read as a DICOM dataset without the 128-byte preamble and ``DICM`` prefix, else ``None``.
-
-    Only a dataset with SOP Class and Instance UIDs counts (pydicom reads almost any bytes when forced). A
-    missing Transfer Syntax UID is set from the encoding the dataset was read with.
-
-    Raises
-    ------
-    DecodeError
-        When the start of the file is such a dataset but the whole file cannot be parsed.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            probe = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-            if "SOPClassUID" not in probe or "SOPInstanceUID" not in probe:
-                return None
-        except Exception:  # pydicom raises many types on bytes that are not DICOM: try it as a photograph
-            return None
-        try:
-            ds = pydicom.dcmread(path, force=True)
-            ds.walk(lambda _ds, _elem: None)  # parse every element now, not lazily somewhere later
-        except Exception as exc:
-            raise DecodeError(f"cannot parse DICOM file {path.name}: {type(exc).__name__}: {exc}") from exc
-    if "TransferSyntaxUID" not in ds.file_meta:
-        implicit, little = ds.original_encoding
-        if implicit:
-            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        elif little is False:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-        else:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
 def wrap_photograph(path: Path) -> pydicom.Dataset:
     """Wrap the photograph at ``path`` in memory as a Dermoscopic Photography Image for analysis.
 
@@ -386,9 +349,9 @@ def wrap_photograph(path: Path) -> pydicom.Dataset:
 def load_source(path: Path) -> pydicom.Dataset:
     """Read one input of ``dermnode analyze``: a DICOM file, else a photograph wrapped in memory.
 
-    DICOM is recognised by content, not by the file name: the ``DICM`` prefix at offset 128, or a dataset
-    pydicom can read without them (SOP Class and Instance UIDs present). Anything else is read as a photograph
-    (:func:`wrap_photograph`).
+    DICOM is recognised by content, not by the file name (:func:`~dermnode.dicom_io.reading.read_dicom_file`):
+    the ``DICM`` prefix at offset 128, or a dataset pydicom can read without them (SOP Class and Instance UIDs
+    present). Anything else is read as a photograph (:func:`wrap_photograph`).
 
     Parameters
     ----------
@@ -405,14 +368,7 @@ def load_source(path: Path) -> pydicom.Dataset:
     DecodeError
         When the file cannot be read, is a corrupt DICOM file, or is neither DICOM nor a readable image.
     """
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError as exc:
-        raise DecodeError(f"cannot read {path}: {exc}") from exc
-    if head[128:132] == b"DICM":
-        return read_dataset(path)
-    ds = _read_headerless_dicom(path)
+    ds = read_dicom_file(path)
     if ds is not None:
         return ds
     return wrap_photograph(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import RLELossless
 
-from dermnode.dicom_io.reading import decode_rgb, pixel_spacing, read_dataset, to_source_image
+from dermnode.dicom_io.reading import decode_rgb, pixel_spacing, read_dataset, read_dicom_file, to_source_image
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
 from dermnode.errors import DecodeError
 from dermnode.settings import DeviceCalibration
@@ -175,3 +176,24 @@ def test_fuzz_byte_corruption_only_raises_decode_error(tmp_path_factory, pos: in
     except DecodeError:
         return
     assert out.rgb.dtype == np.uint8
+
+
+def test_read_dicom_file_decides_by_content_not_by_name(tmp_path: Path) -> None:
+    ds = wrap_rgb(RGB)
+    with_header = tmp_path / "image.jpg"  # a DICOM file whatever its name
+    ds.save_as(with_header, enforce_file_format=True)
+    got = read_dicom_file(with_header)
+    assert got is not None and got.SOPInstanceUID == ds.SOPInstanceUID
+    headerless = tmp_path / "headerless"
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    headerless.write_bytes(buf.getvalue()[132:])  # no preamble, no DICM
+    got = read_dicom_file(headerless)
+    assert got is not None and got.SOPInstanceUID == ds.SOPInstanceUID
+    photo = tmp_path / "photo.dcm"  # not DICOM whatever its name
+    from PIL import Image
+
+    Image.fromarray(RGB).save(photo, format="PNG")
+    assert read_dicom_file(photo) is None
+    with pytest.raises(DecodeError, match="cannot read"):
+        read_dicom_file(tmp_path / "missing.dcm")

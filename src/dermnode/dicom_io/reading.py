@@ -9,6 +9,7 @@ calibration table (Manufacturer + Manufacturer's Model Name) in the configuratio
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, pixel_array
-from pydicom.uid import UID, RLELossless
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from dermnode.dicom_io.uids import is_valid_uid
 from dermnode.errors import DecodeError
@@ -46,6 +47,63 @@ def read_dataset(path: Path) -> Dataset:
         raise DecodeError(f"cannot parse DICOM file {path.name}: {type(exc).__name__}: {exc}") from exc
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
         raise DecodeError(f"{path.name} is not a composite instance (no SOP Class/Instance UID)")
+    return ds
+
+
+def read_dicom_file(path: Path) -> Dataset | None:
+    """The dataset in ``path`` when the file holds DICOM, else ``None``: the one test of "is this DICOM".
+
+    DICOM is recognised by content, not by the file name: the ``DICM`` prefix at offset 128 (read with
+    :func:`read_dataset`), or a dataset pydicom can read without the preamble and prefix
+    (:func:`read_headerless_dataset`). ``None`` means "not DICOM" (e.g. a photograph).
+
+    Raises
+    ------
+    DecodeError
+        When the file cannot be read, or is DICOM but cannot be parsed.
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise DecodeError(f"cannot read {path}: {exc}") from exc
+    if head[128:132] == b"DICM":
+        return read_dataset(path)
+    return read_headerless_dataset(path)
+
+
+def read_headerless_dataset(path: Path) -> Dataset | None:
+    """``path`` read as a DICOM dataset without the 128-byte preamble and ``DICM`` prefix, else ``None``.
+
+    Only a dataset with SOP Class and Instance UIDs counts (pydicom reads almost any bytes when forced). A
+    missing Transfer Syntax UID is set from the encoding the dataset was read with.
+
+    Raises
+    ------
+    DecodeError
+        When the start of the file is such a dataset but the whole file cannot be parsed.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            probe = pydicom.dcmread(path, force=True, stop_before_pixels=True)
+            if "SOPClassUID" not in probe or "SOPInstanceUID" not in probe:
+                return None
+        except Exception:  # pydicom raises many types on bytes that are not DICOM: try it as a photograph
+            return None
+        try:
+            ds = pydicom.dcmread(path, force=True)
+            ds.walk(lambda _ds, _elem: None)  # parse every element now, not lazily somewhere later
+        except Exception as exc:
+            raise DecodeError(f"cannot parse DICOM file {path.name}: {type(exc).__name__}: {exc}") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        elif little is False:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return ds
 
 

@@ -40,22 +40,12 @@ from dermnode.evaluation.classification_metrics import (
 )
 from dermnode.inference.classification import band_for
 from dermnode.inference.classifier_models import load_classifier
+from dermnode.inference.imaging import sigmoid, softmax
 from dermnode.settings import AnalysisSettings
 from dermnode.training.classification import CLASS_INDEX, Sample, batched_logits, eval_batch, load_samples
 from dermnode.vocabulary import DIAGNOSIS_CLASSES
 
 logger = logging.getLogger(__name__)
-
-
-def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
-    return out
-
-
-def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    out: npt.NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
-    return out
 
 
 def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSettings) -> dict[str, Any]:
@@ -252,8 +242,8 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
         z, _ = run(s17)
         y = np.array([s.melanoma for s in s17], dtype=np.int64)
         if len(np.unique(y)) == 2:
-            p = _sigmoid(z / bundle.temperature_melanoma)
-            result["melanoma_isic2017"] = binary_report(y, p, _sigmoid(z))
+            p = sigmoid(z / bundle.temperature_melanoma)
+            result["melanoma_isic2017"] = binary_report(y, p, sigmoid(z))
             fpr, tpr, _ = roc_curve(y, p)
             curves[f"ISIC 2017 {split} melanoma"] = (fpr, tpr, result["melanoma_isic2017"]["auc"])
     if s9:
@@ -261,11 +251,11 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
         yd = np.array([s.diagnosis for s in s9], dtype=np.int64)
         ym = (yd == CLASS_INDEX["MEL"]).astype(np.int64)
         if len(np.unique(ym)) == 2:
-            pm = _sigmoid(zm / bundle.temperature_melanoma)
-            result["melanoma_9class"] = binary_report(ym, pm, _sigmoid(zm))
+            pm = sigmoid(zm / bundle.temperature_melanoma)
+            result["melanoma_9class"] = binary_report(ym, pm, sigmoid(zm))
             fpr, tpr, _ = roc_curve(ym, pm)
             curves[f"isic-9class {split} MEL vs rest"] = (fpr, tpr, result["melanoma_9class"]["auc"])
-        pd = _softmax(zd / bundle.temperature_diagnosis)
+        pd = softmax(zd / bundle.temperature_diagnosis)
         pred = pd.argmax(axis=1)
         cm = confusion_matrix(yd, pred, len(DIAGNOSIS_CLASSES))
         recalls = {c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(DIAGNOSIS_CLASSES)}
@@ -278,7 +268,7 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
             "support": {c: int(cm[i].sum()) for i, c in enumerate(DIAGNOSIS_CLASSES)},
             "confusion_matrix": cm.tolist(),
             "ece_top_class_calibrated": expected_calibration_error(yd, pd),
-            "ece_top_class_uncalibrated": expected_calibration_error(yd, _softmax(zd)),
+            "ece_top_class_uncalibrated": expected_calibration_error(yd, softmax(zd)),
         }
         plot_confusion(cm, DIAGNOSIS_CLASSES, out_dir / "confusion_matrix.png")
     if curves:

@@ -301,11 +301,12 @@ def load_source(path: Path, settings: AnalysisSettings, image_id: str) -> Source
     DecodeError
         When the file cannot be read or decoded.
     """
-    if path.suffix.lower() == ".dcm":
-        from dermnode.dicom_io.reading import read_dataset, to_source_image
-
-        return to_source_image(read_dataset(path), settings.calibrations)
+    from dermnode.dicom_io.reading import read_dicom_file, to_source_image
     from dermnode.dicom_io.wrap import load_rgb
+
+    ds = read_dicom_file(path)  # DICOM by content, as `dermnode analyze` decides it
+    if ds is not None:
+        return to_source_image(ds, settings.calibrations)
 
     return SourceImage(
         rgb=load_rgb(path),

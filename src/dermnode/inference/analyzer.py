@@ -28,6 +28,7 @@ import numpy.typing as npt
 from dermnode.errors import ModelError
 from dermnode.inference.artefacts import remove_artefacts
 from dermnode.inference.classification import Classifier
+from dermnode.inference.imaging import resize_max_side
 from dermnode.inference.measurements import measure
 from dermnode.inference.quality import assess_quality
 from dermnode.inference.registry import load_model_bundle
@@ -75,13 +76,11 @@ def working_copy(
     """
     if max_side <= 0:
         raise ValueError(f"max_side must be positive, got {max_side}")
-    h, w = rgb.shape[:2]
-    if max(h, w) <= max_side:
+    small, scale = resize_max_side(rgb, max_side, cv2.INTER_AREA)
+    if scale == 1.0:
         return rgb, spacing, 1.0
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    sy, sx = size[1] / h, size[0] / w
+    (h, w), (sh, sw) = rgb.shape[:2], small.shape[:2]
+    sy, sx = sh / h, sw / w
     scaled = None
     if spacing is not None:
         scaled = dataclasses.replace(spacing, row_mm=spacing.row_mm / sy, column_mm=spacing.column_mm / sx)

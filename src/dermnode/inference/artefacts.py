@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from dermnode.inference.imaging import max_side_scale, resize_by
 from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
@@ -77,18 +78,6 @@ class ArtefactResult:
 def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-
-
-def _work_scale(shape: tuple[int, ...], work_max_side: int) -> float:
-    return min(1.0, work_max_side / max(shape[0], shape[1]))
-
-
-def _resize(a: npt.NDArray[np.uint8], scale: float, interpolation: int) -> npt.NDArray[np.uint8]:
-    if scale == 1.0:
-        return a
-    h, w = a.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(cv2.resize(a, size, interpolation=interpolation), dtype=np.uint8)
 
 
 def _upsample_mask(mask: BoolMask, shape: tuple[int, int]) -> BoolMask:
@@ -155,8 +144,8 @@ def detect_frame(
     """
     _check_rgb(rgb)
     h, w = rgb.shape[:2]
-    scale = _work_scale(rgb.shape, work_max_side)
-    small = _resize(rgb, scale, cv2.INTER_AREA)
+    scale = max_side_scale(rgb.shape, work_max_side)
+    small = resize_by(rgb, scale, cv2.INTER_AREA)
     gray = np.asarray(cv2.GaussianBlur(luminance(small), (5, 5), 0), dtype=np.uint8)
     dark = (gray < dark_threshold).astype(np.uint8)
     k = max(3, round(min(gray.shape) * 0.01) | 1)
@@ -222,7 +211,7 @@ def _inpaint(
         return rgb.copy(), full_mask
     if scale == 1.0:
         return np.asarray(cv2.inpaint(rgb, mask_small, radius, cv2.INPAINT_TELEA), dtype=np.uint8), full_mask
-    small = _resize(rgb, scale, cv2.INTER_AREA)
+    small = resize_by(rgb, scale, cv2.INTER_AREA)
     filled = np.asarray(cv2.inpaint(small, mask_small, radius, cv2.INPAINT_TELEA), dtype=np.uint8)
     up = np.asarray(cv2.resize(filled, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.uint8)
     out = rgb.copy()
@@ -264,8 +253,8 @@ def remove_hair_blackhat(
         When ``rgb`` is not an ``(H, W, 3)`` uint8 image.
     """
     _check_rgb(rgb)
-    scale = _work_scale(rgb.shape, work_max_side)
-    small = _resize(rgb, scale, cv2.INTER_AREA)
+    scale = max_side_scale(rgb.shape, work_max_side)
+    small = resize_by(rgb, scale, cv2.INTER_AREA)
     gray = luminance(small)
     kernel = cv2.getStructuringElement(cv2.MORPH_CROSS, (kernel_size, kernel_size))
     blackhat = np.asarray(cv2.morphologyEx(gray, cv2.MORPH_BLACKHAT, kernel), dtype=np.uint8)
@@ -401,8 +390,8 @@ def remove_hair_multiscale(
         When ``rgb`` is not an ``(H, W, 3)`` uint8 image.
     """
     _check_rgb(rgb)
-    scale = _work_scale(rgb.shape, work_max_side)
-    small = _resize(rgb, scale, cv2.INTER_AREA)
+    scale = max_side_scale(rgb.shape, work_max_side)
+    small = resize_by(rgb, scale, cv2.INTER_AREA)
     mask = hair_mask_multiscale(luminance(small), lengths=lengths, n_angles=n_angles, threshold=threshold)
     image, full_mask = _inpaint(rgb, mask, scale, inpaint_radius)
     return HairRemovalResult(image=image, hair_mask=full_mask)

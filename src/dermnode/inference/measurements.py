@@ -71,6 +71,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from dermnode.inference.imaging import resize_by
 from dermnode.vocabulary import DERMOSCOPIC_COLOURS, Measurements, PixelSpacing
 
 logger = logging.getLogger(__name__)
@@ -165,12 +166,7 @@ def asymmetry_scores(mask: BoolArray) -> tuple[float, float]:
     _, mask = _bbox_crop(None, mask, 0.0)
     scale = _working_scale(mask, 512.0)  # the non-overlap fraction is scale-invariant
     if scale < 0.999:
-        h0, w0 = mask.shape
-        small = cv2.resize(
-            mask.astype(np.uint8) * 255,
-            (max(1, round(w0 * scale)), max(1, round(h0 * scale))),
-            interpolation=cv2.INTER_AREA,
-        )
+        small = resize_by(mask.astype(np.uint8) * 255, scale, cv2.INTER_AREA)
         mask = np.asarray(small >= 128, dtype=bool)
         if not mask.any():
             raise ValueError("empty mask")
@@ -227,10 +223,8 @@ def _resize_pair(
 ) -> tuple[npt.NDArray[np.uint8], BoolArray]:
     if scale >= 0.999:
         return rgb, mask
-    h, w = mask.shape
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    r = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    m = cv2.resize(mask.astype(np.uint8) * 255, size, interpolation=cv2.INTER_AREA) >= 128
+    r = resize_by(rgb, scale, cv2.INTER_AREA)
+    m = resize_by(mask.astype(np.uint8) * 255, scale, cv2.INTER_AREA) >= 128
     return r, np.asarray(m, dtype=bool)
 
 

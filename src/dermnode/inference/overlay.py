@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dermnode.errors import OutputError
+from dermnode.inference.imaging import resize_by, resize_max_side
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,9 @@ def render_overlay(
     if mask is not None and mask.shape != (h, w):
         raise ValueError(f"mask shape {mask.shape} does not match the image {(h, w)}")
     if max_side is not None and max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        out = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+        out, scale = resize_max_side(rgb, max_side, cv2.INTER_AREA)
         if mask is not None:
-            mask = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5
+            mask = resize_by(mask.astype(np.float32), scale, cv2.INTER_AREA) >= 0.5
         h, w = out.shape[:2]
     else:
         out = np.ascontiguousarray(rgb).copy()

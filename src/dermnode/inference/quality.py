@@ -66,6 +66,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from dermnode.inference.imaging import resize_by, resize_max_side, shades_of_gray
 from dermnode.vocabulary import QualityReport
 
 logger = logging.getLogger(__name__)
@@ -86,28 +87,21 @@ MIN_SKIN_FRAC = 0.55
 MAX_FOREIGN_FRAC = 0.20
 MIN_SHARPNESS = 0.35
 MIN_FIELD_FOR_SHARPNESS = 0.20
+#: Gains of the mild white balance the skin-colour check runs after (milder than the classifier's).
+QUALITY_GAIN_LIMITS: tuple[float, float] = (0.6, 1.6)
 SHARPNESS_SIDE = 256
 
 
 def _work_copies(rgb: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     """(area-resized copy, nearest-resized copy) with the longer side at most WORK_SIDE."""
-    h, w = rgb.shape[:2]
-    s = WORK_SIDE / max(h, w)
-    if s >= 1.0:
-        return rgb, rgb
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    area = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
-    near = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_NEAREST), dtype=np.uint8)
-    return area, near
+    area, s = resize_max_side(rgb, WORK_SIDE, cv2.INTER_AREA)
+    return area, resize_by(rgb, s, cv2.INTER_NEAREST)
 
 
 def _colour_corrected(work: npt.NDArray[np.uint8], body: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
     """Shades-of-Gray (p = 6) white balance estimated on the non-vignette pixels, gains clipped to [0.6, 1.6]."""
-    x = work.astype(np.float32) / 255.0
-    px = x[body] if body.any() else x.reshape(-1, 3)
-    illum = np.power(np.mean(np.power(px, 6.0), axis=0), 1.0 / 6.0) + 1e-6
-    gain = np.clip(illum.mean() / illum, 0.6, 1.6)
-    return np.asarray(np.clip(x * gain * 255.0 + 0.5, 0, 255), dtype=np.uint8)
+    x = shades_of_gray(work, p=6.0, gain_limits=QUALITY_GAIN_LIMITS, mask=body)
+    return np.asarray(np.clip(x * 255.0 + 0.5, 0, 255), dtype=np.uint8)
 
 
 def _sharpness(work: npt.NDArray[np.uint8]) -> float:
@@ -117,11 +111,7 @@ def _sharpness(work: npt.NDArray[np.uint8]) -> float:
     600-6000 px device image is judged at the scale the threshold was measured at. Over the field of view
     (non-vignette pixels, eroded by 3 px) when it covers at least :data:`MIN_FIELD_FOR_SHARPNESS` of the frame.
     """
-    h, w = work.shape[:2]
-    scale = SHARPNESS_SIDE / max(h, w)
-    if scale < 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        work = np.asarray(cv2.resize(work, size, interpolation=cv2.INTER_AREA), dtype=np.uint8)
+    work, _ = resize_max_side(work, SHARPNESS_SIDE, cv2.INTER_AREA)
     g = cv2.cvtColor(work, cv2.COLOR_RGB2GRAY).astype(np.float64)
     lap = cv2.Laplacian(cv2.GaussianBlur(g, (0, 0), 1.0), cv2.CV_64F)
     body = cv2.cvtColor(work, cv2.COLOR_RGB2HSV_FULL)[..., 2] >= VIGNETTE_V * 255
