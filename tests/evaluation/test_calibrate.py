@@ -29,7 +29,13 @@ def test_document_refits_temperature_and_reads_back(tmp_path: Path) -> None:
     doc = calibration_document(p, y, MODEL, name="clinic A", data={"folder": "x"})
     # the true log-likelihood ratio of N(+1, 1) vs N(-1, 1) is 2 z: the factor that undoes 3 z is about 2 / 3
     assert doc["temperature_factor"] == pytest.approx(2 / 3, rel=0.2)
-    assert doc["ece_after"] < doc["ece_before"]
+    z = np.log(p / (1 - p))
+
+    def nll(factor: float) -> float:
+        q = 1 / (1 + np.exp(-z * factor))
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    assert nll(doc["temperature_factor"]) < nll(1.0) - 0.05
     assert doc["missed_melanomas"] == 2  # floor(2 % of 120)
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(doc))
