@@ -72,3 +72,17 @@ def test_pretrained_lite0_starts_from_imagenet(tiny_isic2017: Path, tmp_path: Pa
     imagenet = pretrained_state_dict("tf_efficientnet_lite0")["conv_stem.weight"]
     # two small steps away from the ImageNet weights, and far from a random initialisation
     assert torch.nn.functional.cosine_similarity(stem.flatten(), imagenet.flatten(), dim=0) > 0.99
+
+
+def test_heldout_folder_holds_only_validation_images_unstretched(tiny_isic2017: Path, tmp_path: Path) -> None:
+    from dermnode.training.heldout import write_heldout_folder
+
+    out = tmp_path / "heldout"
+    assert write_heldout_folder(tiny_isic2017.parent, out) == 4
+    with open(out / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["image_id"] for r in rows) == [f"ISIC_{i:07d}" for i in range(8, 12)]
+    assert {r["melanoma"] for r in rows} == {"0", "1"}
+    img = cv2.imread(str(out / "images" / "ISIC_0000009.png"))
+    mask = cv2.imread(str(out / "masks" / "ISIC_0000009.png"), cv2.IMREAD_GRAYSCALE)
+    assert img.shape[:2] == mask.shape == (64, 85)  # back to 4:3

@@ -86,6 +86,7 @@ class Sample:
     melanoma: int  # 1, 0 or -1 (unknown)
     diagnosis: int  # class index or -1 (unknown)
     whole_image: bool
+    mask: npt.NDArray[np.bool_] | None = None  # ground-truth lesion mask (isic2017), same size as ``rgb``
 
 
 def _find_dataset(data_dirs: list[Path], name: str) -> Path | None:
@@ -222,7 +223,7 @@ def load_samples(data_dirs: list[Path], *, seed: int = 0, splits: tuple[str, ...
             raise PipelineError(f"cannot read mask {mpath}")
         rgb, m = unstretch(rgb, mask >= 128, int(r["orig_width"] or 0), int(r["orig_height"] or 0))
         box = lesion_crop_box(m, rgb.shape[:2])
-        samples.append(Sample(r["image_id"], "isic2017", split, rgb, box, mel, diag, False))
+        samples.append(Sample(r["image_id"], "isic2017", split, rgb, box, mel, diag, False, m))
     if d9 is not None:
         rng = random.Random(seed)
         by_class: dict[str, list[str]] = {}
