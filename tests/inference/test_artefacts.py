@@ -136,11 +136,36 @@ def test_line_kernel() -> None:
     assert line_kernel(9, 90)[:, 4].sum() == 9
 
 
+def _lab(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float64)
+
+
 def test_clahe_keeps_shape_and_raises_contrast() -> None:
     img = (np.full((64, 64, 3), 120, np.uint8) + np.random.default_rng(0).integers(0, 10, (64, 64, 3))).astype(np.uint8)
     out = apply_clahe(img)
     assert out.shape == img.shape and out.dtype == np.uint8
-    assert out.std() >= img.std()
+    # a flat, low-contrast image: equalisation spreads its lightness several-fold (measured: L std 2.2 -> 11.2);
+    # an identity "CLAHE" keeps the ratio at 1 and fails here
+    assert _lab(out)[..., 0].std() > 3.0 * _lab(img)[..., 0].std()
+    # only the lightness is equalised: the chroma (a*, b*) stays within rounding
+    assert np.abs(_lab(out)[..., 1:] - _lab(img)[..., 1:]).mean() < 2.0
+
+
+def test_clahe_stretches_a_narrow_lightness_range() -> None:
+    ramp = np.tile(np.linspace(90, 150, 64).astype(np.uint8)[None, :, None], (64, 1, 3))
+    lightness = _lab(apply_clahe(ramp))[..., 0]
+    before = _lab(ramp)[..., 0]
+    assert np.ptp(lightness) > np.ptp(before) + 15  # measured: L 98..158 -> 104..187
+    assert np.corrcoef(lightness.mean(axis=0), before.mean(axis=0))[0, 1] > 0.95  # the ramp stays a ramp
+
+
+def test_remove_artefacts_applies_clahe_only_when_asked() -> None:
+    img = (np.full((64, 64, 3), 120, np.uint8) + np.random.default_rng(0).integers(0, 10, (64, 64, 3))).astype(np.uint8)
+    plain = remove_artefacts(img, AnalysisSettings(hair_removal="none", clahe=False))
+    equalised = remove_artefacts(img, AnalysisSettings(hair_removal="none", clahe=True))
+    assert not plain.clahe and equalised.clahe
+    assert np.array_equal(equalised.image, apply_clahe(plain.image))
+    assert not np.array_equal(equalised.image, plain.image)
 
 
 def test_remove_artefacts_follows_settings() -> None:
