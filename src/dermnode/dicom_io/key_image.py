@@ -81,7 +81,7 @@ def render_overlay(
     outline: LesionOutline | None,
     text: TextBlock,
 ) -> npt.NDArray[np.uint8]:
-    """Draw the outline (green), the diameter (yellow) and the text (white on black) on a copy of ``rgb``.
+    """Draw the outline (green), the diameter (yellow) and the text (white, on its block darkened) on a copy.
 
     Lines are drawn without anti-aliasing, so every outline pixel has exactly :data:`OUTLINE_RGB`; their
     width grows with the image (1 px below 600 px on the shorter side, 2 px up to 999 px, and so on).
@@ -114,12 +114,16 @@ def render_overlay(
         cv2.polylines(out, [_fixed(outline.polyline)], True, OUTLINE_RGB, thickness, cv2.LINE_8, _SHIFT)
         a, b = _fixed(outline.diameter)
         cv2.line(out, (int(a[0]), int(a[1])), (int(b[0]), int(b[1])), DIAMETER_RGB, thickness, cv2.LINE_8, _SHIFT)
+    # text: white, anti-aliased, on the block's area darkened by half (readable on any skin tone, the image
+    # stays visible); every pixel of the block is then at most 127 per channel except the text's
+    left, top, right, bottom = (round(v) for v in text.bbox)
+    region = out[max(0, top) : bottom, max(0, left) : right]
+    region[...] = (region.astype(np.uint16) // 2).astype(np.uint8)
     stroke = max(1, round(2 * text.scale))
-    for line, (left, top, _right, bottom) in zip(text.lines, text.boxes, strict=True):
+    for line, (box_left, box_top, _right, box_bottom) in zip(text.lines, text.boxes, strict=True):
         (_w, h), baseline = cv2.getTextSize(line, FONT, text.scale, stroke)
-        x = round(left + 3 * text.scale)
-        y = round(top + (bottom - top - h - baseline) / 2 + h)
-        cv2.putText(out, line, (x, y), FONT, text.scale, (0, 0, 0), stroke + 2, cv2.LINE_AA)
+        x = round(box_left + 3 * text.scale)
+        y = round(box_top + (box_bottom - box_top - h - baseline) / 2 + h)
         cv2.putText(out, line, (x, y), FONT, text.scale, TEXT_RGB, stroke, cv2.LINE_AA)
     return out
 
