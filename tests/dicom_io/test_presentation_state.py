@@ -3,6 +3,8 @@ placement beside the lesion, not analysable variant, refusals."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,6 +92,19 @@ def test_dciodvfy_reports_no_errors(kind: str, save: Save) -> None:
     assert errors == []
     # only the empty (unknown) Laterality of a skin photograph is left as a warning
     assert all("Laterality" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_dcmtk_presentation_state_checker_passes(refused: bool, save: Save) -> None:
+    checker = shutil.which("dcmpschk")
+    if checker is None:
+        pytest.skip("dcmpschk (DCMTK) is not installed")
+    source, mask = source_and_mask("multiframe")
+    text = {**TEXT, "not_analysable_reason": REASON} if refused else ANALYSED
+    proc = subprocess.run([checker, str(save(build(source, mask, **text), "pr.dcm"))], capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Test passed" in output, output
+    assert not [line for line in output.splitlines() if line.startswith(("E:", "F:"))], output
 
 
 def test_not_analysable_is_valid_and_says_why(save: Save) -> None:
