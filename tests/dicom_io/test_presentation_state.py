@@ -3,6 +3,7 @@ placement beside the lesion, not analysable variant, refusals."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from dermnode.dicom_io.presentation_state import (
     TEXT_LAYER,
     build_presentation_state,
     decision_support_lines,
+    presentation_icc_profile,
+    srgb_icc_profile,
 )
 from dermnode.errors import OutputError
 
@@ -255,3 +258,21 @@ def test_monochrome_source_is_refused() -> None:
     grey.SamplesPerPixel = 1
     with pytest.raises(OutputError, match="colour"):
         build(grey, mask)
+
+
+def test_icc_profile_of_the_source_is_kept_as_an_input_profile(save: Save) -> None:
+    from PIL import ImageCms
+
+    source, mask = source_and_mask("small")
+    assert presentation_icc_profile(source) == srgb_icc_profile()
+    abstract = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # class 'abst': replaced
+    source.ICCProfile = abstract
+    assert presentation_icc_profile(source) == srgb_icc_profile()
+    monitor = bytearray(srgb_icc_profile())
+    monitor[12:16] = b"mntr"
+    source.ICCProfile = bytes(monitor)
+    kept = presentation_icc_profile(source)
+    assert kept[12:16] == b"scnr" and kept[:12] == bytes(monitor[:12])
+    pr = pydicom.dcmread(save(build(source, mask), "pr-icc.dcm"))
+    assert bytes(pr.ICCProfile) == kept
+    ImageCms.ImageCmsProfile(io.BytesIO(bytes(pr.ICCProfile)))  # still a valid profile

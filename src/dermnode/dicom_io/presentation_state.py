@@ -58,6 +58,7 @@ __all__ = [
     "build_presentation_state",
     "decision_support_lines",
     "overlay_content",
+    "presentation_icc_profile",
     "series_laterality",
     "srgb_icc_profile",
 ]
@@ -114,13 +115,43 @@ def srgb_icc_profile() -> bytes:
     return bytes(raw)
 
 
-def _source_icc_profile(source: Dataset) -> bytes | None:
+def presentation_icc_profile(source: Dataset) -> bytes:
+    """The ICC profile for a presentation state of ``source``: the source's own when it has one, else sRGB.
+
+    The ICC Profile module of a presentation state wants an input (``scnr``) or colour space (``spac``) profile.
+    Cameras often embed a display (``mntr``) profile; as in :func:`srgb_icc_profile` its device class is set to
+    ``scnr`` (the transform is unchanged) and its profile ID, which covers the class, is zeroed. A profile of
+    any other class, or one too short to have an ICC header, is replaced by :func:`srgb_icc_profile`.
+
+    Parameters
+    ----------
+    source:
+        The source image dataset (ICC Profile, or the one Optical Path Sequence item's).
+
+    Returns
+    -------
+    bytes
+        The profile.
+    """
+    raw: bytes | None = None
     if "ICCProfile" in source:
-        return bytes(source.ICCProfile)
-    optical = source.get("OpticalPathSequence")
-    if optical and len(optical) == 1 and "ICCProfile" in optical[0]:
-        return bytes(optical[0].ICCProfile)
-    return None
+        raw = bytes(source.ICCProfile)
+    else:
+        optical = source.get("OpticalPathSequence")
+        if optical and len(optical) == 1 and "ICCProfile" in optical[0]:
+            raw = bytes(optical[0].ICCProfile)
+    if raw is None:
+        return srgb_icc_profile()
+    profile_class = raw[12:16] if len(raw) >= 128 and raw[36:40] == b"acsp" else b""
+    if profile_class in (b"scnr", b"spac"):
+        return raw
+    if profile_class == b"mntr":
+        fixed = bytearray(raw)
+        fixed[12:16] = b"scnr"
+        fixed[84:100] = bytes(16)
+        return bytes(fixed)
+    logger.warning("source ICC profile of class %r is not usable in a presentation state: sRGB is used", profile_class)
+    return srgb_icc_profile()
 
 
 def series_laterality(source: Dataset) -> str:
@@ -381,7 +412,7 @@ def build_presentation_state(
             graphic_annotations=annotations,
             graphic_layers=layers,
             institution_name=institution_name,
-            icc_profile=_source_icc_profile(source) or srgb_icc_profile(),
+            icc_profile=presentation_icc_profile(source),
             series_description=series_description,
             specific_character_set="ISO_IR 192",
         )
