@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PEERS  := dcmtk orthanc
+PEERS  := dcmtk orthanc chromium postgresql
 
 .PHONY: setup peers run test test-fast lint bench clean
 
@@ -16,17 +16,19 @@ $(STAMP): pyproject.toml
 ## setup: virtualenv with dermnode (editable) + dev tools, and the DICOM test peers from Debian
 setup: $(STAMP) peers
 
-## peers: install DCMTK and Orthanc from Debian when missing (needs root; skipped with a message otherwise)
+## peers: install DCMTK, Orthanc, Chromium and PostgreSQL from Debian when missing (needs root; skipped with a message otherwise)
 peers:
 	@missing=""; \
 	command -v storescu >/dev/null 2>&1 || missing="$$missing dcmtk"; \
 	command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || missing="$$missing orthanc"; \
-	if [ -z "$$missing" ]; then echo "peers: dcmtk and orthanc already installed"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then echo "peers: dcmtk, orthanc, chromium and postgresql already installed"; \
 	elif [ "$$(id -u)" != "0" ]; then echo "peers: not root, skipping apt-get install of:$$missing (tests that need them will skip)"; \
 	else echo "peers: installing$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
-	  systemctl stop orthanc >/dev/null 2>&1 || service orthanc stop >/dev/null 2>&1 || true; \
+	  systemctl stop orthanc postgresql >/dev/null 2>&1 || { service orthanc stop; service postgresql stop; } >/dev/null 2>&1 || true; \
 	fi
 
 ## run: start the service on the embedded defaults (storage under var/, shipped models)
