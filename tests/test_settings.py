@@ -133,7 +133,7 @@ def test_pacs_table_needs_its_address(tmp_path: Path) -> None:
         load_settings(_pacs_toml(tmp_path, 'name = "x"\nhost = "pacs.example"\nport = 104', complete=False), environ={})
     with pytest.raises(ConfigError, match=r"pacs\.host"):
         load_settings(_pacs_toml(tmp_path, 'name = "x"\nae_title = "PACS"\nport = 104', complete=False), environ={})
-    with pytest.raises(ConfigError, match=r"pacs\.port"):
+    with pytest.raises(ConfigError, match=r"pacs\.port is required in the \[\[pacs\]\] table 'x'"):
         cfg = _pacs_toml(tmp_path, 'name = "x"\nae_title = "PACS"\nhost = "pacs.example"', complete=False)
         load_settings(cfg, environ={})
 

@@ -84,6 +84,11 @@ class AnalysisSettings:
     clahe: bool = False
     calibrations: tuple[DeviceCalibration, ...] = ()
     torch_threads: int = 1  # intra-op threads per process; 0: torch's default (stalls on a busy 2-core host)
+    # band calibration file (cut-offs for a stated miss rate, see `dermnode calibrate`): empty = the one shipped
+    # beside the classifier (<classifier_model>.calibration.json) when present; "none" = the band_* values above
+    calibration: str = ""
+    segmentation_model: str = "segmentation"  # model file stems in the models folder: pin an older version
+    classifier_model: str = "classifier"  # (e.g. "classifier-1.0.0") without replacing the shipped files
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,12 @@ class OutputSettings:
     sr_series_number: int = 9002
     sr_series_description: str = "dermnode dermoscopy AI report"
     fractional_seg: bool = False
+    presentation_state: bool = True  # Color Softcopy Presentation State with the outline over the source image
+    pr_series_number: int = 9003
+    pr_series_description: str = "dermnode outline - decision support only"
+    burned_in_image: bool = False  # key image with the outline burned in (Secondary Capture)
+    key_image_series_number: int = 9004
+    key_image_series_description: str = "dermnode overlay — not for diagnosis"
 
 
 @dataclass(frozen=True)
@@ -174,6 +185,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "http.port": (0, 65535),
     "output.seg_series_number": (1, 2**31 - 1),
     "output.sr_series_number": (1, 2**31 - 1),
+    "output.pr_series_number": (1, 2**31 - 1),
+    "output.key_image_series_number": (1, 2**31 - 1),
     "analysis.torch_threads": (0, 256),
 }
 #: Durations in seconds that must be positive (a zero poll interval is a busy loop, a zero timeout fails at once).
@@ -280,6 +293,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _validate(settings: Settings) -> None:
+    for p in settings.pacs:
+        if p.port == 0:
+            raise ConfigError(f"pacs.port is required in the [[pacs]] table {p.name!r}")
     flat: dict[str, Any] = {}
     for section in dataclasses.fields(settings):
         value = getattr(settings, section.name)

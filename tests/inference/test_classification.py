@@ -18,8 +18,8 @@ from dermnode.inference.classifier_models import (
     save_classifier,
     warp_crop,
 )
-from dermnode.vocabulary import Band
 from dermnode.settings import AnalysisSettings
+from dermnode.vocabulary import Band
 from synthetic import synthetic_dermoscopy
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,7 +22,6 @@ head, so ``diagnosis_probabilities["MEL"]`` need not equal ``melanoma_probabilit
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,9 @@ from dermnode.inference.classifier_models import (
     preprocess_crop,
     warp_crop,
 )
-from dermnode.vocabulary import Band, Classification, ModelIdentity
+from dermnode.inference.imaging import sigmoid_scalar, softmax
 from dermnode.settings import AnalysisSettings
+from dermnode.vocabulary import Band, Classification, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +174,9 @@ class Classifier:
             When the image or the mask has the wrong shape.
         """
         z_mel, z_diag = self.logits(rgb, mask)
-        p_mel = 1.0 / (1.0 + math.exp(-z_mel / self.bundle.temperature_melanoma))
+        p_mel = sigmoid_scalar(z_mel / self.bundle.temperature_melanoma)
         z = z_diag / self.bundle.temperature_diagnosis
-        e = np.exp(z - z.max())
-        p = e / e.sum()
+        p = softmax(z)
         probs = {c: float(v) for c, v in zip(self.bundle.classes, p, strict=True)}
         return Classification(
             melanoma_probability=float(p_mel),

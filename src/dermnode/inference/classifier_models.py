@@ -42,12 +42,12 @@ import torch
 from torch import nn
 
 from dermnode.errors import ModelError
+from dermnode.inference.imaging import shades_of_gray
 from dermnode.inference.registry import load_model_bundle, register_architecture, save_model_bundle
-from dermnode.vocabulary import ModelIdentity
+from dermnode.vocabulary import DIAGNOSIS_CLASSES, ModelIdentity
 
 logger = logging.getLogger(__name__)
 
-DIAGNOSIS_CLASSES: tuple[str, ...] = ("AK", "BCC", "DF", "MEL", "NV", "BKL", "SK", "SCC", "VASC")
 MEAN = np.array([0.60, 0.50, 0.45], dtype=np.float32)
 STD = np.array([0.20, 0.20, 0.20], dtype=np.float32)
 DEFAULT_MARGIN = 0.2
@@ -200,7 +200,7 @@ class TimmTwoHead(nn.Module):
 
         self.variant = backbone
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
-        n = int(self.backbone.num_features)
+        n = int(getattr(self.backbone, "num_features"))  # noqa: B009 (timm's attribute, untyped for mypy)
         self.dropout = nn.Dropout(dropout)
         self.melanoma_head = nn.Linear(n, 1)
         self.diagnosis_head = nn.Linear(n, n_classes)
@@ -386,28 +386,6 @@ def warp_crop(
     return np.ascontiguousarray(out)
 
 
-def shades_of_gray(rgb: npt.NDArray[np.uint8], p: float = 6.0) -> npt.NDArray[np.float32]:
-    """Shades-of-Gray colour constancy.
-
-    Parameters
-    ----------
-    rgb : ndarray
-        uint8 image (H, W, 3).
-    p : float
-        Minkowski norm order.
-
-    Returns
-    -------
-    ndarray
-        float32 image in [0, 1] with the illuminant estimate mapped to grey.
-    """
-    x = rgb.astype(np.float32) / 255.0
-    illum = np.power(np.mean(np.power(x, p), axis=(0, 1)), 1.0 / p) + 1e-6
-    gain = illum.mean() / illum
-    gain = np.clip(gain, 0.5, 2.0)
-    return np.clip(x * gain[None, None, :], 0.0, 1.0).astype(np.float32)
-
-
 def preprocess_crop(
     crop: npt.NDArray[np.uint8],
     mean: npt.ArrayLike = MEAN,
@@ -427,9 +405,8 @@ def preprocess_crop(
     ndarray
         float32 (3, S, S).
     """
-    x = shades_of_gray(crop)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    x = (shades_of_gray(crop) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,7 +414,9 @@ def preprocess_crop(
 
 
 @register_architecture("timm_two_head")
-def build_timm_two_head(backbone: str = "tf_efficientnet_lite0", n_classes: int = len(DIAGNOSIS_CLASSES)) -> TimmTwoHead:
+def build_timm_two_head(
+    backbone: str = "tf_efficientnet_lite0", n_classes: int = len(DIAGNOSIS_CLASSES)
+) -> TimmTwoHead:
     """Registry constructor of :class:`TimmTwoHead`.
 
     Parameters

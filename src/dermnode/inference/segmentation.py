@@ -8,9 +8,9 @@ Preprocessing resizes the whole image to the network's working size (``input_siz
 trained in a landscape frame (manifest ``extra.frame_follows_orientation``, e.g. 192x256 for 4:3 images; its
 training images were shown in their original aspect ratio) gets portrait images in the turned frame, so the
 aspect ratio is kept up to the difference between the image's and the frame's. The older square models
-(trained on the ISIC copies stretched to 256x256) get every image stretched to their square in the same way. Post-processing
-thresholds the probability, keeps one lesion component (the largest; among several of similar size the one
-nearest the image centre), fills its holes and smooths its outline.
+(trained on the ISIC copies stretched to 256x256) get every image stretched to their square in the same way.
+Post-processing thresholds the probability, keeps one lesion component (the largest; among several of similar
+size the one nearest the image centre), fills its holes and smooths its outline.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dermnode.inference.imaging import max_side_scale
 from dermnode.inference.registry import ModelBundle
 from dermnode.vocabulary import ModelIdentity
 
@@ -295,7 +296,7 @@ class Segmenter:
         if valid_mask is not None and valid_mask.shape != (h, w):
             raise ValueError(f"valid_mask shape {valid_mask.shape} does not match the image {(h, w)}")
         prob_small = self.predict_probability(rgb)
-        scale = min(1.0, POSTPROCESS_MAX_SIDE / max(h, w))
+        scale = max_side_scale(rgb.shape, POSTPROCESS_MAX_SIDE)
         wh, ww = max(1, round(h * scale)), max(1, round(w * scale))
         prob_work = np.asarray(cv2.resize(prob_small, (ww, wh), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
         if valid_mask is not None:

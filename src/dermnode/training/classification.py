@@ -66,6 +66,7 @@ from dermnode.inference.classifier_models import (
     save_classifier,
     warp_crop,
 )
+from dermnode.inference.imaging import sigmoid, softmax
 from dermnode.training.loop import FitConfig, fit
 
 logger = logging.getLogger(__name__)
@@ -422,18 +423,6 @@ def batched_logits(
     return np.concatenate(mels), np.concatenate(diags)
 
 
-def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    out: npt.NDArray[np.float64] = 1.0 / (1.0 + np.exp(-z))
-    return out
-
-
-def _softmax(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    out: npt.NDArray[np.float64] = e / e.sum(axis=1, keepdims=True)
-    return out
-
-
 def _plot_history(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib
 
@@ -697,8 +686,8 @@ def _calibrate_and_export(
     t_mel = 1.0
     if len(np.unique(y17)) == 2:
         t_mel = fit_temperature(m17, y17)
-        calib["melanoma_ece_before"] = expected_calibration_error(y17, _sigmoid(m17))
-        calib["melanoma_ece_after"] = expected_calibration_error(y17, _sigmoid(m17 / t_mel))
+        calib["melanoma_ece_before"] = expected_calibration_error(y17, sigmoid(m17))
+        calib["melanoma_ece_after"] = expected_calibration_error(y17, sigmoid(m17 / t_mel))
         calib["melanoma_auc_val_tta"] = roc_auc(y17, m17)
     dl_mask17 = np.array([s.diagnosis >= 0 for s in val17], dtype=bool)
     zd = np.concatenate([d9, d17[dl_mask17]])
@@ -706,8 +695,8 @@ def _calibrate_and_export(
     t_diag = 1.0
     if len(yd):
         t_diag = fit_temperature(zd, yd)
-        calib["diagnosis_ece_before"] = expected_calibration_error(yd, _softmax(zd))
-        calib["diagnosis_ece_after"] = expected_calibration_error(yd, _softmax(zd / t_diag))
+        calib["diagnosis_ece_before"] = expected_calibration_error(yd, softmax(zd))
+        calib["diagnosis_ece_after"] = expected_calibration_error(yd, softmax(zd / t_diag))
         calib["diagnosis_bacc_val_tta"] = balanced_accuracy(yd, zd.argmax(1))
     calib["temperature_melanoma"] = t_mel
     calib["temperature_diagnosis"] = t_diag
