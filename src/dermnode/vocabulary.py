@@ -198,6 +198,8 @@ class Classification:
     melanoma_probability: float
     band: Band
     diagnosis_probabilities: dict[str, float]  # ISIC class code (e.g. "MEL", "NV") -> probability
+    band_meaning: str = ""  # what the band meant on the calibration data, in words a clinician reads
+    calibration: str = ""  # which band calibration produced it: "name (date, sha256 prefix)"; empty: fixed cut-offs
 
     @property
     def top_diagnosis(self) -> str:
@@ -207,6 +209,8 @@ class Classification:
         return {
             "melanoma_probability": self.melanoma_probability,
             "band": self.band.value,
+            "band_meaning": self.band_meaning,
+            "calibration": self.calibration,
             "diagnosis_probabilities": dict(self.diagnosis_probabilities),
             "top_diagnosis": self.top_diagnosis,
         }
