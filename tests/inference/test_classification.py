@@ -139,3 +139,48 @@ def test_ensemble_bundle_roundtrip(tmp_path: Path) -> None:
     assert torch.allclose(mel, (m0 + m1) / 2, atol=1e-5) and torch.allclose(diag, (d0 + d1) / 2, atol=1e-5)
     c = clf.classify(rgb, mask)
     assert sum(c.diagnosis_probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def _calibration_doc(model: dict[str, str], benign: float, malignant: float, factor: float) -> dict[str, object]:
+    facts = {"n": 10, "n_melanoma": 1, "fraction_of_lesions": 0.1, "melanoma_rate": 0.1, "fraction_of_melanomas": 0.02}
+    return {
+        "format": "dermnode-band-calibration/1", "name": "test site", "created": "2026-12-02T00:00:00+00:00",
+        "model": model, "temperature_factor": factor, "max_miss": 0.02, "min_specificity": 0.95,
+        "cutoffs": {"benign_below": benign, "malignant_above": malignant}, "n_melanoma": 50, "n_other": 200,
+        "missed_melanomas": 1, "miss_rate_upper95": 0.1,
+        "bands": {"benign": facts, "indeterminate": facts, "malignant": facts},
+    }
+
+
+def test_band_calibration_beside_the_model_sets_cutoffs_temperature_and_meaning(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model_net = DermNet("dermnet-xs").eval()
+    with torch.no_grad():
+        model_net.melanoma_head.bias.fill_(2.0)  # a clearly non-zero logit, so the temperature factor shows
+    save_classifier(model_net, tmp_path, variant="dermnet-xs", input_size=64, temperatures=(1.5, 2.0), version="0.0.1")
+    tiny_bundle = tmp_path
+    rgb, mask = _lesion()
+    plain = Classifier(tiny_bundle)
+    z, _ = plain.logits(rgb, mask)
+    p_plain = plain.classify(rgb, mask).melanoma_probability
+    ident = plain.identity
+    model = {"name": ident.name, "version": ident.version, "sha256": ident.sha256}
+    # cut-offs placed around the refitted probability: the band must follow the file, not the settings
+    p_cal = float(1 / (1 + np.exp(-z / 1.5 * 0.5)))
+    doc = _calibration_doc(model, benign=min(p_cal + 0.01, 1.0), malignant=min(p_cal + 0.02, 1.0), factor=0.5)
+    (tiny_bundle / "classifier.calibration.json").write_text(json.dumps(doc))
+    c = Classifier(tiny_bundle).classify(rgb, mask)
+    assert c.melanoma_probability == pytest.approx(p_cal, rel=1e-6)
+    assert abs(p_cal - p_plain) > 0.05
+    assert c.band is Band.BENIGN
+    assert c.band_meaning.startswith("Low suspicion") and "1 in 50 melanomas" in c.band_meaning
+    assert c.calibration.startswith("test site (2026-12-02")
+    # "none" ignores the file
+    off = Classifier(tiny_bundle, AnalysisSettings(calibration="none")).classify(rgb, mask)
+    assert off.melanoma_probability == pytest.approx(p_plain) and off.band_meaning == "" and off.calibration == ""
+    # a calibration made for another classifier stops the start
+    doc["model"] = {**model, "sha256": "0" * 64}
+    other = tiny_bundle / "other.json"
+    other.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="recalibrate"):
+        Classifier(tiny_bundle, AnalysisSettings(calibration=str(other)))

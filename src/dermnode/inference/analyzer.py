@@ -17,6 +17,7 @@ measurements at 27 megapixels).
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import logging
 import time
 from pathlib import Path
@@ -45,7 +46,8 @@ from dermnode.vocabulary import (
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_MODELS = Path(__file__).resolve().parents[3] / "models"
+#: The models shipped inside the package (package data: found from a wheel install as from a checkout).
+SHIPPED_MODELS = Path(str(importlib.resources.files("dermnode") / "models"))
 #: Longer side, in pixels, above which an image is analysed on a reduced copy (see the module docstring).
 ANALYSIS_MAX_SIDE = 2048
 
@@ -137,8 +139,8 @@ class Analyzer:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        self.segmenter = Segmenter(load_model_bundle(directory, "segmentation"))
-        self.classifier = Classifier(directory, settings)
+        self.segmenter = Segmenter(load_model_bundle(directory, settings.segmentation_model))
+        self.classifier = Classifier(directory, settings, name=settings.classifier_model)
         self.models: tuple[ModelIdentity, ...] = (self.segmenter.identity, self.classifier.identity)
         logger.info(
             "models loaded: %s",

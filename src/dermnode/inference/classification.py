@@ -11,9 +11,12 @@
    network on a 160 px crop, a few milliseconds);
 3. temperature scaling (temperatures fitted on validation logits, stored in the manifest):
    ``p_melanoma = sigmoid(z_mel / T_mel)``, ``p_diagnosis = softmax(z_diag / T_diag)``;
-4. band (:func:`band_for`): ``benign`` when ``p < band_benign_below``, ``malignant`` when
-   ``p > band_malignant_above``, otherwise ``indeterminate`` (a probability exactly at a threshold is
-   indeterminate).
+4. band: with a band calibration (:mod:`dermnode.inference.calibration`; by default the file shipped beside the
+   classifier, ``<name>.calibration.json``, or ``analysis.calibration``) the melanoma logit is first multiplied
+   by the calibration's temperature factor and the band comes from its cut-offs, chosen for a stated miss rate,
+   with the band's meaning in words; without one (``analysis.calibration = "none"`` or no file) :func:`band_for`
+   applies ``band_benign_below`` / ``band_malignant_above``. ``benign`` below the lower cut-off, ``malignant``
+   above the upper one, otherwise ``indeterminate`` (a probability exactly at a cut-off is indeterminate).
 
 The melanoma probability comes from the dedicated binary head; the 9-class distribution from the diagnosis
 head, so ``diagnosis_probabilities["MEL"]`` need not equal ``melanoma_probability``. Decision support only.
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from dermnode.inference.calibration import BandCalibration, load_calibration
 from dermnode.inference.classifier_models import (
     lesion_crop_box,
     load_classifier,
@@ -63,6 +67,18 @@ def band_for(probability: float, settings: AnalysisSettings) -> Band:
     return Band.INDETERMINATE
 
 
+def _band_calibration(
+    models_dir: Path, name: str, settings: AnalysisSettings, model: ModelIdentity
+) -> BandCalibration | None:
+    """The band calibration ``settings.calibration`` selects (see the module docstring), checked against ``model``."""
+    if settings.calibration == "none":
+        return None
+    if settings.calibration:
+        return load_calibration(Path(settings.calibration), model)
+    shipped = models_dir / f"{name}.calibration.json"
+    return load_calibration(shipped, model) if shipped.is_file() else None
+
+
 class Classifier:
     """Melanoma / diagnosis classifier on the lesion crop.
 
@@ -80,7 +96,8 @@ class Classifier:
     Raises
     ------
     ModelError
-        When the bundle is missing, corrupt or inconsistent.
+        When the bundle is missing, corrupt or inconsistent, or the band calibration is unreadable or was made
+        for another classifier.
     """
 
     def __init__(
@@ -94,6 +111,7 @@ class Classifier:
         self.bundle = load_classifier(Path(models_dir), name)
         self.settings = settings if settings is not None else AnalysisSettings()
         self.tta = self.bundle.tta if tta is None else tta
+        self.calibration = _band_calibration(Path(models_dir), name, self.settings, self.bundle.identity)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -174,12 +192,16 @@ class Classifier:
             When the image or the mask has the wrong shape.
         """
         z_mel, z_diag = self.logits(rgb, mask)
-        p_mel = sigmoid_scalar(z_mel / self.bundle.temperature_melanoma)
+        cal = self.calibration
+        p_mel = sigmoid_scalar(z_mel / self.bundle.temperature_melanoma * (cal.temperature_factor if cal else 1.0))
+        band = cal.band(p_mel) if cal is not None else band_for(p_mel, self.settings)
         z = z_diag / self.bundle.temperature_diagnosis
         p = softmax(z)
         probs = {c: float(v) for c, v in zip(self.bundle.classes, p, strict=True)}
         return Classification(
             melanoma_probability=float(p_mel),
-            band=band_for(p_mel, self.settings),
+            band=band,
             diagnosis_probabilities=probs,
+            band_meaning=cal.meaning(band) if cal is not None else "",
+            calibration=cal.identity_text() if cal is not None else "",
         )
