@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dermnode.inference.quality import assess_quality, quality_scores
+from dermnode.inference.quality import MIN_IMAGE_SIDE_PX, assess_quality, quality_scores
 from synthetic import synthetic_dermoscopy
 
 
@@ -153,3 +153,31 @@ def test_accepts_real_dermoscopy(shared_data: Path) -> None:
         if not rep.usable:
             rejected.append((f.name, rep.reason))
     assert len(rejected) <= 1, rejected
+
+
+def test_rejects_an_image_below_the_minimum_size() -> None:
+    """A 40x30 photo is too small to analyse (issue 16, item 6): the reason names the size and the minimum."""
+    small = cv2.resize(synthetic_dermoscopy(450, 600), (40, 30), interpolation=cv2.INTER_AREA)
+    rep = assess_quality(small)
+    assert not rep.usable and rep.reason is not None
+    assert "too small" in rep.reason and "40x30" in rep.reason and f"{MIN_IMAGE_SIDE_PX}" in rep.reason
+
+
+def test_archive_sized_dermoscopy_is_not_too_small() -> None:
+    """180 px archive images (isic-9class) are real dermoscopy: the minimum stays below them."""
+    assert MIN_IMAGE_SIDE_PX <= 180
+    img = cv2.resize(synthetic_dermoscopy(450, 600), (240, 180), interpolation=cv2.INTER_AREA)
+    rep = assess_quality(img)
+    assert rep.usable, rep.reason
+
+
+def test_rejects_a_greyscale_copy_of_dermoscopy() -> None:
+    """A greyscale copy of a dermoscopy image carries no colour information (issue 16, item 6)."""
+    grey = cv2.cvtColor(synthetic_dermoscopy(450, 600), cv2.COLOR_RGB2GRAY)
+    rep = assess_quality(np.repeat(grey[..., None], 3, axis=2))
+    assert not rep.usable and rep.reason is not None and "no colour" in rep.reason
+    # a JPEG round trip adds a little chroma noise: still refused
+    ok, buf = cv2.imencode(".jpg", np.repeat(grey[..., None], 3, axis=2), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    rep = assess_quality(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+    assert not rep.usable and rep.reason is not None and "no colour" in rep.reason

@@ -42,17 +42,28 @@ score              definition
 ``edge_density``   fraction of Canny edge pixels (thresholds 100/200) in the working copy
 =================  ==========================================================================================
 
+Before any statistic, the frame must be at least :data:`MIN_IMAGE_SIDE_PX` (128) pixels on its shorter side, else
+"image too small (W x H pixels; at least 128 px on the shorter side are needed)". The segmentation network works at
+160-192 px and the classifier crop at 128-160 px: below 128 px the lesion is upsampled from too few pixels (a
+40 x 30 thumbnail was analysed as a 0.8 % melanoma probability). Dermoscopes send 600 px or more; 180-256 px
+archive images (ISIC) are real dermoscopy and pass. At a typical dermoscope field of view of 10-25 mm across the
+shorter side, 128 px is a pixel size of 0.08-0.2 mm.
+
 Rules (thresholds measured on the real ISIC 2017, ISIC 9-class and HAM10000 images, see
 ``bench/gate_false_rejection.py``):
 
 1. ``field_mean_v < 0.15`` or ``dark_frac > 0.85`` -> "image too dark"
 2. ``grey_std < 4`` -> "blank or uniform frame"
 3. ``sharpness < 0.35`` -> "image too blurred"
-4. ``flat_frac > 0.50``, or ``achromatic_frac > 0.90`` with ``bright_frac + dark_frac > 0.30`` (grey text on a
+4. ``achromatic_frac > 0.98`` with ``bright_frac <= 0.30`` (not a white page) -> "image has no colour (greyscale
+   or monochrome); dermoscopy analysis needs a colour image" (the real images reach at most 0.91; a greyscale copy,
+   JPEG or not, scores 1.0). Judged before the flat-colour rule: a greyscale photo has at most 256 distinct
+   colours, so its ``flat_frac`` is high
+5. ``flat_frac > 0.50``, or ``achromatic_frac > 0.90`` with ``bright_frac + dark_frac > 0.30`` (grey text on a
    white or black page) -> "looks like a screenshot or document, not a dermoscopy photograph"
-5. ``bright_frac > 0.50`` or ``mean_luma > 0.95`` -> "image overexposed"
-6. ``edge_density > 0.32`` -> "too much fine high-contrast detail (text or pattern), not dermoscopy"
-7. ``skin_frac < 0.55`` or ``foreign_frac > 0.20`` -> "colours are not those of skin; not a dermoscopy image"
+6. ``bright_frac > 0.50`` or ``mean_luma > 0.95`` -> "image overexposed"
+7. ``edge_density > 0.32`` -> "too much fine high-contrast detail (text or pattern), not dermoscopy"
+8. ``skin_frac < 0.55`` or ``foreign_frac > 0.20`` -> "colours are not those of skin; not a dermoscopy image"
 
 Blur is judged on a 256-px copy, i.e. relative to the frame size: a frame whose detail is washed out at the
 scale of the whole field of view is rejected, whatever the sensor resolution.
@@ -81,6 +92,10 @@ MAX_BRIGHT_FRAC = 0.50
 MAX_MEAN_LUMA = 0.95
 MAX_FLAT_FRAC = 0.50
 MAX_ACHROMATIC_FRAC = 0.90
+#: Above this ``achromatic_frac`` the frame has no colour at all (real images: at most 0.91).
+MAX_ACHROMATIC_FRAC_COLOUR = 0.98
+#: Minimum shorter side, in pixels, of a frame the gate accepts (see the module docstring).
+MIN_IMAGE_SIDE_PX = 128
 MIN_DOC_BLACK_WHITE = 0.30
 MAX_EDGE_DENSITY = 0.32
 MIN_SKIN_FRAC = 0.55
@@ -213,6 +228,13 @@ def assess_quality(rgb: npt.NDArray[np.uint8]) -> QualityReport:
     ValueError
         When ``rgb`` is not an (H, W, 3) uint8 image.
     """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
+    h, w = rgb.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE_PX:
+        reason = f"image too small ({w}x{h} pixels; at least {MIN_IMAGE_SIDE_PX} px on the shorter side are needed)"
+        logger.info("quality gate rejected the image: %s", reason)
+        return QualityReport(usable=False, reason=reason, scores={"width_px": float(w), "height_px": float(h)})
     s = quality_scores(rgb)
     reason: str | None = None
     if s["field_mean_v"] < MIN_FIELD_MEAN_V or s["dark_frac"] > MAX_DARK_FRAC:
@@ -221,6 +243,8 @@ def assess_quality(rgb: npt.NDArray[np.uint8]) -> QualityReport:
         reason = "blank or uniform frame"
     elif s["sharpness"] < MIN_SHARPNESS:
         reason = "image too blurred"
+    elif s["achromatic_frac"] > MAX_ACHROMATIC_FRAC_COLOUR and s["bright_frac"] <= MIN_DOC_BLACK_WHITE:
+        reason = "image has no colour (greyscale or monochrome); dermoscopy analysis needs a colour image"
     elif s["flat_frac"] > MAX_FLAT_FRAC or (
         s["achromatic_frac"] > MAX_ACHROMATIC_FRAC and s["bright_frac"] + s["dark_frac"] > MIN_DOC_BLACK_WHITE
     ):
