@@ -112,15 +112,40 @@ def test_crop_box_is_square_with_margin() -> None:
     assert warp_crop(np.zeros((300, 400, 3), np.uint8), (5.0, 5.0, 100.0), 32).shape == (32, 32, 3)
 
 
-def test_shipped_classifier_if_present() -> None:
+def test_shipped_classifier_ranks_melanomas_above_benign_lesions() -> None:
+    """The shipped weights, not just valid numbers: on ISIC 2017 val lesions (ground-truth masks) the melanomas
+    get a clearly higher mean probability than the benign lesions, which the diagnosis head mostly calls benign."""
+    import csv
+
+    import cv2
+
+    from synthetic import data_root
+
     models = REPO / "models"
+    data = data_root() / "isic2017"
     if not (models / "classifier.json").is_file():
         pytest.skip("no shipped classifier in models/")
+    if not (data / "labels.csv").is_file():
+        pytest.skip(f"shared data not found at {data}")
+    with open(data / "labels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "val"]
+    mel = [r for r in rows if r["melanoma_isic2017"] == "1"][:12]
+    nv = [r for r in rows if r["melanoma_isic2017"] == "0"][:12]
     clf = Classifier(models)
-    rgb, mask = _lesion()
-    c = clf.classify(rgb, mask)
-    assert sum(c.diagnosis_probabilities.values()) == pytest.approx(1.0, abs=1e-6)
-    assert 0.0 <= c.melanoma_probability <= 1.0
+
+    def probs(group: list[dict[str, str]]) -> list[tuple[float, str]]:
+        out = []
+        for r in group:
+            rgb = cv2.cvtColor(cv2.imread(str(data / "images" / f"{r['image_id']}.jpg")), cv2.COLOR_BGR2RGB)
+            mask = cv2.imread(str(data / "masks" / f"{r['image_id']}.png"), cv2.IMREAD_GRAYSCALE) > 127
+            c = clf.classify(rgb, mask)
+            out.append((c.melanoma_probability, c.top_diagnosis))
+        return out
+
+    p_mel, p_nv = probs(mel), probs(nv)
+    assert len(p_mel) == len(p_nv) == 12
+    assert np.mean([p for p, _ in p_mel]) > np.mean([p for p, _ in p_nv]) + 0.1
+    assert sum(top in ("NV", "BKL", "SK", "DF", "VASC") for _, top in p_nv) >= 8
 
 
 def test_ensemble_bundle_roundtrip(tmp_path: Path) -> None:
