@@ -25,10 +25,10 @@ from dermnode.dicom_io.uids import content_digest, derived_uid
 from dermnode.errors import DecodeError, OutputError
 from dermnode.fhir.bundle import build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
-from dermnode.inference.overlay import encode_png, render_overlay
+from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_png, render_overlay
 from dermnode.metrics import StageMetrics
 from dermnode.settings import Settings
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus
+from dermnode.vocabulary import AnalysisResult, AnalysisStatus, not_analysable_statement
 from dermnode.workqueue.durable import atomic_write
 from dermnode.workqueue.jobs import Job
 from dermnode.workqueue.outbox import Outbox
@@ -88,7 +88,10 @@ def write_outputs(
     """
     t_outputs = time.perf_counter()
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    overlay = encode_png(render_overlay(result.source.rgb, result.mask))
+    notice = None
+    if result.status is AnalysisStatus.NOT_ANALYSABLE:  # said on the picture too, not only in the SR and FHIR
+        notice = "NOT ANALYSABLE\n" + not_analysable_statement(result.reason or result.quality.reason)
+    overlay = encode_png(render_overlay(result.source.rgb, result.mask, min_side=OVERLAY_MIN_SIDE, notice=notice))
     overlay_path = directory / "overlay.png"
     atomic_write(overlay_path, overlay)
     seg = None

@@ -13,7 +13,9 @@ How each side writes a concept (a pydicom ``Code``, a FHIR ``Coding``) stays in 
 
 from __future__ import annotations
 
+import decimal
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +108,59 @@ DIAGNOSES: dict[IsicClass, Diagnosis] = {
 DERMOSCOPIC_COLOURS: tuple[str, ...] = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
 
 
+# --- Reported precision: one place for result.json, the SR and the FHIR report -----------------------------
+#: Lengths are reported to 0.1 mm (the mask border is uncertain by about a pixel, 0.02-0.1 mm on a dermoscope)
+#: or to whole pixels; areas to 0.01 mm2 or whole pixels; probabilities and dimensionless indices to 3
+#: significant digits (a calibrated probability is not known better than that).
+LENGTH_DECIMALS_MM = 1
+AREA_DECIMALS_MM2 = 2
+SIGNIFICANT_DIGITS = 3
+
+
+def significant(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits, as the shortest float (``0.06806897`` -> ``0.0681``)."""
+    v = float(value)
+    if not math.isfinite(v) or v == 0.0:
+        return v
+    return float(f"{v:.{digits}g}")
+
+
+def _round_half_up(value: float, decimals: int) -> float:
+    """``value`` to ``decimals`` places, halves away from zero as a reader expects (1.25 mm -> 1.3 mm)."""
+    v = float(value)
+    if not math.isfinite(v):
+        return v
+    quantum = decimal.Decimal(1).scaleb(-decimals)
+    return float(decimal.Decimal(repr(v)).quantize(quantum, rounding=decimal.ROUND_HALF_UP))
+
+
+def reported_length(value: float, *, millimetres: bool) -> float | int:
+    """A length as reported: to 0.1 mm, or to a whole pixel (an ``int``); halves round up."""
+    return _round_half_up(value, LENGTH_DECIMALS_MM) if millimetres else int(_round_half_up(value, 0))
+
+
+def reported_area(value: float, *, millimetres: bool) -> float | int:
+    """An area as reported: to 0.01 mm2, or a whole number of pixels (an ``int``); halves round up."""
+    return _round_half_up(value, AREA_DECIMALS_MM2) if millimetres else int(_round_half_up(value, 0))
+
+
+def reported_probability(p: float) -> float:
+    """A probability (0..1) as reported: 3 significant digits."""
+    return significant(p)
+
+
+def reported_percent(p: float) -> float:
+    """A probability (0..1) as a percentage with the same 3 significant digits (``0.0681`` -> ``6.81``)."""
+    return significant(float(p) * 100.0)
+
+
+def format_percent(p: float) -> str:
+    """``reported_percent`` as text: ``"6.81%"``, ``"62.0%"``, ``"100%"``."""
+    v = reported_percent(p)
+    text = f"{v:#.{SIGNIFICANT_DIGITS}g}".rstrip(".") if v < 100 else f"{v:.0f}"
+    return f"{text}%"
+
+
 class SpacingSource(enum.StrEnum):
     """Where the physical pixel size came from."""
 
@@ -174,20 +229,32 @@ class Measurements:
     colors: tuple[str, ...]  # subset of the six dermoscopic colours
     tds: float | None  # Total Dermoscopy Score (Stolz) where defined
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether physical sizes are known (else every size is in pixels)."""
+        return self.area_mm2 is not None and self.max_diameter_mm is not None
+
     def to_json(self) -> dict[str, Any]:
+        """The measurements as reported (rounded like the SR and the FHIR report, see :func:`reported_length`)."""
+
+        def mm(v: float | None, area: bool = False) -> float | int | None:
+            if v is None:
+                return None
+            return reported_area(v, millimetres=True) if area else reported_length(v, millimetres=True)
+
         return {
-            "area_px": self.area_px,
-            "area_mm2": self.area_mm2,
-            "perimeter_px": self.perimeter_px,
-            "perimeter_mm": self.perimeter_mm,
-            "max_diameter_px": self.max_diameter_px,
-            "max_diameter_mm": self.max_diameter_mm,
-            "asymmetry": self.asymmetry,
+            "area_px": int(self.area_px),
+            "area_mm2": mm(self.area_mm2, area=True),
+            "perimeter_px": reported_length(self.perimeter_px, millimetres=False),
+            "perimeter_mm": mm(self.perimeter_mm),
+            "max_diameter_px": reported_length(self.max_diameter_px, millimetres=False),
+            "max_diameter_mm": mm(self.max_diameter_mm),
+            "asymmetry": significant(self.asymmetry),
             "asymmetry_axes": self.asymmetry_axes,
-            "border_irregularity": self.border_irregularity,
+            "border_irregularity": significant(self.border_irregularity),
             "border_score": self.border_score,
             "colors": list(self.colors),
-            "tds": self.tds,
+            "tds": None if self.tds is None else round(float(self.tds), 2),
         }
 
 
@@ -206,12 +273,13 @@ class Classification:
         return max(self.diagnosis_probabilities, key=lambda k: self.diagnosis_probabilities[k])
 
     def to_json(self) -> dict[str, Any]:
+        """The classification as reported (probabilities to 3 significant digits, like the SR and FHIR)."""
         return {
-            "melanoma_probability": self.melanoma_probability,
+            "melanoma_probability": reported_probability(self.melanoma_probability),
             "band": self.band.value,
             "band_meaning": self.band_meaning,
             "calibration": self.calibration,
-            "diagnosis_probabilities": dict(self.diagnosis_probabilities),
+            "diagnosis_probabilities": {k: reported_probability(v) for k, v in self.diagnosis_probabilities.items()},
             "top_diagnosis": self.top_diagnosis,
         }
 
@@ -256,3 +324,51 @@ class AnalysisResult:
             "classification": None if self.classification is None else self.classification.to_json(),
             "timings_ms": dict(self.timings_ms),
         }
+
+
+# --- What a report says in words: one text for the SR comments and the FHIR conclusion ---------------------
+#: The caveat of an image without physical calibration.
+NO_CALIBRATION_CAVEAT = "The image has no physical calibration: measurements are in pixels only."
+#: The reason given for an instance whose pixel data cannot be decoded after it was acknowledged.
+UNDECODABLE_REASON = "image data could not be decoded"
+
+
+def not_analysable_statement(reason: str | None) -> str:
+    """``"Not analysable: <reason>."``: the one wording of a refused image (SR, FHIR, overlay)."""
+    text = (reason or "unspecified reason").strip().rstrip(".")
+    return f"Not analysable: {text}."
+
+
+def finding_statements(result: AnalysisResult) -> list[str]:
+    """The sentences that state the findings of ``result`` in words, for the SR and the FHIR conclusion alike.
+
+    A not analysable result gives :func:`not_analysable_statement` and the advice to assess the lesion
+    clinically. An analysed one gives the melanoma probability and band, the most likely class with its
+    probability, the size (calibrated) or :data:`NO_CALIBRATION_CAVEAT`. Numbers are rounded as reported.
+    """
+    if result.status is AnalysisStatus.NOT_ANALYSABLE:
+        return [
+            not_analysable_statement(result.reason or result.quality.reason),
+            "No AI result is available for this lesion; assess it clinically (or acquire the image again).",
+        ]
+    out: list[str] = []
+    c = result.classification
+    if c is not None:
+        top = c.top_diagnosis
+        try:
+            top_name = DIAGNOSES[IsicClass(top.upper())].display
+        except ValueError:
+            top_name = top
+        out.append(f"Melanoma probability {format_percent(c.melanoma_probability)} ({Band(c.band).value} band).")
+        out.append(f"Most likely lesion class: {top_name} ({format_percent(c.diagnosis_probabilities[top])}).")
+    m = result.measurements
+    if m is not None:
+        if m.calibrated:
+            assert m.area_mm2 is not None and m.max_diameter_mm is not None
+            out.append(
+                f"Lesion area {reported_area(m.area_mm2, millimetres=True):.2f} mm2, maximum diameter "
+                f"{reported_length(m.max_diameter_mm, millimetres=True):.1f} mm."
+            )
+        else:
+            out.append(NO_CALIBRATION_CAVEAT)
+    return out

@@ -58,6 +58,7 @@ def test_report_of_an_analysed_image(analysed_case, save) -> None:  # type: igno
     assert back.SeriesNumber == SETTINGS.sr_series_number
     assert back.SeriesDescription == SETTINGS.sr_series_description
     assert back.CompletionFlag == "COMPLETE" and back.VerificationFlag == "UNVERIFIED"
+    assert back.PreliminaryFlag == "PRELIMINARY"  # decision support awaiting review, as the FHIR report
     assert back.PatientID == source.PatientID
     assert back.DeviceUID == device_uid(MODELS)
 
@@ -90,7 +91,7 @@ def test_report_of_an_analysed_image(analysed_case, save) -> None:  # type: igno
     # measurements: mm when calibrated, pixels otherwise; probability only with a classification
     measured = {m.name.value: m for m in group.get_measurements()}
     calibrated = result.measurements.area_mm2 is not None
-    assert measured["42798000"].unit.value == ("mm2" if calibrated else "{pixels}")
+    assert measured["42798000"].unit.value == ("mm2" if calibrated else "{square_pixels}")
     assert measured["103339001"].unit.value == ("mm" if calibrated else "{pixels}")
     expected_area = result.measurements.area_mm2 if calibrated else result.measurements.area_px
     assert abs(measured["42798000"].value - expected_area) < 1e-6
@@ -130,7 +131,7 @@ def test_report_of_a_not_analysable_image(not_analysable_case, save) -> None:  #
     assert _named(back, "121214", "DCM") == []  # no SEG reference
     texts = [it.TextValue for it in _items(back.ContentSequence) if it.ValueType == "TEXT"]
     assert DISCLAIMER in texts
-    assert any("not analysable" in t and result.reason in t for t in texts)
+    assert any(t.startswith("Not analysable: ") and result.reason in t for t in texts)
     (outcome,) = _named(back, "OUTCOME", codes.PRIVATE_SCHEME)
     assert outcome.ConceptCodeSequence[0].CodeValue == "NOTANALYSABLE"
     (library_source,) = _named(back, "260753009", "SCT")

@@ -78,7 +78,7 @@ def test_rebuild_is_identical() -> None:
 def test_calibrated_content() -> None:
     bundle = build("calibrated")
     dr = report(bundle)
-    assert dr["status"] == "final"
+    assert dr["status"] == "preliminary"  # decision support awaiting review (issue 16 item 1)
     assert dr["identifier"] == [{"system": "urn:dicom:uid", "value": f"urn:oid:{SR_UID}"}]
     assert dr["code"]["coding"][0] == C.REPORT_CODE.coding()
     assert dr["conclusionCode"][0]["coding"][0] == {
@@ -90,15 +90,15 @@ def test_calibrated_content() -> None:
     prob = observation(bundle, C.MELANOMA_PROBABILITY)
     assert prob["valueQuantity"] == {"value": 91.0, "unit": "%", "system": C.UCUM, "code": "%"}
     assert prob["identifier"] == [{"system": f"urn:oid:{SR_UID}", "value": "melanoma-probability"}]
-    assert prob["status"] == "final"
+    assert prob["status"] == "preliminary"
     assert prob["device"]["reference"] == resources_url(bundle, "Device")
     assert prob["derivedFrom"][0]["reference"] == resources_url(bundle, "ImagingStudy")
     assert prob["subject"]["reference"] == resources_url(bundle, "Patient")
     area = observation(bundle, C.LESION_AREA)
     assert area["valueQuantity"]["code"] == "mm2" and area["valueQuantity"]["value"] == pytest.approx(1.0)
-    assert area["component"][0]["valueQuantity"]["code"] == "{pixels}"
+    assert area["component"][0]["valueQuantity"]["code"] == "{square_pixels}"
     diam = observation(bundle, C.MAX_DIAMETER)
-    assert diam["valueQuantity"]["code"] == "mm" and diam["valueQuantity"]["value"] == pytest.approx(1.25)
+    assert diam["valueQuantity"]["code"] == "mm" and diam["valueQuantity"]["value"] == 1.3  # 1.25 mm to 0.1 mm
     top = observation(bundle, C.TOP_DIAGNOSIS)
     assert [c["valueQuantity"]["value"] for c in top["component"]] == [88.0, 7.0, 5.0]
     colours = observation(bundle, C.COLOUR_COUNT)
@@ -123,19 +123,20 @@ def resources_url(bundle: dict[str, Any], rtype: str) -> str:
 
 def test_uncalibrated_sizes_only_in_pixels() -> None:
     bundle = build("uncalibrated")
-    for code in (C.LESION_AREA, C.MAX_DIAMETER):
+    for code, unit in ((C.LESION_AREA, "{square_pixels}"), (C.MAX_DIAMETER, "{pixels}")):
         obs = observation(bundle, code)
         assert "valueQuantity" not in obs
         assert obs["dataAbsentReason"]["coding"][0]["code"] == "unknown"
-        assert obs["component"][0]["valueQuantity"]["code"] == "{pixels}"
+        assert obs["component"][0]["valueQuantity"]["code"] == unit
     assert not [o for o in resources(bundle, "Observation") if o["code"]["coding"][0]["code"] == C.TDS.code]
     assert "pixels" in report(bundle)["conclusion"]
 
 
-def test_indeterminate_is_preliminary_unless_configured() -> None:
+def test_indeterminate_is_preliminary_even_when_configured_otherwise() -> None:
+    """fhir.preliminary_when_indeterminate is deprecated: every report is preliminary, as the SR (item 1)."""
     assert report(build("indeterminate"))["status"] == "preliminary"
     bundle = build("indeterminate", settings={"preliminary_when_indeterminate": False})
-    assert report(bundle)["status"] == "final"
+    assert report(bundle)["status"] == "preliminary"
     band = observation(bundle, C.MELANOMA_BAND)
     assert band["valueCodeableConcept"]["coding"][0]["code"] == "indeterminate"
     # NV (top class) is sent with its SNOMED CT code and the local ISIC class code.
@@ -147,8 +148,8 @@ def test_indeterminate_is_preliminary_unless_configured() -> None:
 def test_not_analysable(version: str) -> None:
     bundle = build("not_analysable", version)
     dr = report(bundle)
-    assert dr["status"] == "final"
-    assert "image out of focus" in dr["conclusion"]
+    assert dr["status"] == "preliminary"
+    assert "Not analysable: image out of focus" in dr["conclusion"]
     assert "result" not in dr and "conclusionCode" not in dr and "presentedForm" not in dr
     assert resources(bundle, "Observation") == []
 

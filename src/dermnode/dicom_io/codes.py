@@ -166,6 +166,9 @@ class Unit(enum.Enum):
     SQUARE_MILLIMETRE = codes.UCUM.SquareMillimeter  # mm2
     MILLIMETRE = Code("mm", "UCUM", "millimeter")
     PIXELS = Code("{pixels}", "UCUM", "pixels")
+    #: An area counted in pixels: a UCUM annotation (ASCII 33-126, no space; UCUM allows no exponent on an
+    #: annotation, so ``{pixels}2`` is not valid) distinct from the pixel length ``{pixels}``.
+    SQUARE_PIXELS = Code("{square_pixels}", "UCUM", "square pixels")
     NO_UNITS = codes.UCUM.NoUnits  # "1"
     PERCENT = codes.UCUM.Percent  # "%"
 

@@ -7,14 +7,18 @@ Content tree (highdicom templates):
   image library entry for the source image.
 - Imaging Measurements: one Planar ROI measurement group (TID 1410) for the lesion, referencing segment 1 of
   the SEG and the source image, with algorithm identification (TID 4019) on the group and on every
-  measurement: area, long axis (maximum diameter), perimeter (mm² / mm when calibrated, ``{pixels}``
-  otherwise), asymmetry, border irregularity, colour count, TDS, melanoma probability; qualitative
+  measurement: area, long axis (maximum diameter), perimeter (mm² / mm when calibrated, ``{square_pixels}`` /
+  ``{pixels}`` otherwise), asymmetry, border irregularity, colour count, TDS, melanoma probability; qualitative
   evaluations: suspected finding (top diagnosis, SNOMED CT) and melanoma risk band.
-- Qualitative Evaluations (TID 1500 row 12): TEXT "Comment" items with the decision-support disclaimer and,
-  for a not analysable image, the reason.
+- Qualitative Evaluations (TID 1500 row 12): TEXT "Comment" items with the decision-support disclaimer and the
+  findings in words, the same sentences as the FHIR conclusion (:func:`dermnode.vocabulary.finding_statements`:
+  melanoma probability and band, most likely class with its probability, size or "no physical calibration:
+  measurements in pixels"; for a not analysable image "Not analysable: <reason>.").
 
-A not analysable result yields a measurement group (TID 1501) without ROI reference whose only evaluation is
-"Analysis outcome = Not analysable", plus the reason as text; no SEG is referenced.
+A not analysable result yields a measurement group (TID 1501) without ROI reference, Finding or finding site,
+whose only evaluation is "Analysis outcome = Not analysable", plus the reason as text; no SEG is referenced.
+Preliminary Flag is PRELIMINARY for every report (decision support awaiting review). Numbers are rounded as
+reported everywhere (:func:`dermnode.vocabulary.reported_length` and siblings).
 """
 
 from __future__ import annotations
@@ -42,7 +46,16 @@ from dermnode.dicom_io.seg import (
 from dermnode.dicom_io.uids import derived_uid
 from dermnode.errors import OutputError
 from dermnode.settings import OutputSettings
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, ModelIdentity
+from dermnode.vocabulary import (
+    AnalysisResult,
+    AnalysisStatus,
+    ModelIdentity,
+    finding_statements,
+    reported_area,
+    reported_length,
+    reported_probability,
+    significant,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,30 +114,34 @@ def _measurements(
     names, units = codes.MeasurementName, codes.Unit
 
     def add(name: Code, value: float, unit: Code, algo: hd.sr.AlgorithmIdentification) -> None:
-        out.append(hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algo))
+        out.append(hd.sr.Measurement(name=name, value=value, unit=unit, algorithm_id=algo))
 
+    # values are rounded as reported everywhere (vocabulary.reported_*): 0.1 mm, 0.01 mm2, whole pixels,
+    # 3 significant digits for probabilities and indices
     m = result.measurements
     if m is not None:
         if m.area_mm2 is not None:
-            add(names.AREA.value, m.area_mm2, units.SQUARE_MILLIMETRE.value, seg_algo)
+            add(names.AREA.value, reported_area(m.area_mm2, millimetres=True), units.SQUARE_MILLIMETRE.value,
+                seg_algo)
         else:
-            add(names.AREA.value, m.area_px, units.PIXELS.value, seg_algo)
-        if m.max_diameter_mm is not None:
-            add(names.MAX_DIAMETER.value, m.max_diameter_mm, units.MILLIMETRE.value, seg_algo)
-        else:
-            add(names.MAX_DIAMETER.value, m.max_diameter_px, units.PIXELS.value, seg_algo)
-        if m.perimeter_mm is not None:
-            add(names.PERIMETER.value, m.perimeter_mm, units.MILLIMETRE.value, seg_algo)
-        else:
-            add(names.PERIMETER.value, m.perimeter_px, units.PIXELS.value, seg_algo)
-        add(names.ASYMMETRY.value, m.asymmetry, units.NO_UNITS.value, seg_algo)
-        add(names.BORDER_IRREGULARITY.value, m.border_irregularity, units.NO_UNITS.value, seg_algo)
+            add(names.AREA.value, int(m.area_px), units.SQUARE_PIXELS.value, seg_algo)
+        for name, mm, px in (
+            (names.MAX_DIAMETER, m.max_diameter_mm, m.max_diameter_px),
+            (names.PERIMETER, m.perimeter_mm, m.perimeter_px),
+        ):
+            if mm is not None:
+                add(name.value, reported_length(mm, millimetres=True), units.MILLIMETRE.value, seg_algo)
+            else:
+                add(name.value, reported_length(px, millimetres=False), units.PIXELS.value, seg_algo)
+        add(names.ASYMMETRY.value, significant(m.asymmetry), units.NO_UNITS.value, seg_algo)
+        add(names.BORDER_IRREGULARITY.value, significant(m.border_irregularity), units.NO_UNITS.value, seg_algo)
         add(names.COLOUR_COUNT.value, len(m.colors), units.NO_UNITS.value, seg_algo)
         if m.tds is not None:
-            add(names.TDS.value, m.tds, units.NO_UNITS.value, seg_algo)
+            add(names.TDS.value, round(float(m.tds), 2), units.NO_UNITS.value, seg_algo)
     c = result.classification
     if c is not None:
-        add(names.MELANOMA_PROBABILITY.value, c.melanoma_probability, units.NO_UNITS.value, cls_algo)
+        add(names.MELANOMA_PROBABILITY.value, reported_probability(c.melanoma_probability), units.NO_UNITS.value,
+            cls_algo)
     return out
 
 
@@ -227,7 +244,8 @@ def build_report(
     Returns
     -------
     highdicom.sr.Comprehensive3DSR
-        The report; completion flag COMPLETE, verification flag UNVERIFIED.
+        The report; completion flag COMPLETE, verification flag UNVERIFIED, preliminary flag PRELIMINARY
+        (decision support awaiting review; the FHIR DiagnosticReport is ``preliminary`` alike).
 
     Raises
     ------
@@ -266,21 +284,22 @@ def build_report(
         uid=lesion_tracking_uid(source.SOPInstanceUID, result.models), identifier="lesion 1"
     )
     finding_sites = [hd.sr.FindingSite(anatomic_location=codes.ANATOMIC_REGION_SKIN)]
-    texts = [_text(DISCLAIMER)]
+    # the findings in words, the same sentences as the FHIR conclusion (vocabulary.finding_statements): for a
+    # refused image "Not analysable: <reason>."; otherwise probability, top class, size or the pixels caveat
+    texts = [_text(DISCLAIMER), *(_text(t) for t in finding_statements(result))]
 
     group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
     try:
         if not analysed:
+            # no Finding (a refused frame may show no skin lesion at all, e.g. a screenshot) and no finding site:
+            # only the outcome; the reason is the "Not analysable: ..." comment
             group = hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
-                finding_type=codes.FINDING_TYPE_SKIN_LESION,
                 algorithm_id=pipeline_algo,
-                finding_sites=finding_sites,
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(name=codes.ANALYSIS_OUTCOME, value=codes.NOT_ANALYSABLE)
                 ],
             )
-            texts.append(_text(f"Image not analysable: {result.reason or 'no reason given'}"))
         elif segmentation is not None:
             reference = hd.sr.ReferencedSegmentationFrame(
                 sop_class_uid=segmentation.SOPClassUID,
@@ -345,7 +364,9 @@ def build_report(
             instance_number=instance_number,
             manufacturer=manufacturer,
             is_complete=True,
-            is_final=True,
+            # decision support awaiting a clinician's review is not final: PRELIMINARY, like the FHIR report's
+            # status "preliminary" (docs/dicom-conformance.md)
+            is_final=False,
             is_verified=False,
             institution_name=settings.institution_name or None,
             contributing_equipment=[

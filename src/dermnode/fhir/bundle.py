@@ -30,7 +30,18 @@ from dermnode import __version__
 from dermnode.errors import OutputError
 from dermnode.fhir import codes as C
 from dermnode.settings import FhirSettings
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, Band, Measurements, ModelIdentity
+from dermnode.vocabulary import (
+    AnalysisResult,
+    AnalysisStatus,
+    Band,
+    Measurements,
+    ModelIdentity,
+    finding_statements,
+    reported_area,
+    reported_length,
+    reported_percent,
+    significant,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,10 @@ JsonDict = dict[str, Any]
 UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://dermnode.example/fhir/bundle")
 #: Every conclusion carries this phrase.
 DISCLAIMER = "decision support only, not a diagnosis"
+#: Status of every DiagnosticReport and Observation dermnode writes: decision support awaiting a clinician's
+#: review is not final (the DICOM SR's Preliminary Flag is PRELIMINARY alike; see docs/fhir.md).
+REPORT_STATUS = "preliminary"
+_deprecation_logged: list[bool] = [False]
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"  # what dermnode writes (TID 1500)
@@ -317,7 +332,7 @@ class _Builder:
         resource: JsonDict = {
             "resourceType": "Observation",
             "identifier": [ident],
-            "status": "final",
+            "status": REPORT_STATUS,
             "category": [C.CATEGORY_IMAGING.concept()],
             "code": code.concept(),
             "subject": self.patient_ref,
@@ -338,7 +353,7 @@ class _Builder:
                 self.observation(
                     "melanoma-probability",
                     C.MELANOMA_PROBABILITY,
-                    {"valueQuantity": C.quantity(cls.melanoma_probability * 100.0, C.UNIT_PERCENT, 2)},
+                    {"valueQuantity": C.quantity(reported_percent(cls.melanoma_probability), C.UNIT_PERCENT)},
                 )
             )
             band = C.BAND_CODES[Band(cls.band).value]
@@ -352,7 +367,7 @@ class _Builder:
                 components.append(
                     {
                         "code": comp_code.concept(),
-                        "valueQuantity": C.quantity(p * 100.0, C.UNIT_PERCENT, 2),
+                        "valueQuantity": C.quantity(reported_percent(p), C.UNIT_PERCENT),
                     }
                 )
             refs.append(
@@ -380,19 +395,24 @@ class _Builder:
                 "text": "image not calibrated: physical size unknown (pixel value in component)",
             }
         }
-        for key, code, px_code, mm_value, px_value, unit in (
-            ("lesion-area", C.LESION_AREA, C.LESION_AREA_PX, m.area_mm2, float(m.area_px), C.UNIT_MM2),
-            ("lesion-max-diameter", C.MAX_DIAMETER, C.MAX_DIAMETER_PX, m.max_diameter_mm, m.max_diameter_px, C.UNIT_MM),
+        # rounded as reported everywhere (vocabulary.reported_*): 0.01 mm2 / 0.1 mm, whole pixels
+        area_mm2 = None if m.area_mm2 is None else reported_area(m.area_mm2, millimetres=True)
+        diameter_mm = None if m.max_diameter_mm is None else reported_length(m.max_diameter_mm, millimetres=True)
+        for key, code, px_code, mm_value, px_value, unit, px_unit in (
+            ("lesion-area", C.LESION_AREA, C.LESION_AREA_PX, area_mm2, int(m.area_px), C.UNIT_MM2,
+             C.UNIT_SQUARE_PIXELS),
+            ("lesion-max-diameter", C.MAX_DIAMETER, C.MAX_DIAMETER_PX, diameter_mm,
+             reported_length(m.max_diameter_px, millimetres=False), C.UNIT_MM, C.UNIT_PIXELS),
         ):
-            body: JsonDict = {"valueQuantity": C.quantity(mm_value, unit, 3)} if mm_value is not None else dict(absent)
-            body["component"] = [{"code": px_code.concept(), "valueQuantity": C.quantity(px_value, C.UNIT_PIXELS, 2)}]
+            body: JsonDict = {"valueQuantity": C.quantity(mm_value, unit)} if mm_value is not None else dict(absent)
+            body["component"] = [{"code": px_code.concept(), "valueQuantity": C.quantity(px_value, px_unit)}]
             refs.append(self.observation(key, code, body))
         refs.append(
             self.observation(
                 "asymmetry",
                 C.ASYMMETRY,
                 {
-                    "valueQuantity": C.quantity(m.asymmetry, C.UNIT_ONE, 4),
+                    "valueQuantity": C.quantity(significant(m.asymmetry), C.UNIT_ONE),
                     "component": [{"code": C.ASYMMETRY_AXES.concept(), "valueInteger": int(m.asymmetry_axes)}],
                 },
             )
@@ -402,7 +422,7 @@ class _Builder:
                 "border-irregularity",
                 C.BORDER_IRREGULARITY,
                 {
-                    "valueQuantity": C.quantity(m.border_irregularity, C.UNIT_ONE, 4),
+                    "valueQuantity": C.quantity(significant(m.border_irregularity), C.UNIT_ONE),
                     "component": [{"code": C.BORDER_SCORE.concept(), "valueInteger": int(m.border_score)}],
                 },
             )
@@ -415,32 +435,13 @@ class _Builder:
             ]
         refs.append(self.observation("colours", C.COLOUR_COUNT, colour_body))
         if m.tds is not None:
-            refs.append(self.observation("tds", C.TDS, {"valueQuantity": C.quantity(m.tds, C.UNIT_SCORE, 3)}))
+            refs.append(self.observation("tds", C.TDS, {"valueQuantity": C.quantity(m.tds, C.UNIT_SCORE, 2)}))
         return refs
 
     def conclusion(self) -> str:
-        r = self.result
-        if r.status is AnalysisStatus.NOT_ANALYSABLE:
-            reason = r.reason or (r.quality.reason or "unspecified reason")
-            return (
-                f"Automated dermoscopy analysis ({DISCLAIMER}): the image could not be analysed ({reason}). "
-                "No AI result is available for this lesion; assess it clinically."
-            )
-        parts = [f"Automated dermoscopy analysis ({DISCLAIMER})."]
-        cls = r.classification
-        if cls is not None:
-            top = C.diagnosis_class(cls.top_diagnosis).local.display
-            parts.append(
-                f"Melanoma probability {cls.melanoma_probability * 100:.1f}% ({Band(cls.band).value} band). "
-                f"Most likely lesion class: {top} "
-                f"({cls.diagnosis_probabilities[cls.top_diagnosis] * 100:.1f}%)."
-            )
-        m = r.measurements
-        if m is not None:
-            if m.area_mm2 is not None and m.max_diameter_mm is not None:
-                parts.append(f"Lesion area {m.area_mm2:.1f} mm2, maximum diameter {m.max_diameter_mm:.1f} mm.")
-            else:
-                parts.append("The image has no physical calibration: sizes are given in pixels only.")
+        """The conclusion: the disclaimer, then the same sentences as the SR's comments
+        (:func:`~dermnode.vocabulary.finding_statements`), then the call for review."""
+        parts = [f"Automated dermoscopy analysis ({DISCLAIMER}).", *finding_statements(self.result)]
         parts.append("Results must be confirmed by a qualified clinician.")
         return " ".join(parts)
 
@@ -450,15 +451,17 @@ class _Builder:
             ident = {"system": C.DICOM_UID_SYSTEM, "value": f"urn:oid:{self.sr_uid}"}
         else:
             ident = {"system": C.URI_SYSTEM, "value": _urn(self.src_uid, f"report|{self.digest}")}
-        status = "final"
+        # every report awaits a clinician's review: preliminary, for every band and for a refused image, like the
+        # SR's Preliminary Flag; fhir.preliminary_when_indeterminate is deprecated (it can no longer make a
+        # report final, which would contradict the SR)
+        status = REPORT_STATUS
+        if not self.settings.preliminary_when_indeterminate and not _deprecation_logged[0]:
+            _deprecation_logged[0] = True
+            logger.warning(
+                "fhir.preliminary_when_indeterminate = false is deprecated and ignored: every report is "
+                "'preliminary' (decision support awaiting review), as the DICOM SR's Preliminary Flag"
+            )
         cls = r.classification
-        if (
-            r.status is AnalysisStatus.ANALYSED
-            and cls is not None
-            and Band(cls.band) is Band.INDETERMINATE
-            and self.settings.preliminary_when_indeterminate
-        ):
-            status = "preliminary"
         resource: JsonDict = {
             "resourceType": "DiagnosticReport",
             "identifier": [ident],

@@ -159,9 +159,11 @@ UNIT_PERCENT = ("%", "%")
 UNIT_ONE = ("1", "1")
 UNIT_MM = ("mm", "mm")
 UNIT_MM2 = ("mm2", "mm2")
-#: UCUM annotation (a dimensionless count/size in image pixels); UCUM allows no exponent on an annotation,
-#: so a pixel area (a count of pixels) uses the same unit as a pixel length.
+#: UCUM annotations (dimensionless; ASCII 33-126 without braces or space, UCUM allows no exponent on an
+#: annotation): a length in image pixels, and an area counted in pixels (distinct, so a receiver never reads an
+#: area as a length); the same codes as the DICOM SR.
 UNIT_PIXELS = ("{pixels}", "pixels")
+UNIT_SQUARE_PIXELS = ("{square_pixels}", "square pixels")
 UNIT_SCORE = ("{score}", "score")
 
 

@@ -22,6 +22,46 @@ OUTLINE_RGB = (0, 255, 0)
 LABEL = "decision support only"
 #: Longer side, in pixels, of the overlays dermnode writes (smaller images are drawn at their own size).
 OVERLAY_MAX_SIDE = 1024
+#: Longer side, in pixels, below which the pipeline's overlay is enlarged before drawing, so that the label and a
+#: notice stay legible and do not cover the whole picture of a small image (a 40 x 30 thumbnail).
+OVERLAY_MIN_SIDE = 512
+
+
+def _wrap(text: str, scale: float, width: int) -> list[str]:
+    """``text`` split into lines no wider than ``width`` pixels at font ``scale``."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}".strip()
+            if line and cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def draw_notice(out: npt.NDArray[np.uint8], notice: str) -> None:
+    """Write ``notice`` (e.g. "NOT ANALYSABLE" and the reason) in white on a dark band across the middle, in place.
+
+    Lines are wrapped to the picture's width; ``\n`` starts a new line.
+    """
+    h, w = out.shape[:2]
+    scale = max(0.45, min(h, w) / 600.0)
+    thickness = 2 if scale >= 0.9 else 1
+    lines = _wrap(notice, scale, w - 24)
+    (_, th), base = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    step = th + base + 6
+    top = max(0, h // 2 - (step * len(lines)) // 2 - 8)
+    bottom = min(h, top + step * len(lines) + 16)
+    band = out[top:bottom]
+    band[:] = (band.astype(np.uint16) * 3 // 10).astype(np.uint8)  # darken, keep a trace of the image
+    y = top + 8 + th
+    for line in lines:
+        cv2.putText(out, line, (12, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+        y += step
 
 
 def render_overlay(
@@ -32,6 +72,8 @@ def render_overlay(
     thickness: int | None = None,
     label: str | None = LABEL,
     max_side: int | None = OVERLAY_MAX_SIDE,
+    min_side: int | None = None,
+    notice: str | None = None,
 ) -> npt.NDArray[np.uint8]:
     """Draw the lesion outline (and a small label) on a copy of the image.
 
@@ -50,11 +92,18 @@ def render_overlay(
     max_side:
         Reduce the image (area interpolation) and the mask so that the longer side is at most this many pixels
         before drawing; ``None`` draws at the source size.
+    min_side:
+        Enlarge the image (cubic) and the mask (nearest) so that the longer side is at least this many pixels
+        before drawing (e.g. :data:`OVERLAY_MIN_SIDE`); ``None``: never enlarged.
+    notice:
+        Text written across the middle of the picture (:func:`draw_notice`), e.g. "NOT ANALYSABLE" and the
+        reason of a refused image; ``None`` for none.
 
     Returns
     -------
     numpy.ndarray
-        ``(H, W, 3)`` uint8 RGB overlay, ``(H, W)`` scaled by ``max_side / max(H, W)`` when that is below 1.
+        ``(H, W, 3)`` uint8 RGB overlay, ``(H, W)`` scaled by ``max_side / max(H, W)`` when that is below 1 (or
+        by ``min_side / max(H, W)`` when that is above 1).
 
     Raises
     ------
@@ -71,6 +120,13 @@ def render_overlay(
         if mask is not None:
             mask = resize_by(mask.astype(np.float32), scale, cv2.INTER_AREA) >= 0.5
         h, w = out.shape[:2]
+    elif min_side is not None and max(h, w) < min_side:
+        factor = min_side / max(h, w)
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        out = np.asarray(cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC), dtype=np.uint8)
+        if mask is not None:
+            mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        h, w = out.shape[:2]
     else:
         out = np.ascontiguousarray(rgb).copy()
     if thickness is None:
@@ -84,6 +140,8 @@ def render_overlay(
         x0, y0 = 4, 4
         cv2.rectangle(out, (x0, y0), (x0 + tw + 6, y0 + th + base + 6), (0, 0, 0), -1)
         cv2.putText(out, label, (x0 + 3, y0 + th + 3), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    if notice:
+        draw_notice(out, notice)
     return out
 
 

@@ -231,12 +231,12 @@ def assess_quality(rgb: npt.NDArray[np.uint8]) -> QualityReport:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
     h, w = rgb.shape[:2]
+    reason: str | None = None
     if min(h, w) < MIN_IMAGE_SIDE_PX:
         reason = f"image too small ({w}x{h} pixels; at least {MIN_IMAGE_SIDE_PX} px on the shorter side are needed)"
         logger.info("quality gate rejected the image: %s", reason)
         return QualityReport(usable=False, reason=reason, scores={"width_px": float(w), "height_px": float(h)})
     s = quality_scores(rgb)
-    reason: str | None = None
     if s["field_mean_v"] < MIN_FIELD_MEAN_V or s["dark_frac"] > MAX_DARK_FRAC:
         reason = "image too dark"
     elif s["grey_std"] < MIN_GREY_STD:
