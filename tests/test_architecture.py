@@ -99,6 +99,16 @@ def test_the_check_finds_each_kind_of_forbidden_import(tmp_path: Path) -> None:
         ("dermnode.dicom_io.seg", "dermnode.vocabulary", False, True),
         ("dermnode.scp.server", "dermnode.dicom_io.uids", False, True),
         ("dermnode.workqueue.outbox", "dermnode.settings", False, True),
+        ("dermnode.web.state", "dermnode.workqueue.jobs", False, True),
+        ("dermnode.web.ingest", "dermnode.dicom_io.wrap", False, True),
+        ("dermnode.web.ingest", "dermnode.scp.spool", False, True),
+        ("dermnode.web.app", "dermnode.inference.quality", False, False),
+        ("dermnode.web.app", "dermnode.pipeline", True, False),
+        ("dermnode.web.app", "dermnode.dicom_io.seg", False, False),
+        ("dermnode.web.app", "dermnode.service", False, False),
+        ("dermnode.service", "dermnode.web.server", False, True),
+        ("dermnode.pipeline", "dermnode.web.app", False, False),
+        ("dermnode.scp.server", "dermnode.web", True, False),
     ],
 )
 def test_rules(source: str, target: str, lazy: bool, allowed: bool) -> None:

@@ -91,7 +91,9 @@ PACKAGES: dict[str, str] = {
     "dermnode.training": "training code, data sets, pseudo-labels (never run by the service)",
     "dermnode.evaluation": "metrics and the `dermnode evaluate` evaluators (never run by the service)",
     "dermnode.pipeline": "one job end to end: decode, analyse, write SEG/SR/FHIR/result.json, queue deliveries",
-    "dermnode.service": "the running node: lock, SCP, workers, outbox, HTTP health",
+    "dermnode.service": "the running node: lock, SCP, workers, outbox, HTTP health, web console",
+    "dermnode.web": "the web console: worklist, result pages, upload into the spool and job queue, status; "
+    "sessions, CSRF, audit of results viewed",
     "dermnode.cli": "the `dermnode` command; imports training and evaluation only inside the command that runs "
     "them",
 }
@@ -134,6 +136,23 @@ RULES: tuple[Rule, ...] = (
         sources=_pkg("workqueue"),
         forbidden=_pkg("scp", "inference", "dicom_io", "fhir", "pipeline"),
         why="the queue machinery knows no receiver, analysis or output format",
+    ),
+    Rule(
+        sources=_pkg("web"),
+        forbidden=(
+            *_pkg("inference", "pipeline", "fhir", "delivery", "service", "cli"),
+            f"{TOP}.dicom_io.seg",
+            f"{TOP}.dicom_io.sr",
+            f"{TOP}.dicom_io.sender",
+        ),
+        why="the console reads what the runtime wrote and ingests through the spool and job queue; it never "
+        "analyses, builds outputs or sends them",
+    ),
+    Rule(
+        sources=(TOP,),
+        forbidden=_pkg("web"),
+        exempt=_pkg("web", "service", "cli"),
+        why="only the service (and the CLI) start the web console; the runtime does not know it",
     ),
 )
 
@@ -238,7 +257,9 @@ def render(imports: Sequence[Import], rules: Sequence[Rule] = RULES) -> str:
         "Imports point one way: the service (`service`, `pipeline`, `scp`, `workqueue`) uses the analysis "
         "(`inference`) and the output formats (`dicom_io`, `fhir`), which share only the neutral `vocabulary`; "
         "research code (`training`, `evaluation`) uses the runtime and is never imported by it. A dotted arrow is "
-        "an import made only inside a function (the CLI dispatching a command).",
+        "an import made only inside a function (the CLI dispatching a command). The web console (`web`), started "
+        "by the service, reads the state and results the runtime wrote and ingests through the spool and job "
+        "queue.",
         "",
         "```mermaid",
         "graph LR",

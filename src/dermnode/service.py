@@ -23,7 +23,8 @@ from dermnode.errors import StorageError
 from dermnode.metrics import StageMetrics, start_http
 from dermnode.scp.server import start_server
 from dermnode.scp.spool import Spool
-from dermnode.settings import ScpSettings, Settings
+from dermnode.settings import ScpSettings, Settings, is_loopback
+from dermnode.web.server import WebServer
 from dermnode.workqueue.db import database_path
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Deliverer, Outbox
@@ -220,6 +221,7 @@ class Service:
         self._stopped = threading.Event()
         self._server: object | None = None
         self._http: ThreadingHTTPServer | None = None
+        self._web: WebServer | None = None
 
     def set_processor(self, processor: Processor) -> None:
         """The job processor (built after the service, since it queues deliveries in the service's outbox)."""
@@ -229,6 +231,11 @@ class Service:
     def port(self) -> int:
         server = self._server
         return int(server.server_address[1]) if server is not None else 0  # type: ignore[attr-defined]
+
+    @property
+    def web_port(self) -> int:
+        """The bound port of the web console (0 when disabled or not started)."""
+        return self._web.port if self._web is not None else 0
 
     @property
     def http_port(self) -> int:
@@ -245,14 +252,45 @@ class Service:
         Recovery runs before the SCP accepts associations (so it cannot race a C-STORE) and is safe because this
         process holds the instance lock; the workers start last, so a failed bind leaves no thread behind.
 
+        The web console's port is bound first of all (a taken port is an error before anything changes); the
+        console starts serving after the SCP and the HTTP endpoints.
+
         Raises
         ------
         OSError
-            When the SCP or HTTP port cannot be bound.
+            When the SCP, HTTP or web console port cannot be bound.
         StorageError
             When the state database cannot be written during recovery.
+        ConfigError
+            When ``web.users_file`` cannot be read.
         """
         check_port_free(self.settings.scp)
+        if self.settings.web.enabled:
+            self._web = self._build_web()
+        try:
+            self._start_serving()
+        except BaseException:
+            if self._web is not None:
+                self._web.stop()
+                self._web = None
+            raise
+
+    def _build_web(self) -> WebServer:
+        from dermnode.web.app import asgi_app, create_app
+
+        web = self.settings.web
+        app = create_app(self.settings, spool=self.spool, queue=self.queue, health=self.health,
+                         stages=self.stage_metrics)
+        server = WebServer(asgi_app(app), web)  # binds now: a taken port stops the start here
+        if not is_loopback(web.bind) and not (web.tls_certificate or web.secure_cookies):
+            logger.warning(
+                "web console on %s without TLS: passwords and session cookies cross the network in clear; set "
+                "web.tls_certificate/web.tls_private_key, or serve it behind a TLS proxy with web.secure_cookies",
+                web.bind,
+            )
+        return server
+
+    def _start_serving(self) -> None:
         self.queue.recover()
         self.outbox.recover()
         recover_spool(self.spool, self.queue)
@@ -268,13 +306,26 @@ class Service:
                 server.shutdown()
                 self._server = None
                 raise
+        if self._web is not None:
+            try:
+                self._web.start()
+            except BaseException:
+                server.shutdown()
+                self._server = None
+                if self._http is not None:
+                    self._http.shutdown()
+                    self._http.server_close()
+                    self._http = None
+                raise
         self.pool.start()
 
     def stop(self) -> None:
         """Stop accepting associations, then let running jobs finish (or leave them for re-queue)."""
         if self._stopped.is_set():
             return
-        logger.info("shutting down: no new associations")
+        logger.info("shutting down: no new associations or uploads")
+        if self._web is not None:
+            self._web.stop()
         server = self._server
         if server is not None:
             server.shutdown()  # type: ignore[attr-defined]
@@ -288,7 +339,7 @@ class Service:
     def close(self) -> None:
         """Stop if needed and release the instance lock (tests, embedding; ``dermnode serve`` holds the lock until
         the process exits)."""
-        if self._server is not None or self._http is not None:
+        if self._server is not None or self._http is not None or self._web is not None:
             self.stop()
         self.lock.release()
 

@@ -11,7 +11,9 @@ Precedence (lowest to highest): the dataclass defaults below, the TOML file give
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -154,6 +156,57 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class WebUser:
+    """One console user: a name, a salted password hash and a role."""
+
+    name: str = ""
+    # "scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>" or "pbkdf2_sha256$<iterations>$<salt b64>$<hash b64>", made with
+    # `python -m dermnode.web.auth hash` (a password never appears in the configuration)
+    password_hash: str = ""
+    role: str = "user"  # "user": worklist, results, upload; "admin": also replays dead-lettered work
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The web console (worklist, result pages, upload, status), served by ``dermnode serve``."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"  # beyond loopback only with authentication (users, users_file or bearer_token)
+    port: int = 8080
+    max_upload_mb: int = 50  # largest single file of an upload
+    max_upload_files: int = 20  # files per upload (the request body is refused above files x size)
+    users: tuple[WebUser, ...] = ()
+    users_file: str = ""  # TOML file with [[users]] tables (name, password_hash, role), read at start-up
+    bearer_token: str = ""  # "Authorization: Bearer <token>" (scripts); admin rights; never logged
+    session_secret: str = ""  # signs session cookies; empty: a random secret per process (log in again after
+    # a restart)
+    session_max_age_s: float = 28_800.0  # a login lasts this long (8 h)
+    secure_cookies: bool = False  # mark cookies Secure (behind a TLS-terminating proxy); always on with TLS below
+    tls_certificate: str = ""  # PEM certificate and key: serve the console over HTTPS
+    tls_private_key: str = ""
+    refresh_s: float = 5.0  # the worklist reloads itself this often while jobs are queued or running
+    page_size: int = 25  # worklist rows per page
+
+
+#: The password hash formats the console verifies (see dermnode.web.auth).
+_PASSWORD_HASH = re.compile(
+    r"^(scrypt\$\d+\$\d+\$\d+\$[A-Za-z0-9+/=_-]+\$[A-Za-z0-9+/=_-]+"
+    r"|pbkdf2_sha256\$\d+\$[A-Za-z0-9+/=_-]+\$[A-Za-z0-9+/=_-]+)$"
+)
+WEB_ROLES: tuple[str, ...] = ("user", "admin")
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether a listen address reaches this machine only (127.0.0.0/8, ::1, ``localhost``)."""
+    if bind.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name or an invalid address: treated as reachable from elsewhere
+
+
+@dataclass(frozen=True)
 class Settings:
     scp: ScpSettings = field(default_factory=ScpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -165,6 +218,7 @@ class Settings:
     fhir: FhirSettings = field(default_factory=FhirSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    web: WebSettings = field(default_factory=WebSettings)
 
     @property
     def storage_root(self) -> Path:
@@ -183,6 +237,10 @@ _RANGES: dict[str, tuple[float, float]] = {
     "pacs.port": (1, 65535),
     "delivery.max_attempts": (1, 1000),
     "http.port": (0, 65535),
+    "web.port": (0, 65535),
+    "web.max_upload_mb": (1, 4096),
+    "web.max_upload_files": (1, 1000),
+    "web.page_size": (1, 500),
     "output.seg_series_number": (1, 2**31 - 1),
     "output.sr_series_number": (1, 2**31 - 1),
     "output.pr_series_number": (1, 2**31 - 1),
@@ -202,6 +260,8 @@ _POSITIVE: tuple[str, ...] = (
     "delivery.backoff_max_s",
     "delivery.poll_interval_s",
     "fhir.timeout_s",
+    "web.session_max_age_s",
+    "web.refresh_s",
 )
 #: Upper bound of every duration above (one day): larger values are typing mistakes (ms for s).
 _MAX_DURATION_S = 86_400.0
@@ -354,6 +414,7 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("scp.tls.enabled needs scp.tls.certificate and scp.tls.private_key")
     if tls.require_client_certificate and not tls.ca_certificates:
         raise ConfigError("scp.tls.require_client_certificate needs scp.tls.ca_certificates")
+    validate_web_settings(settings.web)
     if settings.fhir.base_url and not settings.fhir.base_url.startswith(("http://", "https://")):
         raise ConfigError("fhir.base_url must start with http:// or https://")
     if settings.fhir.base_url and not settings.fhir.patient_identifier_system.strip():
@@ -361,6 +422,40 @@ def _validate(settings: Settings) -> None:
             "fhir.base_url is set but fhir.patient_identifier_system is empty: set it to the EHR's system URI of "
             "DICOM Patient IDs (e.g. the MRN system), used when an image carries no Issuer of Patient ID OID; "
             "without it reports would be filed under patients that match nobody in the EHR"
+        )
+
+
+def web_auth_configured(web: WebSettings) -> bool:
+    """Whether the console asks who is there (users, a users file or a bearer token)."""
+    return bool(web.users or web.users_file.strip() or web.bearer_token)
+
+
+def validate_web_settings(web: WebSettings) -> None:
+    names = [u.name for u in web.users]
+    for user in web.users:
+        if not user.name.strip() or not user.name.isprintable() or user.name != user.name.strip():
+            raise ConfigError(f"web.users.name {user.name!r} is invalid (printable characters, not empty)")
+        if not _PASSWORD_HASH.match(user.password_hash):
+            raise ConfigError(
+                f"web.users.password_hash of {user.name!r} is not a salted hash (scrypt$... or pbkdf2_sha256$...): "
+                "make one with `python -m dermnode.web.auth hash`; a plain password is never accepted"
+            )
+        if user.role not in WEB_ROLES:
+            raise ConfigError(f"web.users.role {user.role!r} of {user.name!r} is not one of {', '.join(WEB_ROLES)}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"web.users.name {duplicates[0]!r} names more than one user")
+    if web.bearer_token and len(web.bearer_token) < 16:
+        raise ConfigError("web.bearer_token is too short: use at least 16 random characters (e.g. 32 from a CSPRNG)")
+    if web.session_secret and len(web.session_secret) < 32:
+        raise ConfigError("web.session_secret is too short: use at least 32 random characters (or leave it empty)")
+    if bool(web.tls_certificate) != bool(web.tls_private_key):
+        raise ConfigError("web.tls_certificate and web.tls_private_key go together: set both (HTTPS) or neither")
+    if web.enabled and not is_loopback(web.bind) and not web_auth_configured(web):
+        raise ConfigError(
+            f"web.bind = {web.bind!r} makes the web console reachable beyond this machine, but no authentication is "
+            "configured: set web.users (or web.users_file) with salted password hashes, or web.bearer_token; or "
+            "keep web.bind on 127.0.0.1 (or set web.enabled = false)"
         )
 
 
