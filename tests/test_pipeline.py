@@ -103,3 +103,77 @@ def test_output_uids_follow_the_settings_that_shape_the_content(tmp_path: Path, 
     assert content_digest(base.analysis, base.output) != content_digest(
         runs["bands"].analysis, runs["bands"].output
     )
+
+
+def _truncated_jpeg_source(path: Path, patient_id: str = "MRN5") -> pydicom.Dataset:
+    """A JPEG Baseline instance whose compressed frame is cut in half (no end-of-image marker)."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = wrap_rgb(synthetic_dermoscopy(240, 320), WrapOptions(patient_id=patient_id, jpeg=True))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2]])
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def test_undecodable_image_is_reported_not_analysable_and_dead_lettered(tmp_path: Path, analyzer: Analyzer) -> None:
+    """Issue 16 item 5: acknowledged, then undecodable: the PACS and the EHR get a "not analysable: image data could
+    not be decoded" SR and FHIR report (and the overlay says so); the job stays dead-lettered for the administrator."""
+    from dermnode.workqueue.workers import run_job
+
+    src = tmp_path / "trunc.dcm"
+    ds = _truncated_jpeg_source(src)
+    settings = _settings(tmp_path)
+    root = settings.storage_root
+    root.mkdir(parents=True)
+    queue = JobQueue(database_path(root))
+    outbox = Outbox(database_path(root), settings.delivery)
+    assert queue.enqueue(str(ds.SOPInstanceUID), str(ds.SOPClassUID), src)
+    job = queue.claim("test")
+    assert job is not None
+    assert run_job(queue, job, JobProcessor(settings, analyzer, outbox))
+    assert queue.get(str(ds.SOPInstanceUID))["state"] == "dead"
+    (dead,) = queue.dead_letters()
+    assert "could not be decoded" in dead["error"] and "truncated" in dead["error"]
+    queued = sorted(f"{row['kind']}:{row['destination']}" for row in outbox.for_job(job.id))
+    assert queued == ["dicom:pacs:main", "fhir:fhir"]  # SR and FHIR report; no SEG without pixels
+
+    out = root / "results" / str(ds.SOPInstanceUID)
+    sr = pydicom.dcmread(out / "sr.dcm")
+    texts = [str(it.TextValue) for it in _walk(sr.ContentSequence) if it.ValueType == "TEXT"]
+    assert "Not analysable: image data could not be decoded." in texts
+    assert sr.PatientID == "MRN5" and sr.StudyInstanceUID == ds.StudyInstanceUID
+    bundle = json.loads((out / "diagnostic-report.json").read_text())
+    (report,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    assert "Not analysable: image data could not be decoded" in report["conclusion"]
+    assert report["status"] == "preliminary"
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["status"] == "not_analysable" and doc["reason"] == "image data could not be decoded"
+    assert (out / "overlay.png").is_file() and not (out / "seg.dcm").exists()
+
+
+def test_unparseable_file_is_dead_lettered_without_outputs(tmp_path: Path, analyzer: Analyzer) -> None:
+    """A spool file that is not DICOM at all names no patient or study: nothing can be reported, only dead-lettered."""
+    from dermnode.workqueue.workers import run_job
+
+    src = tmp_path / "garbage.dcm"
+    src.write_bytes(b"not dicom" * 10)
+    settings = _settings(tmp_path)
+    root = settings.storage_root
+    root.mkdir(parents=True)
+    queue = JobQueue(database_path(root))
+    outbox = Outbox(database_path(root), settings.delivery)
+    assert queue.enqueue("1.2.3.4", "1.2.840.10008.5.1.4.1.1.77.1.7", src)
+    job = queue.claim("test")
+    assert job is not None
+    assert run_job(queue, job, JobProcessor(settings, analyzer, outbox))
+    assert queue.get("1.2.3.4")["state"] == "dead"
+    assert list(outbox.for_job(job.id)) == []
+
+
+def _walk(items, found=None):  # type: ignore[no-untyped-def]
+    found = [] if found is None else found
+    for item in items:
+        found.append(item)
+        _walk(item.get("ContentSequence", []), found)
+    return found

@@ -15,20 +15,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
 
 from dermnode import __version__
 from dermnode.dicom_io.reading import read_dataset, read_dicom_file, to_source_image
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
-from dermnode.dicom_io.uids import content_digest, derived_uid
+from dermnode.dicom_io.uids import content_digest, derived_uid, is_valid_uid
 from dermnode.errors import DecodeError, OutputError
 from dermnode.fhir.bundle import build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_png, render_overlay
 from dermnode.metrics import StageMetrics
 from dermnode.settings import Settings
-from dermnode.vocabulary import AnalysisResult, AnalysisStatus, not_analysable_statement
+from dermnode.vocabulary import (
+    UNDECODABLE_REASON,
+    AnalysisResult,
+    AnalysisStatus,
+    ModelIdentity,
+    QualityReport,
+    SourceImage,
+    not_analysable_statement,
+)
 from dermnode.workqueue.durable import atomic_write
 from dermnode.workqueue.jobs import Job
 from dermnode.workqueue.outbox import Outbox
@@ -179,8 +188,52 @@ def analyse_dataset(
     return result, files
 
 
+#: Longer side of the grey picture that stands for an image whose pixels cannot be decoded (overlay only).
+_UNDECODABLE_CANVAS_SIDE = 640
+
+
+def undecodable_result(ds: pydicom.Dataset, models: tuple[ModelIdentity, ...]) -> AnalysisResult | None:
+    """The *not analysable* result of an instance whose pixel data cannot be decoded, or ``None``.
+
+    Its reason is :data:`~dermnode.vocabulary.UNDECODABLE_REASON`; the "image" is a plain grey picture with the
+    aspect ratio of Rows x Columns (for the overlay's notice only: nothing is analysed). ``None`` when the header
+    does not name the instance, series and study with valid UIDs: then no report can reference it.
+    """
+    try:
+        uids = [str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)]
+    except AttributeError:
+        return None
+    if not all(is_valid_uid(u) for u in uids):
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        rows = cols = 0
+    if rows > 0 and cols > 0:
+        scale = _UNDECODABLE_CANVAS_SIDE / max(rows, cols)
+        rows, cols = max(8, round(rows * scale)), max(8, round(cols * scale))
+    else:
+        rows, cols = 480, _UNDECODABLE_CANVAS_SIDE
+    source = SourceImage(
+        rgb=np.full((rows, cols, 3), 96, np.uint8),
+        sop_instance_uid=uids[0],
+        sop_class_uid=uids[1],
+        study_instance_uid=uids[2],
+        series_instance_uid=uids[3],
+        spacing=None,
+    )
+    return AnalysisResult(
+        source, AnalysisStatus.NOT_ANALYSABLE, UNDECODABLE_REASON, models, QualityReport(False, UNDECODABLE_REASON)
+    )
+
+
 class JobProcessor:
-    """What a worker runs for one received instance: analyse, write outputs, queue the deliveries."""
+    """What a worker runs for one received instance: analyse, write outputs, queue the deliveries.
+
+    An instance whose pixel data cannot be decoded (it was acknowledged: its header parsed) still gets a
+    *not analysable* SR and FHIR report ("image data could not be decoded") so that the clinician is told, and
+    then fails with :class:`~dermnode.errors.DecodeError`: the job is dead-lettered for the administrator.
+    """
 
     def __init__(self, settings: Settings, analyzer: Analyzer, outbox: Outbox,
                  stage_metrics: StageMetrics | None = None) -> None:
@@ -190,19 +243,43 @@ class JobProcessor:
         self.outbox = outbox
         self.results_root = settings.storage_root / "results"
 
-    def __call__(self, job: Job) -> str:
-        started = time.perf_counter()
-        ds = read_dataset(job.path)
-        result, files = analyse_dataset(ds, self.analyzer, self.settings, self.results_root, started=started)
-        timings = result.timings_ms
+    def _queue_deliveries(self, job: Job, files: OutputFiles) -> int:
         objects = [(files.sr_sop_instance_uid, files.sr)]
         if files.seg is not None and files.seg_sop_instance_uid is not None:
             objects.insert(0, (files.seg_sop_instance_uid, files.seg))
+        queued = 0
         for dest in self.settings.pacs:
             for uid, path in objects:
                 self.outbox.add(job.id, "dicom", f"pacs:{dest.name}", uid, path)
+                queued += 1
         if self.settings.fhir.base_url and files.fhir_bundle is not None:
             self.outbox.add(job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle)
+            queued += 1
+        return queued
+
+    def _report_undecodable(self, job: Job, ds: pydicom.Dataset, error: DecodeError) -> DecodeError:
+        """Write and queue the not-analysable report of an undecodable instance; the error to dead-letter it with."""
+        result = undecodable_result(ds, self.analyzer.models)
+        if result is None:
+            return error
+        files = write_outputs(ds, result, self.settings, self.results_root / result.source.sop_instance_uid)
+        queued = self._queue_deliveries(job, files)
+        logger.warning("%s: %s (%s); a not-analysable report was written%s", result.source.sop_instance_uid,
+                       UNDECODABLE_REASON, error, f" and queued for {queued} delivery(ies)" if queued else "")
+        return DecodeError(
+            f"{UNDECODABLE_REASON}: {error}; a not-analysable report was written"
+            + (" and queued for delivery" if queued else "")
+        )
+
+    def __call__(self, job: Job) -> str:
+        started = time.perf_counter()
+        ds = read_dataset(job.path)
+        try:
+            result, files = analyse_dataset(ds, self.analyzer, self.settings, self.results_root, started=started)
+        except DecodeError as exc:
+            raise self._report_undecodable(job, ds, exc) from exc
+        timings = result.timings_ms
+        self._queue_deliveries(job, files)
         self.stage_metrics.observe(timings, result.status.value)
         logger.info("analysed %s: %s %s (%s)", result.source.sop_instance_uid, result.status.value,
                     result.reason or "", ", ".join(f"{k}={v:.0f}ms" for k, v in timings.items()))
