@@ -155,6 +155,13 @@ def _num(value: object, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _g(value: object) -> str:
+    """A number as reported (result.json is already rounded like the SR): no trailing zeros."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "—"
+    return f"{value:g}"
+
+
 def _host_allowed(host_header: str, bind: str) -> bool:
     host = host_header.strip().lower()
     if host.startswith("["):
@@ -306,6 +313,7 @@ def _render(request: Request, name: str, context: dict[str, Any], status_code: i
         "ts": _ts,
         "pct": _pct,
         "num": _num,
+        "g": _g,
         "path": request.url.path,
     }
     base.update(context)

@@ -18,8 +18,10 @@
         pause.textContent = paused ? "Resume refresh" : "Pause refresh";
       });
     }
+    let idleTicks = 0;
     async function refresh() {
-      if (!live || paused || document.hidden) return;
+      if (paused || document.hidden) return;
+      if (!live && ++idleTicks % 4 !== 0) return;  // idle: look for new arrivals at a quarter of the rate
       try {
         const response = await fetch(window.location.href, { headers: { "X-Fragment": "rows" }, credentials: "same-origin" });
         if (!response.ok) return;
@@ -27,11 +29,13 @@
         const focused = document.activeElement && rows.contains(document.activeElement) ? document.activeElement.id : null;
         rows.innerHTML = html;
         if (focused) { const again = document.getElementById(focused); if (again) again.focus(); }
+        const wasLive = live;
         live = response.headers.get("X-Dermnode-Live") === "1";
         body.dataset.live = live ? "1" : "0";
-        if (!live) {
-          if (note) note.textContent = "All jobs finished.";
-          if (pause) pause.hidden = true;
+        if (pause) pause.hidden = false;
+        if (note && live !== wasLive) {
+          note.textContent = live ? "Jobs are queued or running: this list refreshes every " + seconds + " s."
+                                  : "All jobs finished.";
         }
       } catch (e) { /* the next tick tries again */ }
     }
