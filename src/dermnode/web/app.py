@@ -72,7 +72,7 @@ SPACING_SOURCES = {
     "DeviceCalibration": "the device calibration table (analysis.calibrations)",
 }
 DISCLAIMER = (
-    "Decision support only — not a diagnosis. These results come from models trained on public research data "
+    "These results come from models trained on public research data "
     "(ISIC); their performance on this device and population is unknown until measured here. A clinician must "
     "review every result."
 )
