@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
+import math
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dermnode import __version__
 from dermnode.errors import DermnodeError
@@ -82,7 +87,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         doc["job"] = {k: row[k] for k in ("id", "state", "attempts", "outcome", "last_error", "calling_aet")}
         doc["job_deliveries"] = [dict(r) for r in outbox.for_job(row["id"])]
     if args.dead_letters:
-        doc["dead_letters"] = [dict(r) for r in queue.dead_letters()]
+        doc["dead_letters"] = [_with_local_times(dict(r)) for r in queue.dead_letters()]
+    if "job_deliveries" in doc:
+        doc["job_deliveries"] = [_with_local_times(r) for r in doc["job_deliveries"]]  # type: ignore[attr-defined]
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -97,23 +104,51 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Columns of the state database that hold seconds since the epoch.
+_TIME_COLUMNS = ("created_at", "updated_at", "replayed_at", "received_at", "next_attempt_at", "pruned_at")
+
+
+def _local_iso(epoch: float) -> str:
+    """Seconds since the epoch as an ISO 8601 local time with its UTC offset (``2026-12-02T17:03:09+01:00``)."""
+    return dt.datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+def _with_local_times(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its epoch-second columns written as ISO 8601 local times."""
+    return {
+        k: _local_iso(v) if k in _TIME_COLUMNS and isinstance(v, int | float) and v > 0 else v
+        for k, v in row.items()
+    }
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from dermnode.workqueue.jobs import JobQueue
     from dermnode.workqueue.outbox import Outbox
 
     settings = _settings(args)
     db = _existing_database(settings)
-    if args.delivery is not None:
-        n = Outbox(db, settings.delivery).replay(args.delivery)
-    elif args.dead_letter:
-        n = JobQueue(db).replay() + Outbox(db, settings.delivery).replay()
-    elif args.job is not None:
-        n = JobQueue(db).replay(args.job)
-    else:
+    if args.delivery is None and not args.dead_letter and args.job is None:
         print("give a JOB id, --delivery ID or --dead-letter", file=sys.stderr)
         return 2
-    print(f"re-queued {n} item(s)")
-    return 0
+    if args.dead_letter:
+        n = JobQueue(db).replay() + Outbox(db, settings.delivery).replay()
+        print(f"re-queued {n} item(s)" if n else "re-queued 0 item(s): nothing is dead-lettered")
+        return 0
+    queue: JobQueue | Outbox
+    if args.delivery is not None:
+        queue, what, item_id = Outbox(db, settings.delivery), "delivery", args.delivery
+    else:
+        queue, what, item_id = JobQueue(db), "job", args.job
+    n = queue.replay(item_id)
+    if n:
+        print(f"re-queued {what} {item_id}")
+        return 0
+    state = queue.state_of(item_id)
+    if state is None:
+        print(f"dermnode: {what} {item_id} does not exist", file=sys.stderr)
+    else:
+        print(f"dermnode: {what} {item_id} is not dead-lettered (state {state}): nothing to replay", file=sys.stderr)
+    return 1
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -136,6 +171,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_wrap(args: argparse.Namespace) -> int:
     from dermnode.dicom_io.wrap import WrapOptions, wrap_file
+    from dermnode.errors import ConfigError
+
+    spacing = args.pixel_spacing
+    if spacing is not None and not (math.isfinite(spacing) and spacing > 0):
+        raise ConfigError(f"--pixel-spacing must be a positive number of mm per pixel, got {spacing}")
 
     opts = WrapOptions(
         patient_id=args.patient_id,
@@ -149,35 +189,133 @@ def cmd_wrap(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dermnode.dicom_io.sender import send_files
+    from dermnode.dicom_io.reading import expand_inputs
+    from dermnode.dicom_io.sender import read_for_sending, send_files
+    from dermnode.errors import DeliveryError
     from dermnode.settings import PacsDestination
 
+    skipped_in: dict[Path, list[str]] = {}
+    try:
+        files = expand_inputs([Path(f) for f in args.files], skipped_in)
+    except OSError as exc:
+        print(f"dermnode: cannot list {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for folder, names in skipped_in.items():
+        if not any(p.parent == folder for p in files):
+            print(f"dermnode: no files to send in {folder} (skipped: {', '.join(names) or 'none'})", file=sys.stderr)
+    good: list[Path] = []
+    bad = 0
+    for path in files:
+        try:
+            read_for_sending(path)
+        except DeliveryError as exc:
+            print(f"dermnode: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        good.append(path)
+    where = f"{args.called_aet}@{args.host}:{args.port}"
+    if not good:
+        print(f"dermnode: nothing to send to {where}", file=sys.stderr)
+        return 1
     dest = PacsDestination(name="cli", ae_title=args.called_aet, host=args.host, port=args.port)
-    send_files(dest, args.calling_aet, [Path(f) for f in args.files], timeout_s=args.timeout)
-    print(f"sent {len(args.files)} file(s) to {args.called_aet}@{args.host}:{args.port}")
-    return 0
+    send_files(dest, args.calling_aet, good, timeout_s=args.timeout)
+    print(f"sent {len(good)} file(s) to {where}" + (f"; {bad} file(s) not sent (see above)" if bad else ""))
+    return 1 if bad else 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from dermnode.pipeline import analyze_files
+    from dermnode.dicom_io.reading import expand_inputs
 
     settings = _settings(args)
-    results = analyze_files(settings, [Path(f) for f in args.files], Path(args.out))
-    for uid, status in results:
-        print(f"{uid}: {status}")
-    failed = sum(1 for _, status in results if status.startswith("error:"))
-    if failed:
-        print(f"dermnode: {failed} of {len(results)} input(s) could not be analysed", file=sys.stderr)
-    return 1 if failed or not results else 0
+    skipped_in: dict[Path, list[str]] = {}
+    try:
+        inputs = expand_inputs([Path(f) for f in args.files], skipped_in)
+    except OSError as exc:
+        print(f"dermnode: cannot list {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    for folder, names in skipped_in.items():
+        if not any(p.parent == folder for p in inputs):
+            print(f"dermnode: no images in {folder} (looked at the files directly inside it; skipped: "
+                  f"{', '.join(names) or 'nothing'})", file=sys.stderr)
+    if not inputs:
+        print("dermnode: nothing to analyse", file=sys.stderr)
+        return 1
+
+    from dermnode.pipeline import analyze_files
+
+    results = analyze_files(settings, inputs, Path(args.out))
+    for r in results:
+        uid = f"{r.sop_instance_uid}: " if r.sop_instance_uid else ""
+        status = "not analysable" if r.status == "not_analysable" else r.status
+        print(f"{r.path}: {uid}{status}" + (f" ({r.detail})" if r.detail else ""))
+    counts = {k: sum(1 for r in results if r.status == k) for k in ("analysed", "not_analysable", "failed")}
+    print(f"{counts['analysed']} analysed, {counts['not_analysable']} not analysable, {counts['failed']} failed "
+          f"(outputs in {args.out})")
+    if counts["failed"]:
+        print(f"dermnode: {counts['failed']} of {len(results)} input(s) could not be analysed", file=sys.stderr)
+    return 1 if counts["failed"] or not results else 0
+
+
+def _has_split_column(data: Path) -> bool | None:
+    """Whether ``data/labels.csv`` has a ``split`` column; ``None`` when there is no such file."""
+    import csv
+
+    labels = data / "labels.csv"
+    if not labels.is_file():
+        return None
+    with labels.open(newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh), [])
+    return "split" in [h.strip() for h in header]
+
+
+def _metric_rows(doc: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of the numbers and short strings of a metrics document, lists and big tables left out."""
+    rows: list[tuple[str, Any]] = []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                if len(v) <= 12:
+                    rows += _metric_rows(v, key)
+            elif isinstance(v, bool) or v is None:
+                continue
+            elif isinstance(v, int | float) or (isinstance(v, str) and len(v) <= 40 and prefix):
+                rows.append((key, v))
+    return rows
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dermnode.errors import ConfigError
+
+    data = Path(args.data)
+    if not data.exists():
+        raise ConfigError(f"--data {data} does not exist")
+    if not data.is_dir():
+        raise ConfigError(f"--data {data} is not a folder")
+    split = args.split
+    if split is None:  # a folder without a split column is evaluated whole: say so ("all"), not "val"
+        split = "all" if _has_split_column(data) is False else "val"
+
     from dermnode.evaluation.runner import evaluate
 
     settings = _settings(args)
-    metrics = evaluate(Path(args.data), args.split, settings, Path(args.out), task=args.task)
-    print(json.dumps(metrics, indent=2))
+    out = Path(args.out)
+    metrics = evaluate(data, split, settings, out, task=args.task)
+    rows = _metric_rows(metrics)
+    shown = rows[:MAX_METRIC_ROWS]
+    width = max((len(k) for k, _ in shown), default=10)
+    print(f"evaluated {data} (split {split}, task {args.task})")
+    for key, value in shown:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<{width}}  {text}")
+    if len(rows) > len(shown):
+        print(f"  ... {len(rows) - len(shown)} more")
+    print(f"all metrics: {out / 'metrics.json'}")
     return 0
+
+
+#: At most this many lines of metrics are printed by ``dermnode evaluate`` (the rest is in metrics.json).
+MAX_METRIC_ROWS = 25
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -211,7 +349,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from dermnode.training.classification import train_classification
 
         if not args.arch:
-            print("error: --arch is required for classification", file=sys.stderr)
+            print(f"error: --arch is required for classification ({', '.join(CLASSIFIER_ARCHS)})", file=sys.stderr)
             return 2
         path = train_classification(
             data, args.arch, out, epochs=args.epochs, image_size=args.image_size or 160,
@@ -221,10 +359,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Architectures ``dermnode train --arch`` accepts (tests/test_cli_manners.py checks them against the registries).
+CLASSIFIER_ARCHS = ("dermnet-xs", "dermnet-s", "dermnet-m", "tf_efficientnet_lite0", "tf_efficientnet_lite2")
+SEGMENTATION_ARCHS = ("lite_unet", "smp_unet")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (``(default: 30.0)``), except flags and options without one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermnode", description="DICOM dermoscopy analysis node "
-                                "(decision support only, not a diagnosis).")
-    p.add_argument("--version", action="version", version=f"dermnode {__version__}")
+                                "(decision support only, not a diagnosis).", formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"dermnode {__version__}",
+                   help="print the version and exit")
     config_help = "TOML configuration file (default: $DERMNODE_CONFIG, else built-in defaults)"
     p.add_argument("--config", help=config_help)
     # --config is also accepted after the command (`dermnode serve --config FILE`); SUPPRESS keeps the value
@@ -233,92 +386,112 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", parents=[common], help="run the Store SCP, workers and delivery")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                              formatter_class=_HelpFormatter)
+
+    s = command("serve", "run the Store SCP, workers and delivery")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("status", parents=[common], help="queue and delivery counts from the state database")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--sop-instance-uid", help="show one job and its deliveries")
-    s.add_argument("--dead-letters", action="store_true", help="list dead-letter records")
+    s = command("status", "queue and delivery counts from the state database")
+    s.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    s.add_argument("--sop-instance-uid", metavar="UID", help="show one job and its deliveries")
+    s.add_argument("--dead-letters", action="store_true",
+                   help="list dead-letter records (times in ISO 8601, local time)")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("replay", parents=[common], help="re-run dead-lettered jobs or deliveries")
-    s.add_argument("job", nargs="?", type=int, help="job id")
-    s.add_argument("--delivery", type=int, help="delivery id")
+    s = command("replay", "re-run dead-lettered jobs or deliveries")
+    s.add_argument("job", nargs="?", type=int, help="id of a dead-lettered job")
+    s.add_argument("--delivery", type=int, metavar="ID", help="id of a dead-lettered delivery")
     s.add_argument("--dead-letter", action="store_true", help="all dead-lettered jobs and deliveries")
     s.set_defaults(func=cmd_replay)
 
-    s = sub.add_parser(
-        "prune", parents=[common], help="delete the spool and result files of finished, fully delivered jobs"
-    )
+    s = command("prune", "delete the spool and result files of finished, fully delivered jobs")
     s.add_argument("--older-than-days", type=float, required=True, metavar="N",
                    help="only jobs last changed more than N days ago")
     s.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    s.add_argument("--include-undelivered", action="store_true",
+                   help="also remove finished jobs whose outputs were never delivered (no PACS or EHR configured, "
+                        "or a delivery still pending or dead): their results folder is the only copy and goes too")
     s.set_defaults(func=cmd_prune)
 
-    s = sub.add_parser(
-        "wrap", parents=[common], help="wrap a photo as a Dermoscopic Photography Image (modality simulator)"
-    )
-    s.add_argument("image")
-    s.add_argument("--out", required=True)
-    s.add_argument("--patient-id", default="DERM0001")
-    s.add_argument("--patient-name", default="Test^Patient")
-    s.add_argument("--pixel-spacing", type=float, help="mm per pixel")
+    s = command("wrap", "wrap a photo as a Dermoscopic Photography Image (modality simulator)")
+    s.add_argument("image", help="the photograph (JPEG, PNG, TIFF, BMP, ...)")
+    s.add_argument("--out", required=True, metavar="FILE", help="the DICOM file to write")
+    s.add_argument("--patient-id", default="DERM0001", help="Patient ID of the instance")
+    s.add_argument("--patient-name", default="Test^Patient", help="Patient's Name (DICOM PN: Family^Given)")
+    s.add_argument("--pixel-spacing", type=float, metavar="MM",
+                   help="mm per pixel, positive (default: none, measurements in pixels)")
     s.add_argument("--jpeg", action="store_true", help="JPEG Baseline (YBR_FULL_422) instead of native RGB")
     s.set_defaults(func=cmd_wrap)
 
-    s = sub.add_parser("send", parents=[common], help="C-STORE files to a DICOM node")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=11112)
-    s.add_argument("--called-aet", default="DERMNODE")
-    s.add_argument("--calling-aet", default="DERMSEND")
-    s.add_argument("--timeout", type=float, default=30.0)
+    s = command("send", "C-STORE DICOM files (or the files of folders) to a DICOM node")
+    s.add_argument("files", nargs="+", metavar="FILE",
+                   help="DICOM file, or a folder (its files, not recursive, hidden files and documents skipped)")
+    s.add_argument("--host", default="127.0.0.1", help="the receiver's address")
+    s.add_argument("--port", type=int, default=11112, help="the receiver's DICOM port")
+    s.add_argument("--called-aet", default="DERMNODE", help="the receiver's AE title")
+    s.add_argument("--calling-aet", default="DERMSEND", help="our AE title")
+    s.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="connection, association and response timeout in seconds")
     s.set_defaults(func=cmd_send)
 
-    s = sub.add_parser("analyze", parents=[common], help="analyse DICOM files, photographs or folders offline "
-                       "(result.json, overlay, SEG, SR, FHIR)")
+    s = command("analyze", "analyse DICOM files, photographs or folders offline (result.json, overlay, SEG, SR, FHIR)")
     s.add_argument("files", nargs="+", metavar="FILE",
                    help="a DICOM file (recognised by content), a photograph (JPEG, PNG, TIFF, BMP, ...) or a "
                         "folder (its files, not recursive, hidden files skipped)")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per instance)")
     s.set_defaults(func=cmd_analyze)
 
-    s = sub.add_parser("evaluate", parents=[common], help="measure the shipped models on a labelled folder")
-    s.add_argument("--data", required=True)
-    s.add_argument("--split", default="val")
-    s.add_argument("--out", required=True)
+    s = command("evaluate", "measure the shipped models on a labelled folder")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="labelled folder (images/, labels.csv, masks/ optional), e.g. ../shared/data/isic2017")
+    s.add_argument("--split", metavar="SPLIT",
+                   help="rows of labels.csv to evaluate: train, val, test or all (default: val; all for a folder "
+                        "whose labels.csv has no split column)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder: metrics.json, per-task files, plots")
     s.add_argument(
         "--task",
         choices=["all", "segmentation", "classification", "pipeline"],
         default="all",
-        help="pipeline: the whole production analyser on every image (the default for a folder that is not one "
+        help="pipeline: the whole production analyser on every image (what 'all' does on a folder that is not one "
         "of the training sets)",
     )
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("train", parents=[common], help="train a model with the project's own training code")
+    s = command("train", "train a model with the project's own training code")
     s.add_argument("task", choices=["segmentation", "classification", "pseudo-labels"],
                    help="pseudo-labels: write the segmenter's confident masks of --data images to --out")
-    s.add_argument("--data", required=True, action="append",
+    s.add_argument("--data", required=True, action="append", metavar="DIR",
                    help="data folder (repeatable; segmentation: the first is the labelled set with its val split, "
                         "the others add training images, e.g. pseudo-labels)")
-    s.add_argument("--arch", help="architecture (required for classification; segmentation: lite_unet)")
-    s.add_argument("--init-from", help="segmentation: start from this exported model folder; pseudo-labels: "
-                   "the teacher model folder (default: the configured models)")
-    s.add_argument("--exclude", action="append", help="pseudo-labels: skip the image ids of this folder's "
-                   "labels.csv (repeatable; e.g. the labelled set, so that no validation image is pseudo-labelled)")
-    s.add_argument("--lr", type=float, help="segmentation: peak learning rate (default 3e-3)")
-    s.add_argument("--time-budget", type=float, help="segmentation: wall-clock budget in seconds")
-    s.add_argument("--out", required=True)
-    s.add_argument("--epochs", type=int, default=40)
-    s.add_argument("--image-size", type=int)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seed", type=int, default=1234)
-    s.add_argument("--threads", type=int, default=2)
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--arch", help="architecture; classification (required): " + ", ".join(CLASSIFIER_ARCHS)
+                   + "; segmentation: " + ", ".join(SEGMENTATION_ARCHS) + " (default: lite_unet)")
+    s.add_argument("--init-from", metavar="DIR", help="segmentation: start from this exported model folder; "
+                   "pseudo-labels: the teacher model folder (default: the configured models)")
+    s.add_argument("--exclude", action="append", metavar="DIR", help="pseudo-labels: skip the image ids of this "
+                   "folder's labels.csv (repeatable; e.g. the labelled set, so that no validation image is "
+                   "pseudo-labelled)")
+    s.add_argument("--lr", type=float, help="segmentation: peak learning rate (default: 3e-3)")
+    s.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="segmentation: wall-clock budget in seconds (default: none)")
+    s.add_argument("--out", required=True, metavar="DIR", help="folder of the exported model")
+    s.add_argument("--epochs", type=int, default=40, help="training epochs")
+    s.add_argument("--image-size", type=int, metavar="PX",
+                   help="input size in pixels (default: 256 segmentation, 160 classification)")
+    s.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    s.add_argument("--seed", type=int, default=1234, help="random seed")
+    s.add_argument("--threads", type=int, default=2, help="torch threads")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     s.set_defaults(func=cmd_train)
     return p
+
+
+def _warning_to_debug_log(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                          file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` of the CLI: a library's warning (pydicom's "DICM prefix is missing ... force=True")
+    goes to the DEBUG log, never raw to the terminal; dermnode says what is wrong in its own words."""
+    logging.getLogger("py.warnings").debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dermnode.settings import LoggingSettings
 
         configure_logging(LoggingSettings())
+    warnings.showwarning = _warning_to_debug_log
     try:
         return int(args.func(args))
     except DermnodeError as exc:
@@ -336,6 +510,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`dermnode status | head -1`): stop quietly, as cat and grep do
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
 
 
 if __name__ == "__main__":

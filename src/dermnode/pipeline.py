@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 
 from dermnode import __version__
-from dermnode.dicom_io.reading import read_dataset, read_dicom_file, to_source_image
+from dermnode.dicom_io.reading import expand_inputs, read_dataset, read_dicom_file, to_source_image
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
 from dermnode.dicom_io.uids import content_digest, derived_uid, is_valid_uid
@@ -36,6 +36,7 @@ from dermnode.vocabulary import (
     ModelIdentity,
     QualityReport,
     SourceImage,
+    format_percent,
     not_analysable_statement,
 )
 from dermnode.workqueue.durable import atomic_write
@@ -328,51 +329,6 @@ def self_test(analyzer: Analyzer, settings: Settings) -> None:
     logger.info("start-up self-test passed (%s, %.0f ms)", result.status.value, (time.perf_counter() - t0) * 1000)
 
 
-#: Extensions of files in an input folder that are never images (skipped when a folder is expanded).
-NOT_IMAGES: frozenset[str] = frozenset(
-    {".md", ".txt", ".csv", ".tsv", ".json", ".xml", ".html", ".pdf", ".yaml", ".yml", ".toml", ".log", ".zip"}
-)
-
-
-def expand_inputs(paths: Sequence[Path]) -> list[Path]:
-    """The input files of ``dermnode analyze``: a folder stands for the files directly inside it.
-
-    A folder is expanded non-recursively to its files (not its sub-folders), sorted by name, hidden files
-    (name starting with ``.``) and documents that are never images (:data:`NOT_IMAGES`: ``.md``, ``.csv``, ...,
-    e.g. a dataset's README and labels) skipped; files without an extension stay (DICOM files often have none).
-    Any path given as a file is kept as given (a missing or unreadable file is reported later).
-
-    Parameters
-    ----------
-    paths:
-        Files and folders as given on the command line.
-
-    Returns
-    -------
-    list of pathlib.Path
-        The files to analyse, in order.
-
-    Raises
-    ------
-    OSError
-        When a folder cannot be listed.
-    """
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            inside = sorted(
-                p
-                for p in path.iterdir()
-                if not p.name.startswith(".") and p.is_file() and p.suffix.lower() not in NOT_IMAGES
-            )
-            if not inside:
-                logger.warning("%s: no files in this folder", path)
-            files.extend(inside)
-        else:
-            files.append(path)
-    return files
-
-
 def wrap_photograph(path: Path) -> pydicom.Dataset:
     """Wrap the photograph at ``path`` in memory as a Dermoscopic Photography Image for analysis.
 
@@ -454,17 +410,43 @@ def load_source(path: Path) -> pydicom.Dataset:
     return wrap_photograph(path)
 
 
-def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class InputOutcome:
+    """What ``dermnode analyze`` did with one input file.
+
+    Attributes
+    ----------
+    path:
+        The input as given (a file of an expanded folder: that file).
+    sop_instance_uid:
+        The instance analysed; ``None`` when the file could not be read.
+    status:
+        ``"analysed"``, ``"not_analysable"`` (outputs written, with the reason) or ``"failed"`` (no outputs).
+    detail:
+        Probability, band and top class; the reason; or the error.
+    """
+
+    path: str
+    sop_instance_uid: str | None
+    status: str
+    detail: str
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[InputOutcome]:
     """Analyse files offline and write per-instance outputs under ``out/<SOPInstanceUID>/``.
 
     Each input is a DICOM file or a photograph (:func:`load_source`); a folder stands for the files directly
-    inside it (:func:`expand_inputs`). ``result.json`` records the input path as given as ``source_file``. A
-    file that cannot be read or decoded is reported (``error: ...``) and the others go on.
+    inside it (:func:`~dermnode.dicom_io.reading.expand_inputs`). ``result.json`` records the input path as given
+    as ``source_file``. A file that cannot be read or decoded is reported (status ``failed``) and the others go on.
 
     Returns
     -------
-    list of (str, str)
-        Per input: (SOP Instance UID, status line), or (path, ``error: ...``).
+    list of InputOutcome
+        One per input file, in order.
 
     Raises
     ------
@@ -472,28 +454,28 @@ def analyze_files(settings: Settings, files: Sequence[Path], out: Path) -> list[
         When the models cannot be loaded.
     """
     analyzer = Analyzer(settings.analysis)
-    done: list[tuple[str, str]] = []
+    done: list[InputOutcome] = []
     inputs: list[Path] = []
     for given in files:
         try:
             inputs.extend(expand_inputs([given]))
         except OSError as exc:
             logger.error("%s: %s", given, exc)
-            done.append((str(given), f"error: cannot list folder: {exc}"))
+            done.append(InputOutcome(str(given), None, "failed", f"cannot list folder: {exc}"))
     for path in inputs:
         try:
             result, _ = analyse_dataset(load_source(path), analyzer, settings, out, source_file=str(path))
         except (DecodeError, OutputError) as exc:
-            logger.error("%s: %s", path, exc)
-            done.append((str(path), f"error: {exc}"))
+            logger.debug("%s: %s", path, exc)
+            done.append(InputOutcome(str(path), None, "failed", str(exc)))
             continue
-        label = result.status.value
         if result.classification is not None:
             c = result.classification
-            label += f" melanoma_probability={c.melanoma_probability:.3f} band={c.band.value} top={c.top_diagnosis}"
-        elif result.reason:
-            label += f" ({result.reason})"
+            detail = (f"melanoma probability {format_percent(c.melanoma_probability)} ({c.band.value} band), "
+                      f"most likely {c.top_diagnosis} ({format_percent(c.diagnosis_probabilities[c.top_diagnosis])})")
+        else:
+            detail = result.reason or ""
         if result.measurements is not None and result.source.spacing is None:
-            label += " (no pixel spacing: measurements in pixels)"
-        done.append((result.source.sop_instance_uid, label))
+            detail += "; no pixel spacing: measurements in pixels"
+        done.append(InputOutcome(str(path), result.source.sop_instance_uid, result.status.value, detail))
     return done

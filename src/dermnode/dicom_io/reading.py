@@ -30,23 +30,86 @@ logger = logging.getLogger(__name__)
 
 #: Refuse to decode images larger than this many pixels per frame (a hostile Rows x Columns).
 MAX_PIXELS = 80_000_000
+#: What a file with a DICOM prefix that cannot be read whole is called (a copy cut short, or bytes that only
+#: start like DICOM).
+TRUNCATED_OR_NOT_DICOM = "truncated or not DICOM"
+
+#: Extensions of files in an input folder that are never images (skipped when a folder is expanded).
+NOT_IMAGES: frozenset[str] = frozenset(
+    {".md", ".txt", ".csv", ".tsv", ".json", ".xml", ".html", ".pdf", ".yaml", ".yml", ".toml", ".log", ".zip"}
+)
+
+
+def expand_inputs(paths: Sequence[Path], skipped: dict[Path, list[str]] | None = None) -> list[Path]:
+    """The input files of ``dermnode analyze`` and ``dermnode send``: a folder stands for the files directly in it.
+
+    A folder is expanded non-recursively to its files (not its sub-folders), sorted by name, hidden files
+    (name starting with ``.``) and documents that are never images (:data:`NOT_IMAGES`: ``.md``, ``.csv``, ...,
+    e.g. a dataset's README and labels) skipped; files without an extension stay (DICOM files often have none).
+    Any path given as a file is kept as given (a missing or unreadable file is reported later).
+
+    Parameters
+    ----------
+    paths:
+        Files and folders as given on the command line.
+    skipped:
+        When given, receives per folder the names of the entries that were skipped (sub-folders included).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files, in order.
+
+    Raises
+    ------
+    OSError
+        When a folder cannot be listed.
+    """
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside: list[Path] = []
+            left: list[str] = []
+            for p in sorted(path.iterdir()):
+                if not p.name.startswith(".") and p.is_file() and p.suffix.lower() not in NOT_IMAGES:
+                    inside.append(p)
+                else:
+                    left.append(p.name + ("/" if p.is_dir() else ""))
+            if skipped is not None:
+                skipped[path] = left
+            if not inside:
+                logger.warning("%s: no files to read in this folder (skipped: %s)", path, ", ".join(left) or "none")
+            files.extend(inside)
+        else:
+            files.append(path)
+    return files
 
 
 def read_dataset(path: Path) -> Dataset:
     """Read a DICOM file (with file meta) from the spool or the command line.
 
+    pydicom's warnings about malformed data are logged at DEBUG, never printed.
+
     Raises
     ------
     DecodeError
-        When the file is missing or not a parseable DICOM file.
+        When the file is missing, or is cut short or not a parseable DICOM file ("truncated or not DICOM").
     """
-    try:
-        ds = pydicom.dcmread(path)
-        ds.walk(lambda _ds, _elem: None)  # parse every element now, not lazily somewhere later
-    except Exception as exc:  # pydicom's lazy parser raises many types on malformed data
-        raise DecodeError(f"cannot parse DICOM file {path.name}: {type(exc).__name__}: {exc}") from exc
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path)
+            ds.walk(lambda _ds, _elem: None)  # parse every element now, not lazily somewhere later
+        except FileNotFoundError as exc:
+            raise DecodeError(f"cannot read {path}: {exc.strerror}") from exc
+        except Exception as exc:  # pydicom's lazy parser raises many types on malformed data
+            raise DecodeError(
+                f"{path.name} is {TRUNCATED_OR_NOT_DICOM} (cannot be parsed: {type(exc).__name__}: {exc})"
+            ) from exc
+    for w in caught:
+        logger.debug("%s: pydicom: %s", path.name, w.message)
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
-        raise DecodeError(f"{path.name} is not a composite instance (no SOP Class/Instance UID)")
+        raise DecodeError(f"{path.name} is {TRUNCATED_OR_NOT_DICOM} (no SOP Class/Instance UID could be read)")
     return ds
 
 
@@ -182,7 +245,7 @@ def decode_rgb(ds: Dataset) -> npt.NDArray[np.uint8]:
         raise DecodeError(f"unsupported image size {rows}x{cols} (limit {MAX_PIXELS} pixels)")
     if spp not in (1, 3):
         raise DecodeError(f"unsupported Samples per Pixel {spp}")
-    _check_end_of_image(ds)
+    check_pixel_data_complete(ds)
     try:
         # pydicom converts YBR_FULL / YBR_FULL_422 to RGB itself (as_rgb=True), native or compressed.
         arr = pixel_array(ds, index=0)
@@ -201,6 +264,37 @@ def decode_rgb(ds: Dataset) -> npt.NDArray[np.uint8]:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[:2] != (rows, cols):
         raise DecodeError(f"decoded pixel array has unexpected shape {arr.shape}")
     return np.ascontiguousarray(_to_uint8(arr, bits_stored))
+
+
+def check_pixel_data_complete(ds: Dataset) -> None:
+    """Refuse pixel data that was cut short: native data shorter than its first frame, or a compressed first frame
+    without its end marker (:func:`_check_end_of_image`).
+
+    Raises
+    ------
+    DecodeError
+        When the first frame is incomplete (the message says "truncated").
+    """
+    if "PixelData" not in ds:
+        return
+    _check_end_of_image(ds)
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if isinstance(tsyntax, UID) and tsyntax.is_encapsulated:
+        return
+    try:
+        rows, cols, spp = int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel)
+        bits = int(ds.BitsAllocated)
+        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    except (AttributeError, TypeError, ValueError):
+        return  # decode_rgb reports the missing attribute
+    per_pixel = 2 if photometric.endswith("_422") else spp * ((bits + 7) // 8)
+    expected = rows * cols * per_pixel if bits >= 8 else (rows * cols * spp + 7) // 8
+    have = len(ds.PixelData)
+    if have < expected:
+        raise DecodeError(
+            f"pixel data is truncated ({have} of the {expected} bytes of the first frame): the file is "
+            f"{TRUNCATED_OR_NOT_DICOM}"
+        )
 
 
 def _check_end_of_image(ds: Dataset) -> None:

@@ -39,15 +39,20 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
+from dermnode.dicom_io.reading import (
+    TRUNCATED_OR_NOT_DICOM,
+    check_pixel_data_complete,
+    read_dataset,
+    read_headerless_dataset,
+)
 from dermnode.dicom_io.seg import SEGMENTATION_STORAGE
 from dermnode.dicom_io.sr import COMPREHENSIVE_3D_SR_STORAGE
-from dermnode.errors import DeliveryError
+from dermnode.errors import DecodeError, DeliveryError
 from dermnode.settings import PacsDestination, TLSSettings
 
 logger = logging.getLogger(__name__)
@@ -101,14 +106,45 @@ def tls_context(tls: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
+#: What a file that is not DICOM at all (a photograph) is told: the modality simulator makes one.
+NOT_DICOM_HINT = "not a DICOM file: wrap it first with `dermnode wrap`"
+
+
+def read_for_sending(path: Path) -> pydicom.Dataset:
+    """Read one file to C-STORE, refusing with a sentence what cannot be sent whole.
+
+    A file without the ``DICM`` prefix that is not a DICOM dataset either (a photograph) is "not a DICOM file:
+    wrap it first with `dermnode wrap`"; a DICOM file that cannot be parsed, names no SOP Class/Instance UID or
+    whose pixel data is cut short is "truncated or not DICOM". pydicom's warnings are logged at DEBUG only.
+
+    Raises
+    ------
+    DeliveryError
+        Permanent, with one of the reasons above (or the operating system's, e.g. "Is a directory").
+    """
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise DeliveryError(f"{path}: cannot read: {exc.strerror or exc}", permanent=True) from exc
+    try:
+        if head[128:132] == b"DICM":
+            ds = read_dataset(path)
+        else:
+            found = read_headerless_dataset(path)
+            if found is None:
+                raise DeliveryError(f"{path}: {NOT_DICOM_HINT}", permanent=True)
+            ds = found
+        check_pixel_data_complete(ds)
+    except DecodeError as exc:
+        raise DeliveryError(f"{path}: {exc}", permanent=True) from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise DeliveryError(f"{path}: {TRUNCATED_OR_NOT_DICOM} (no Transfer Syntax UID)", permanent=True)
+    return ds
+
+
 def _read(paths: Sequence[Path]) -> list[pydicom.Dataset]:
-    datasets: list[pydicom.Dataset] = []
-    for path in paths:
-        try:
-            datasets.append(pydicom.dcmread(path))
-        except (OSError, InvalidDicomError) as exc:
-            raise DeliveryError(f"cannot read {path}: {exc}", permanent=True) from exc
-    return datasets
+    return [read_for_sending(path) for path in paths]
 
 
 def _contexts(datasets: Sequence[pydicom.Dataset]) -> list[tuple[UID, UID]]:

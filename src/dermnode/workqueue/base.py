@@ -248,6 +248,11 @@ class WorkQueue:
         """Put dead-lettered items (one, or all) back into the queue with a fresh attempt count."""
         return replay_dead(self._conn(), self.table, row_id)
 
+    def state_of(self, row_id: int) -> str | None:
+        """The state of item ``row_id`` (``pending``, ``done``, ``dead``, ...), or ``None`` when there is none."""
+        row = self._conn().execute(f"SELECT state FROM {self.table} WHERE id = ?", (row_id,)).fetchone()
+        return None if row is None else str(row["state"])
+
     def _state_counts(self, states: tuple[str, ...]) -> dict[str, int]:
         """Items by state, in the order of ``states`` (0 for a state without items)."""
         out = dict.fromkeys(states, 0)
