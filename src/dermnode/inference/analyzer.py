@@ -2,12 +2,14 @@
 classification.
 
 Each stage is a typed function of its own module; :class:`Analyzer` holds the loaded models and runs the
-stages in order, timing each one. A failed gate or an empty segmentation ends the analysis with status
+stages in order, timing each one. The segmentation and classification networks get the image as they were
+trained on it (with its hair; the dermoscope frame is masked out): artefact removal (hair inpainting) serves the
+measurements of colour and border only. A failed gate or an empty segmentation ends the analysis with status
 ``not_analysable`` and a reason; no diagnosis is produced then.
 
 Images larger than :data:`ANALYSIS_MAX_SIDE` on their longer side (dermoscopes send up to ~6000 px) are analysed
 on a copy reduced to that size (area interpolation; pixel spacing scaled to match), which is finer than any
-stage needs (the segmentation network works at 160-192 px, the classifier crop at 128-160 px). The mask and the
+stage needs (the segmentation network works at 160-256 px, the classifier crop at 160 px). The mask and the
 probability map are returned at the source resolution; ``area_px`` counts the source-resolution mask's pixels
 (so ``area_mm2`` agrees with the DICOM SEG) and the other pixel lengths are converted to source pixels. Without
 the reduction a 6000 x 4500 image took several seconds and ~0.6 GB more memory (hair inpainting, crops,
@@ -166,7 +168,10 @@ class Analyzer:
                                   timings_ms=timings)
         cleaned = remove_artefacts(image, self.settings)
         lap("artefacts")
-        seg = self.segmenter.segment(cleaned.image, cleaned.frame.valid_mask)
+        # the networks see the image as they were trained on it (hair included: removing it cost the segmenter
+        # 0.017 Dice and the classifier 0.007 AUC on ISIC 2017 val); the dermoscope frame is excluded by its mask.
+        # Hair removal serves the measurements (colours, border) only.
+        seg = self.segmenter.segment(image, cleaned.frame.valid_mask)
         mask, probability = seg.mask, seg.probability
         if scale != 1.0:
             mask, probability = _to_source(source.rgb.shape[:2], seg.mask, seg.probability)
@@ -178,7 +183,7 @@ class Analyzer:
         if scale != 1.0:
             measurements = _measurements_in_source_pixels(measurements, mask, source.spacing, scale)
         lap("measurements")
-        classification = self.classifier.classify(cleaned.image, seg.mask)
+        classification = self.classifier.classify(image, seg.mask)
         lap("classification")
         return AnalysisResult(
             source=source,
