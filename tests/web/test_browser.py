@@ -56,6 +56,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DermnodePro
     users.write_text(f'[[users]]\nname = "alice"\npassword_hash = "{hash_password(PASSWORD)}"\nrole = "admin"\n')
     web_port = free_port()
     env = dermnode_env(root, free_port(), {
+        "DERMNODE_WEB__ENABLED": "true",
         "DERMNODE_WEB__BIND": "0.0.0.0",
         "DERMNODE_WEB__PORT": str(web_port),
         "DERMNODE_WEB__USERS_FILE": str(users),

@@ -212,6 +212,18 @@ def test_uncalibrated_measurements_say_pixels_only(tmp_path: Path) -> None:
     assert "cannot tell" in text  # the indeterminate band's meaning
 
 
+def test_a_finished_job_whose_results_were_pruned_says_so(tmp_path: Path, analysed_root: Path) -> None:
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(analysed_root, root)
+    uid = job_uids(root)["analysed"]
+    shutil.rmtree(root / "results" / uid)
+    with make_client(base_settings(root)) as client:
+        text = client.get(f"/results/{uid}").text
+    assert "Result files not kept" in text and 'data-waiting="0"' in text
+
+
 def test_status_page_shows_the_numbers_of_dermnode_status(analysed_root: Path) -> None:
     with make_client(base_settings(analysed_root)) as client:
         text = client.get("/status").text

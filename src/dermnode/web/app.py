@@ -511,8 +511,7 @@ def _routes(app: FastAPI) -> None:
             "band": band,
             "band_meaning": classification.get("band_meaning") or BAND_MEANINGS.get(band, ""),
             "replayed": replayed,
-            "waiting": view.status in ("queued", "running") or (view.status in ("analysed", "not_analysable")
-                                                                and view.result is None),
+            "waiting": view.status in ("queued", "running"),
             "statuses": STATUSES,
         }
         return _render(request, "result.html", context)
