@@ -105,6 +105,7 @@ def dermnode_env(root: Path, port: int, extra: Mapping[str, str] | None = None) 
             "DERMNODE_SCP__PORT": str(port),
             "DERMNODE_WORKERS__POLL_INTERVAL_S": "0.1",
             "DERMNODE_DELIVERY__POLL_INTERVAL_S": "0.2",
+            "DERMNODE_WEB__ENABLED": "false",  # the console's fixed default port would collide between tests
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dermnode.service import LOCK_FILE, InstanceLockedError, Service
-from dermnode.settings import HttpSettings, ScpSettings, Settings, StorageSettings, WorkerSettings
+from dermnode.settings import HttpSettings, ScpSettings, Settings, StorageSettings, WebSettings, WorkerSettings
 from dermnode.workqueue.db import database_path
 from dermnode.workqueue.jobs import JobQueue
 from dermnode_proc import DermnodeProcess, dermnode_env
@@ -30,6 +30,7 @@ def settings_for(root: Path, *, port: int = 0, workers: int = 0, http: bool = Fa
         storage=StorageSettings(root=str(root), min_free_mb=1),
         workers=WorkerSettings(count=workers, poll_interval_s=0.02, shutdown_grace_s=2.0),
         http=HttpSettings(enabled=http, port=0),
+        web=WebSettings(enabled=False),
     )
 
 
