@@ -99,3 +99,27 @@ def test_healthz_turns_503_when_a_worker_thread_dies(
         assert code == 200 and "dermnode_worker_threads_alive 0\n" in body.decode()
     finally:
         pool.stop(0.5)
+
+
+def _gauge(text: str, name: str) -> float:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_metrics_export_free_disk_and_whether_it_is_low(tmp_path: Path, stores: tuple[JobQueue, Outbox]) -> None:
+    """Issue 16 item 18: free disk and "approaching storage.min_free_mb" are visible at every scrape."""
+    import shutil
+
+    from dermnode.workqueue.diskspace import LOW_DISK_FACTOR, register_minimum
+
+    queue, outbox = stores
+    free_mb = shutil.disk_usage(tmp_path).free / 1_048_576
+    register_minimum(tmp_path, 1)
+    text = render_metrics(queue, outbox, StageMetrics())
+    assert _gauge(text, "dermnode_storage_free_bytes") == pytest.approx(shutil.disk_usage(tmp_path).free, rel=0.05)
+    assert _gauge(text, "dermnode_storage_min_free_bytes") == 1_048_576
+    assert _gauge(text, "dermnode_storage_low") == 0
+    register_minimum(tmp_path, int(free_mb / LOW_DISK_FACTOR * 1.2))  # free < 2x the minimum: low
+    text = render_metrics(queue, outbox, StageMetrics())
+    assert _gauge(text, "dermnode_storage_low") == 1
+    assert "# TYPE dermnode_storage_low gauge" in text

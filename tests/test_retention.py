@@ -124,3 +124,39 @@ def test_cli_prune(tmp_path: Path) -> None:
     assert "removed the files of 1 finished job(s)" in done.stdout and not spool.exists()
     negative = subprocess.run([*cmd[:-1], "-1"], capture_output=True, text=True, env=env, timeout=120)
     assert negative.returncode == 2 and "--older-than-days must be 0 or more" in negative.stderr
+
+
+def test_include_undelivered_prunes_a_node_without_pacs_or_ehr(tmp_path: Path) -> None:
+    """Issue 16 item 18: with no PACS and no EHR nothing is ever delivered, so plain prune keeps everything; the
+    explicit option removes old finished jobs' files anyway, never those still being delivered or dead-lettered."""
+    root = tmp_path / "var"
+    no_delivery = _job(root, "5.1", "done", 40, ())
+    only_copy = _job(root, "5.2", "done", 40)  # delivered SR, undelivered FHIR bundle beside it
+    (root / "results" / "5.2" / "diagnostic-report.json").write_text("{}")
+    dead_delivery = _job(root, "5.3", "done", 40, ("dead",))
+    in_flight = _job(root, "5.4", "done", 40, ("done", "pending"))
+    dead_job = _job(root, "5.5", "dead", 40, ())
+    recent = _job(root, "5.6", "done", 1, ())
+
+    assert prune(root, 30).jobs == 1  # only 5.2's spool copy, its results stay without the option
+    report = prune(root, 30, include_undelivered=True)
+    assert report.errors == []
+    for gone in (no_delivery, only_copy, dead_delivery):
+        assert not gone.exists() and not (root / "results" / gone.stem).exists(), gone
+    for kept in (in_flight, dead_job, recent):
+        assert kept.exists() and (root / "results" / kept.stem).is_dir(), kept
+    assert report.undelivered == 3
+
+
+def test_cli_prune_include_undelivered(tmp_path: Path) -> None:
+    root = tmp_path / "var"
+    spool = _job(root, "6.1", "done", 5, ())
+    env = {**os.environ, "DERMNODE_STORAGE__ROOT": str(root)}
+    cmd = [sys.executable, "-m", "dermnode.cli", "prune", "--older-than-days", "2"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 0 and spool.exists()
+    assert "--include-undelivered" in plain.stdout  # the plain run says what it left and how to remove it
+    done = subprocess.run([*cmd, "--include-undelivered"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not spool.exists() and not (root / "results" / "6.1").exists()
+    assert "never delivered" in done.stdout

@@ -159,11 +159,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not args.older_than_days >= 0:
         raise ConfigError(f"--older-than-days must be 0 or more, got {args.older_than_days}")
     _existing_database(settings)
-    report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run)
+    report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run,
+                   include_undelivered=args.include_undelivered)
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} the files of {report.jobs} finished job(s): {report.files} file(s), {report.bytes / 1e6:.1f} MB")
-    if report.results_kept:
-        print(f"kept the results of {report.results_kept} of them: an output there was never delivered (only copy)")
+    if report.undelivered:
+        print(f"{report.undelivered} of them had outputs that were never delivered (their only copy is gone)")
+    if report.results_kept or report.left_undelivered:
+        print(f"kept: the results of {report.results_kept} of them (an output there was never delivered: only copy), "
+              f"and {report.left_undelivered} old finished job(s) with nothing delivered; "
+              "--include-undelivered removes them too")
     for error in report.errors:
         print(f"not removed: {error}", file=sys.stderr)
     return 1 if report.errors else 0

@@ -6,7 +6,9 @@ Prometheus summaries (``_sum`` and ``_count`` in seconds).
 
 ``/healthz`` answers 200 ``{"status": "ok", ...}`` while every worker thread and the outbox thread is alive,
 and 503 ``{"status": "unhealthy", "dead": ["worker-0", ...], ...}`` when one of them has died while the service
-runs (or when the state database cannot be read). ``/metrics`` exports the same liveness as gauges.
+runs (or when the state database cannot be read). ``/metrics`` exports the same liveness as gauges, and the free
+disk of the storage root at each scrape (``dermnode_storage_free_bytes``, ``dermnode_storage_min_free_bytes``,
+``dermnode_storage_low``: 1 below twice ``storage.min_free_mb``, see :mod:`dermnode.workqueue.diskspace`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from dermnode.workqueue.diskspace import disk_space
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Outbox
 from dermnode.workqueue.workers import PoolHealth
@@ -103,6 +106,7 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health
         "# TYPE dermnode_analysis_outcomes_total counter",
     ]
     lines += [f'dermnode_analysis_outcomes_total{{status="{k}"}} {v}' for k, v in sorted(outcomes.items())]
+    lines += _storage_lines(queue)
     if health is not None:
         lines += [
             "# HELP dermnode_worker_threads_alive Analysis worker threads alive.",
@@ -119,6 +123,27 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health
             f"dermnode_healthy {int(health.ok)}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _storage_lines(queue: JobQueue) -> list[str]:
+    """Free disk of the storage root (the state database's folder), measured now, against storage.min_free_mb."""
+    root = queue.db_path.parent
+    try:
+        space = disk_space(root)
+    except OSError as exc:
+        logger.debug("cannot read free disk of %s: %s", root, exc)
+        return []
+    return [
+        "# HELP dermnode_storage_free_bytes Free disk space of the storage root.",
+        "# TYPE dermnode_storage_free_bytes gauge",
+        f"dermnode_storage_free_bytes {space.free_bytes}",
+        "# HELP dermnode_storage_min_free_bytes storage.min_free_mb in bytes: below it C-STORE answers 0xA700.",
+        "# TYPE dermnode_storage_min_free_bytes gauge",
+        f"dermnode_storage_min_free_bytes {space.min_free_bytes}",
+        "# HELP dermnode_storage_low Whether free disk is below twice storage.min_free_mb (refusals approach).",
+        "# TYPE dermnode_storage_low gauge",
+        f"dermnode_storage_low {int(space.low)}",
+    ]
 
 
 def health_document(queue: JobQueue, outbox: Outbox, health: PoolHealth | None = None) -> tuple[int, dict[str, object]]:

@@ -1,7 +1,8 @@
 """Retention: remove the local copies of work that is finished everywhere, so the disk does not fill up.
 
 dermnode keeps every received image in the spool and every output under ``results/`` until an operator prunes
-them (``dermnode prune --older-than-days N``, e.g. from a daily timer). Only a job that is ``done`` (analysed
+them (``dermnode prune --older-than-days N``, e.g. from a daily timer; ``--include-undelivered`` for a node whose
+outputs are never delivered, see :func:`prune`). Without that option, only a job that is ``done`` (analysed
 or refused with a reason), last changed more than N days ago, that was queued for delivery and whose deliveries
 have **all** been delivered (outbox state ``done``) is pruned: its spool file is deleted, and its results
 folder too when every deliverable output in it (SEG, SR, FHIR bundle) went out; a folder holding an output that
@@ -38,6 +39,19 @@ WHERE j.state = 'done' AND j.updated_at < ?
 ORDER BY j.id
 """
 
+#: With ``include_undelivered``: every finished old job whose deliveries are over (none at all, done or
+#: dead-lettered); never one with a delivery still pending or being sent (its file is about to be read). Jobs
+#: pruned before are included: a plain prune may have kept their results folder (an undelivered only copy).
+_PRUNABLE_UNDELIVERED = """
+SELECT j.id, j.sop_instance_uid, j.path,
+       NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id)
+       OR EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.state = 'dead') AS undelivered
+FROM jobs j
+WHERE j.state = 'done' AND j.updated_at < ?
+  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.state NOT IN ('done', 'dead'))
+ORDER BY j.id
+"""
+
 
 @dataclass
 class PruneReport:
@@ -49,6 +63,8 @@ class PruneReport:
     bytes: int = 0
     dry_run: bool = False
     errors: list[str] = field(default_factory=list)
+    undelivered: int = 0  # with include_undelivered: pruned jobs an output of which was never delivered
+    left_undelivered: int = 0  # without it: old finished jobs left alone because nothing or not all went out
 
 
 def _size(path: Path) -> tuple[int, int]:
@@ -82,9 +98,16 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def prune(
-    storage_root: Path, older_than_days: float, *, dry_run: bool = False, now: float | None = None
+    storage_root: Path, older_than_days: float, *, dry_run: bool = False, now: float | None = None,
+    include_undelivered: bool = False,
 ) -> PruneReport:
     """Delete the spool file and results folder of every finished, fully delivered job older than the limit.
+
+    With ``include_undelivered`` (``dermnode prune --include-undelivered``, e.g. on a node with no PACS and no
+    EHR, where nothing is ever delivered) every finished job older than the limit whose deliveries are over (none,
+    delivered or dead-lettered) loses its spool file and its whole results folder, the only copy of what was never
+    delivered. Jobs with a delivery still pending, and jobs that are not ``done`` (dead-lettered, failed,
+    running), are never touched.
 
     Parameters
     ----------
@@ -94,6 +117,8 @@ def prune(
         Only jobs whose last state change is older than this many days are pruned (>= 0).
     dry_run:
         Count what would be removed, remove nothing.
+    include_undelivered:
+        Also prune finished jobs whose outputs were never (all) delivered, results folder included.
     now:
         Current time (seconds since the epoch); for tests.
 
@@ -118,11 +143,22 @@ def prune(
     report = PruneReport(dry_run=dry_run)
     conn = connect(database_path(storage_root))
     try:
-        rows = conn.execute(_PRUNABLE, (cutoff,)).fetchall()
+        rows = conn.execute(_PRUNABLE_UNDELIVERED if include_undelivered else _PRUNABLE, (cutoff,)).fetchall()
+        if not include_undelivered:
+            everything = conn.execute(_PRUNABLE_UNDELIVERED, (cutoff,)).fetchall()
+            done_before = {r[0] for r in conn.execute("SELECT job_id FROM pruned")}
+            left = {r["id"] for r in everything} - {r["id"] for r in rows}
+            report.left_undelivered = len(left - done_before)
         for row in rows:
             results = results_root / row["sop_instance_uid"]
             targets = [Path(row["path"])]
-            if _all_outputs_delivered(conn, row["id"], results):
+            undelivered = False
+            if include_undelivered:
+                targets.append(results)
+                if not any(_size(t)[0] for t in targets):
+                    continue  # pruned before, nothing left
+                undelivered = bool(row["undelivered"]) or not _all_outputs_delivered(conn, row["id"], results)
+            elif _all_outputs_delivered(conn, row["id"], results):
                 targets.append(results)
             else:
                 report.results_kept += 1
@@ -150,8 +186,11 @@ def prune(
             if failed:
                 continue
             report.jobs += 1
+            report.undelivered += undelivered
             if not dry_run:
-                conn.execute("INSERT INTO pruned (job_id, pruned_at) VALUES (?, ?)", (row["id"], time.time()))
+                conn.execute(
+                    "INSERT OR REPLACE INTO pruned (job_id, pruned_at) VALUES (?, ?)", (row["id"], time.time())
+                )
     except sqlite3.Error as exc:
         raise StorageError(f"cannot prune {storage_root}: {exc}") from exc
     finally:

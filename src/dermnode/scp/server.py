@@ -26,7 +26,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -42,6 +42,7 @@ from dermnode.dicom_io.uids import (
 from dermnode.errors import InsufficientSpaceError, StorageError
 from dermnode.scp.spool import Spool
 from dermnode.settings import ScpSettings, TLSSettings
+from dermnode.workqueue.diskspace import LowDiskWarner, disk_space, register_minimum
 from dermnode.workqueue.jobs import JobQueue
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class StoreContext:
 
     spool: Spool
     queue: JobQueue
+    disk_warner: LowDiskWarner = field(default_factory=LowDiskWarner)
 
 
 def _peer(event: Any) -> tuple[str, str]:
@@ -120,6 +122,7 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
 
     try:
         ctx.spool.check_space()
+        _warn_if_disk_low(ctx)
         existing = ctx.queue.state(sop_uid)
         if existing is not None and existing != "dead":
             return answer(STATUS_SUCCESS, "duplicate SOP Instance UID: already stored, not processed again")
@@ -173,6 +176,16 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
     return answer(STATUS_SUCCESS, "stored and queued" if created else "duplicate (concurrent), stored once")
 
 
+def _warn_if_disk_low(ctx: StoreContext) -> None:
+    """Rate-limited log warning when free disk approaches ``storage.min_free_mb`` (before refusals begin)."""
+    try:
+        space = disk_space(ctx.spool.directory, ctx.spool.min_free_mb)
+    except OSError as exc:
+        logger.debug("cannot read free disk of %s: %s", ctx.spool.directory, exc)
+        return
+    ctx.disk_warner.check(space, ctx.spool.directory.parent)
+
+
 def _on_conn_open(event: Any) -> None:
     audit.info("connection opened from %s:%s", *event.address)
 
@@ -184,7 +197,15 @@ def _on_accepted(event: Any) -> None:
 
 def _on_rejected(event: Any) -> None:
     calling, address = _peer(event)
-    audit.warning("association rejected: calling AE %s from %s", calling, address)
+    assoc = event.assoc
+    request = getattr(assoc.requestor, "primitive", None)
+    called = str(getattr(request, "called_ae_title", "") or "").strip() or "?"
+    reject = getattr(assoc.acceptor, "primitive", None)
+    if reject is not None and getattr(reject, "result", None) in (0x01, 0x02):
+        why = f"{reject.result_str}, {reject.source_str}: {reject.reason_str}"
+    else:
+        why = "reason not recorded"
+    audit.warning("association rejected: calling AE %s, called AE %s, from %s (%s)", calling, called, address, why)
 
 
 def _on_released(event: Any) -> None:
@@ -335,6 +356,7 @@ def start_server(
     """
     ae = build_ae(settings)
     ctx = StoreContext(spool=spool, queue=queue)
+    register_minimum(spool.directory.parent, spool.min_free_mb)  # for /metrics (dermnode_storage_low)
     handlers = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
