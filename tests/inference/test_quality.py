@@ -181,3 +181,18 @@ def test_rejects_a_greyscale_copy_of_dermoscopy() -> None:
     assert ok
     rep = assess_quality(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
     assert not rep.usable and rep.reason is not None and "no colour" in rep.reason
+
+
+@pytest.mark.data
+def test_greyscale_copies_of_real_dermoscopy_are_refused(shared_data: Path) -> None:
+    """Measured with the false-rejection run (docs/quality.md): every greyscale JPEG copy of a real image is refused
+    for having no colour, while none of the 4514 colour originals is."""
+    files = sorted((shared_data / "isic2017" / "images").glob("*.jpg"))[::200]
+    files += sorted((shared_data / "isic-9class" / "images").glob("*.jpg"))[::200]
+    assert files
+    for f in files:
+        grey = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR))
+        assert ok
+        rep = assess_quality(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+        assert rep.reason is not None and "no colour" in rep.reason, (f.name, rep.reason)
