@@ -250,7 +250,7 @@ def test_not_analysable_image_gets_sr_with_reason_and_no_seg(stack: Stack, tmp_p
     assert job["outcome"] == "not_analysable"
     assert sorted(orthanc_study_instances(stack.orthanc, src.StudyInstanceUID).values()) == ["SR"]
     report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
-    assert report["status"] == "final" and "conclusionCode" not in report
+    assert report["status"] == "preliminary" and "conclusionCode" not in report
 
 
 @needs_models
@@ -391,7 +391,8 @@ def test_outputs_are_owner_only_and_token_is_never_logged(tmp_path: Path) -> Non
 
 @needs_models
 def test_undecodable_pixel_data_is_dead_lettered_with_its_reason(stack: Stack, tmp_path: Path) -> None:
-    """The data set parses (so the SCP stores it) but its JPEG stream is cut: the job dead-letters, explained."""
+    """The data set parses (so the SCP stores it) but its JPEG stream is cut: the job dead-letters, explained, and a
+    not-analysable SR and FHIR report still reach the PACS and the EHR."""
     ds = write_source(tmp_path / "src.dcm")
     from pydicom.encaps import encapsulate, generate_fragmented_frames
 
@@ -405,4 +406,11 @@ def test_undecodable_pixel_data_is_dead_lettered_with_its_reason(stack: Stack, t
     assert doc["jobs"]["dead_letter"] == 1
     (dl,) = doc["dead_letters"]
     assert dl["sop_instance_uid"] == ds.SOPInstanceUID and "DecodeError" in dl["error"]
+    assert "image data could not be decoded" in dl["error"]
     assert stack.dermnode.proc is not None and stack.dermnode.proc.poll() is None
+    # the clinician is told too (issue 16 item 5): a not-analysable SR in the PACS, a report in the EHR
+    stack.wait_delivered(2)
+    assert sorted(orthanc_study_instances(stack.orthanc, ds.StudyInstanceUID).values()) == ["SR"]
+    report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
+    assert "Not analysable: image data could not be decoded" in report["conclusion"]
+    assert report["status"] == "preliminary"

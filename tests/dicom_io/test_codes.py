@@ -66,7 +66,7 @@ def test_designators_are_real_or_private() -> None:
 
 
 def test_units_are_ucum() -> None:
-    assert {u.value.value for u in codes.Unit} == {"mm2", "mm", "{pixels}", "1", "%"}
+    assert {u.value.value for u in codes.Unit} == {"mm2", "mm", "{pixels}", "{square_pixels}", "1", "%"}
     assert all(u.value.scheme_designator == "UCUM" for u in codes.Unit)
 
 
