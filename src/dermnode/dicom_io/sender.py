@@ -137,7 +137,10 @@ def read_for_sending(path: Path) -> pydicom.Dataset:
             ds = found
         check_pixel_data_complete(ds)
     except DecodeError as exc:
-        raise DeliveryError(f"{path}: {exc}", permanent=True) from exc
+        text = str(exc)
+        if text.startswith(path.name):  # "<name> is truncated or not DICOM (...)": name the path once
+            raise DeliveryError(f"{path}{text[len(path.name):]}", permanent=True) from exc
+        raise DeliveryError(f"{path}: {text}", permanent=True) from exc
     if "TransferSyntaxUID" not in ds.file_meta:
         raise DeliveryError(f"{path}: {TRUNCATED_OR_NOT_DICOM} (no Transfer Syntax UID)", permanent=True)
     return ds
