@@ -38,6 +38,7 @@ from dermnode.evaluation.classification_metrics import (
     roc_curve,
     sensitivity_at_specificity,
 )
+from dermnode.inference.calibration import BandCalibration
 from dermnode.inference.classification import band_for
 from dermnode.inference.classifier_models import load_classifier
 from dermnode.inference.imaging import sigmoid, softmax
@@ -48,10 +49,13 @@ from dermnode.vocabulary import DIAGNOSIS_CLASSES
 logger = logging.getLogger(__name__)
 
 
-def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSettings) -> dict[str, Any]:
+def binary_metrics(
+    y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSettings, calibration: BandCalibration | None = None
+) -> dict[str, Any]:
     """Metrics of probabilities ``p`` for binary labels ``y``: ROC AUC with a bootstrap 95 % interval (2000
-    resamples), sensitivity at 80 % and 95 % specificity, balanced accuracy at 0.5, expected calibration error
-    (10 bins), and per confidence band (``settings``) its share of the cases and their positive rate.
+    resamples), sensitivity at 80 % and 95 % specificity (the latter with a bootstrap 95 % interval), balanced
+    accuracy at 0.5, expected calibration error (10 bins), and per confidence band (``calibration``'s cut-offs,
+    else ``settings``) its share of the cases and their positive rate.
 
     Parameters
     ----------
@@ -60,7 +64,9 @@ def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSetting
     p:
         Probabilities of the positive class.
     settings:
-        Band thresholds.
+        Band thresholds (without a calibration).
+    calibration:
+        The band calibration the probabilities were made with, if any.
 
     Returns
     -------
@@ -75,7 +81,15 @@ def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSetting
     yy = np.asarray(y, dtype=np.int64)
     pp = np.asarray(p, dtype=np.float64)
     lo, hi = bootstrap_auc_ci(yy, pp, n_boot=2000, seed=0)
-    names = np.array([band_for(float(v), settings).value for v in pp])
+    names = np.array(
+        [(calibration.band(float(v)) if calibration else band_for(float(v), settings)).value for v in pp]
+    )
+    rng = np.random.default_rng(0)
+    sens95 = []
+    for _ in range(1000):
+        idx = rng.integers(0, len(yy), len(yy))
+        if 0 < yy[idx].sum() < len(idx):
+            sens95.append(sensitivity_at_specificity(yy[idx], pp[idx], 0.95))
     bands = {
         b: {
             "fraction": float((names == b).mean()),
@@ -91,9 +105,16 @@ def binary_metrics(y: npt.ArrayLike, p: npt.ArrayLike, settings: AnalysisSetting
         "auc_ci95": [lo, hi],
         "sensitivity_at_80_specificity": sensitivity_at_specificity(yy, pp, 0.80),
         "sensitivity_at_95_specificity": sensitivity_at_specificity(yy, pp, 0.95),
+        "sensitivity_at_95_specificity_ci95": [float(np.percentile(sens95, 2.5)), float(np.percentile(sens95, 97.5))],
         "balanced_accuracy_at_0.5": balanced_accuracy(yy, (pp >= 0.5).astype(np.int64)),
         "ece": expected_calibration_error(yy, pp),
         "bands": bands,
+        "band_cutoffs": (
+            {"calibration": calibration.identity_text(), "benign_below": calibration.benign_below,
+             "malignant_above": calibration.malignant_above}
+            if calibration
+            else {"benign_below": settings.band_benign_below, "malignant_above": settings.band_malignant_above}
+        ),
     }
 
 

@@ -490,6 +490,9 @@ def evaluate_pipeline(
         "settings": {
             "hair_removal": settings.hair_removal,
             "clahe": settings.clahe,
+            "band_calibration": analyzer.classifier.calibration.identity_text()
+            if analyzer.classifier.calibration
+            else "none",
             "band_benign_below": settings.band_benign_below,
             "band_malignant_above": settings.band_malignant_above,
         },
@@ -513,9 +516,15 @@ def evaluate_pipeline(
         }
         save_segmentation_figures(out_dir, [{"dice": s.dice} for s in seg_all], [])
     curves: dict[str, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float]] = {}
+    calibration = analyzer.classifier.calibration
     for name, ys, ps in (("melanoma", mel_y, mel_p), ("malignant", mal_y, mal_p)):
         if len(set(ys)) == 2:
-            doc[name] = binary_metrics(ys, ps, settings)
+            doc[name] = binary_metrics(ys, ps, settings, calibration if name == "melanoma" else None)
+            if name == "melanoma" and calibration is not None:
+                # the same images without the band calibration: its temperature factor undone, fixed cut-offs
+                z = np.log(np.clip(ps, 1e-12, 1 - 1e-12) / np.clip(1 - np.asarray(ps), 1e-12, 1))
+                raw = 1 / (1 + np.exp(-z / calibration.temperature_factor))
+                doc["melanoma_without_calibration"] = binary_metrics(ys, raw, settings)
             fpr, tpr, _ = roc_curve(ys, ps)
             curves[f"{name} vs rest"] = (fpr, tpr, doc[name]["auc"])
         elif ys:

@@ -64,6 +64,7 @@ def evaluate(data_dir: Path, split: str, settings: Settings, out_dir: Path, *, t
     metrics: dict[str, Any] = {"data": str(data_dir), "split": split}
     if task == "pipeline" or (task == "all" and not is_training_dataset(data_dir)):
         metrics["pipeline"] = evaluate_pipeline(data_dir, split, settings.analysis, out_dir)
+        metrics["split"] = metrics["pipeline"].get("split_evaluated", split)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n", encoding="utf-8")
         return metrics
     if task in ("all", "segmentation") and (data_dir / "masks").is_dir():
