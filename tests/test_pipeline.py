@@ -62,7 +62,7 @@ def test_source_without_patient_id_still_reaches_the_pacs(tmp_path: Path, analyz
     ds = _source(src, patient_id="")
     settings = _settings(tmp_path)
     queued = _process(tmp_path, settings, analyzer, ds, src)
-    assert queued == ["dicom:pacs:main", "dicom:pacs:main"]  # SEG and SR, no FHIR delivery
+    assert queued == ["dicom:pacs:main"] * 3  # SEG, presentation state and SR, no FHIR delivery
 
     out = settings.storage_root / "results" / str(ds.SOPInstanceUID)
     assert (out / "seg.dcm").is_file() and (out / "sr.dcm").is_file()
@@ -76,7 +76,7 @@ def test_source_with_patient_id_queues_every_delivery(tmp_path: Path, analyzer: 
     src = tmp_path / "named.dcm"
     ds = _source(src, patient_id="MRN123")
     settings = _settings(tmp_path)
-    assert _process(tmp_path, settings, analyzer, ds, src) == ["dicom:pacs:main", "dicom:pacs:main", "fhir:fhir"]
+    assert _process(tmp_path, settings, analyzer, ds, src) == ["dicom:pacs:main"] * 3 + ["fhir:fhir"]
     doc = json.loads((settings.storage_root / "results" / str(ds.SOPInstanceUID) / "result.json").read_text())
     assert doc["outputs"]["fhir_bundle"] == "diagnostic-report.json"
     assert "fhir_bundle_reason" not in doc["outputs"]
@@ -136,7 +136,8 @@ def test_undecodable_image_is_reported_not_analysable_and_dead_lettered(tmp_path
     (dead,) = queue.dead_letters()
     assert "could not be decoded" in dead["error"] and "truncated" in dead["error"]
     queued = sorted(f"{row['kind']}:{row['destination']}" for row in outbox.for_job(job.id))
-    assert queued == ["dicom:pacs:main", "fhir:fhir"]  # SR and FHIR report; no SEG without pixels
+    # SR, presentation state ("not analysable: image data could not be decoded") and FHIR report; no SEG
+    assert queued == ["dicom:pacs:main", "dicom:pacs:main", "fhir:fhir"]
 
     out = root / "results" / str(ds.SOPInstanceUID)
     sr = pydicom.dcmread(out / "sr.dcm")

@@ -19,12 +19,13 @@ import numpy as np
 import pydicom
 
 from dermnode import __version__
+from dermnode.dicom_io.outline_objects import build_outline_objects
 from dermnode.dicom_io.reading import expand_inputs, read_dataset, read_dicom_file, to_source_image
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
 from dermnode.dicom_io.uids import content_digest, derived_uid, is_valid_uid
 from dermnode.errors import DecodeError, OutputError
-from dermnode.fhir.bundle import build_bundle, has_patient_id
+from dermnode.fhir.bundle import DerivedInstance, build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_png, render_overlay
 from dermnode.metrics import StageMetrics
@@ -66,6 +67,32 @@ class OutputFiles:
     fhir_bundle: Path | None = None  # None: no report could name a subject (the source has no Patient ID)
     seg: Path | None = None
     seg_sop_instance_uid: str | None = None
+    presentation_state: Path | None = None
+    presentation_state_sop_instance_uid: str | None = None
+    key_image: Path | None = None
+    key_image_sop_instance_uid: str | None = None
+
+    @property
+    def dicom_objects(self) -> list[tuple[str, Path]]:
+        """``(SOP Instance UID, file)`` of every DICOM object for the PACS, in sending order: the objects the SR
+        references first (SEG, presentation state, key image), the SR last."""
+        objects = [
+            (self.seg_sop_instance_uid, self.seg),
+            (self.presentation_state_sop_instance_uid, self.presentation_state),
+            (self.key_image_sop_instance_uid, self.key_image),
+        ]
+        out = [(uid, path) for uid, path in objects if uid is not None and path is not None]
+        out.append((self.sr_sop_instance_uid, self.sr))
+        return out
+
+
+#: File names of the presentation state and the key image in a results folder.
+PRESENTATION_STATE_FILE = "pr.dcm"
+KEY_IMAGE_FILE = "key-image.dcm"
+
+
+def _uid_or_none(ds: pydicom.Dataset | None) -> str | None:
+    return None if ds is None else str(ds.SOPInstanceUID)
 
 
 def _save(ds: pydicom.Dataset, path: Path) -> None:
@@ -84,7 +111,10 @@ def write_outputs(
 
     The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``). When
     ``source_file`` is given (``dermnode analyze``: the input path as given), ``result.json`` records it as
-    ``source_file``. The SEG and SR UIDs depend on the settings their content depends on
+    ``source_file``. Besides SEG and SR, the presentation state (``pr.dcm``, ``output.presentation_state``) and the
+    key image (``key-image.dcm``, ``output.burned_in_image``) are written; one of those that cannot be built is
+    logged and named under ``outputs.errors`` in ``result.json`` instead of failing the job. The UIDs of every
+    object depend on the settings their content depends on
     (:func:`~dermnode.dicom_io.uids.content_digest`), so a re-run with other settings never reuses a UID. A
     source without Patient ID gets SEG, SR and result.json but no FHIR bundle (a report needs a subject):
     ``OutputFiles.fhir_bundle`` is ``None`` and ``result.json`` says why.
@@ -113,9 +143,34 @@ def write_outputs(
         )
         seg_path = directory / "seg.dcm"
         _save(seg, seg_path)
-    sr = build_report(ds, result, seg, settings.output, software_version=SOFTWARE_VERSION, config_digest=digest)
+    # the outline for viewers that show no SEG: a presentation state (and a key image when configured); one that
+    # cannot be built is logged and recorded in result.json, the other outputs still go out
+    outline = build_outline_objects(
+        ds, result, settings.output, seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
+        software_version=SOFTWARE_VERSION, config_digest=digest,
+    )
+    pr_path = ki_path = None
+    if outline.presentation_state is not None:
+        pr_path = directory / PRESENTATION_STATE_FILE
+        _save(outline.presentation_state, pr_path)
+    if outline.key_image is not None:
+        ki_path = directory / KEY_IMAGE_FILE
+        _save(outline.key_image, ki_path)
+    sr = build_report(
+        ds, result, seg, settings.output, software_version=SOFTWARE_VERSION, config_digest=digest,
+        presentation_state=outline.presentation_state, key_image=outline.key_image,
+    )
     sr_path = directory / "sr.dcm"
     _save(sr, sr_path)
+    derived = [
+        DerivedInstance(
+            sop_instance_uid=str(obj.SOPInstanceUID), sop_class_uid=str(obj.SOPClassUID),
+            series_instance_uid=str(obj.SeriesInstanceUID), modality=str(obj.Modality),
+            series_number=int(obj.SeriesNumber), series_description=str(obj.get("SeriesDescription", "")),
+        )
+        for obj in (outline.presentation_state, outline.key_image)
+        if obj is not None
+    ]
     bundle_path: Path | None = None
     no_bundle_reason = None
     if has_patient_id(ds):
@@ -129,6 +184,7 @@ def write_outputs(
             sr_series_instance_uid=str(sr.SeriesInstanceUID),
             seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
             sr_sop_class_uid=str(sr.SOPClassUID),
+            derived_instances=derived,
         )
         bundle_path = directory / "diagnostic-report.json"
         atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
@@ -142,7 +198,15 @@ def write_outputs(
         "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "fhir_bundle": None if bundle_path is None else bundle_path.name,
+        "presentation_state_sop_instance_uid": _uid_or_none(outline.presentation_state),
+        "key_image_sop_instance_uid": _uid_or_none(outline.key_image),
+        "files": sorted(
+            [p.name for p in (overlay_path, seg_path, pr_path, ki_path, sr_path, bundle_path) if p is not None]
+            + ["result.json"]
+        ),
     }
+    if outline.errors:
+        doc["outputs"]["errors"] = dict(outline.errors)
     if no_bundle_reason is not None:
         doc["outputs"]["fhir_bundle_reason"] = no_bundle_reason
     if source_file is not None:
@@ -159,6 +223,10 @@ def write_outputs(
         fhir_key=f"DiagnosticReport/{result.source.sop_instance_uid}",
         seg=seg_path,
         seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
+        presentation_state=pr_path,
+        presentation_state_sop_instance_uid=_uid_or_none(outline.presentation_state),
+        key_image=ki_path,
+        key_image_sop_instance_uid=_uid_or_none(outline.key_image),
     )
 
 
@@ -245,12 +313,10 @@ class JobProcessor:
         self.results_root = settings.storage_root / "results"
 
     def _queue_deliveries(self, job: Job, files: OutputFiles) -> int:
-        objects = [(files.sr_sop_instance_uid, files.sr)]
-        if files.seg is not None and files.seg_sop_instance_uid is not None:
-            objects.insert(0, (files.seg_sop_instance_uid, files.seg))
+        # one delivery per DICOM object and destination, keyed by its (deterministic) SOP Instance UID
         queued = 0
         for dest in self.settings.pacs:
-            for uid, path in objects:
+            for uid, path in files.dicom_objects:
                 self.outbox.add(job.id, "dicom", f"pacs:{dest.name}", uid, path)
                 queued += 1
         if self.settings.fhir.base_url and files.fhir_bundle is not None:

@@ -157,12 +157,14 @@ def _evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
     return out
 
 
-def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
+def _image_library(source: Dataset, presentation_state: Dataset | None = None) -> hd.sr.ContainerContentItem:
     """TID 1600 Image Library with one entry for the source image.
 
     Built by hand because highdicom 0.28.2's ``ImageLibrary`` does not know the Dermoscopic Photography
     Image Storage SOP Class (it raises ValueError for its modality). Descriptors (TID 1602): Modality at the
-    group level.
+    group level. With a ``presentation_state``, the source's IMAGE item names it in the nested Referenced SOP
+    Sequence of its Referenced SOP Sequence item (Image Reference Macro, PS3.3 Table 10-3: the softcopy
+    presentation state to apply to the image; one item), so an SR viewer shows the image with the outline.
     """
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     modality = source.get("Modality") or "DMS"
@@ -184,6 +186,11 @@ def _image_library(source: Dataset) -> hd.sr.ContainerContentItem:
             ),
         ]
     )
+    if presentation_state is not None:
+        applied = Dataset()
+        applied.ReferencedSOPClassUID = presentation_state.SOPClassUID
+        applied.ReferencedSOPInstanceUID = presentation_state.SOPInstanceUID
+        group.ContentSequence[1].ReferencedSOPSequence[0].ReferencedSOPSequence = [applied]
     library = hd.sr.ContainerContentItem(name=codes.IMAGE_LIBRARY, relationship_type=contains)
     library.ContentSequence = hd.sr.ContentSequence([group])
     return library
@@ -221,6 +228,8 @@ def build_report(
     *,
     software_version: str,
     config_digest: str = "",
+    presentation_state: Dataset | None = None,
+    key_image: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 measurement report of ``result``.
 
@@ -240,6 +249,13 @@ def build_report(
     config_digest:
         :func:`~dermnode.dicom_io.uids.content_digest` of the settings used, so that other settings give
         other UIDs (the pipeline always passes it).
+    presentation_state:
+        The Color Softcopy Presentation State drawing the finding on the source
+        (:mod:`dermnode.dicom_io.presentation_state`), or ``None``. It is named as the presentation state of the
+        source's Image Library entry and listed in the Current Requested Procedure Evidence Sequence.
+    key_image:
+        The key image with the finding burned in (:mod:`dermnode.dicom_io.key_image`), or ``None``; listed in
+        the Current Requested Procedure Evidence Sequence (TID 1500 has no content item for a derived picture).
 
     Returns
     -------
@@ -338,7 +354,7 @@ def build_report(
         # TID 1500 row 5 (Image Library) precedes the Imaging Measurements container.
         content = report[0].ContentSequence
         position = next((i for i, item in enumerate(content) if item.ValueType == "CONTAINER"), len(content))
-        content.insert(position, _image_library(source))
+        content.insert(position, _image_library(source, presentation_state))
         evaluations = hd.sr.ContainerContentItem(
             name=codes.QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
         )
@@ -355,6 +371,11 @@ def build_report(
         except (TypeError, ValueError):
             instance_number = 1
         evidence: list[Dataset] = [source] if segmentation is None else [source, segmentation]
+        for extra in (presentation_state, key_image):
+            if extra is not None:
+                if extra.StudyInstanceUID != source.StudyInstanceUID:
+                    raise OutputError(f"{extra.SOPInstanceUID} belongs to another study than the source image")
+                evidence.append(extra)
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,

@@ -20,6 +20,7 @@ import logging
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -64,11 +65,36 @@ _MODALITY_DISPLAY = {
     "OT": "Other",
     "SEG": "Segmentation",
     "SR": "SR Document",
+    "PR": "Presentation State",
 }
 _OID = re.compile(r"^[0-2](\.(0|[1-9][0-9]*))+$")
 _DA = re.compile(r"^(\d{4})(\d{2})?(\d{2})?$")
 _TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
 _TZ = re.compile(r"^([+-])(\d{2})(\d{2})$")
+
+
+@dataclass(frozen=True)
+class DerivedInstance:
+    """A further DICOM object dermnode made for the source (presentation state, key image), for the ImagingStudy.
+
+    Attributes
+    ----------
+    sop_instance_uid, sop_class_uid, series_instance_uid:
+        Its UIDs.
+    modality:
+        Its Modality (``PR``, ``OT``); a DICOM DCM code.
+    series_number:
+        Its Series Number, or ``None``.
+    series_description:
+        Its Series Description (empty: none).
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    modality: str
+    series_number: int | None = None
+    series_description: str = ""
 
 
 def _uuid(source_uid: str, role: str) -> str:
@@ -275,7 +301,10 @@ class _Builder:
         coding = self._modality(code)
         return {"coding": [coding]} if self.r5 else coding
 
-    def imaging_study(self, seg_series_uid: str | None, sr_series_uid: str | None, sr_class: str) -> None:
+    def imaging_study(
+        self, seg_series_uid: str | None, sr_series_uid: str | None, sr_class: str,
+        derived: Sequence[DerivedInstance] = (),
+    ) -> None:
         study_uid = self.result.source.study_instance_uid
         ident = {"system": C.DICOM_UID_SYSTEM, "value": f"urn:oid:{study_uid}"}
         if not self.settings.imaging_study_resource:
@@ -310,6 +339,20 @@ class _Builder:
                 )
             elif uid:
                 logger.debug("%s instance %s not listed in ImagingStudy: its series UID is unknown", modality, uid)
+        for d in derived:  # presentation state, key image: each in its own series
+            entry: JsonDict = {
+                "uid": d.series_instance_uid,
+                "modality": self._modality_value(d.modality),
+                "instance": [{
+                    "uid": d.sop_instance_uid,
+                    "sopClass": {"system": C.URI_SYSTEM, "code": f"urn:oid:{d.sop_class_uid}"},
+                }],
+            }
+            if d.series_number is not None:
+                entry["number"] = d.series_number
+            if d.series_description:
+                entry["description"] = d.series_description
+            series.append(entry)
         modalities = list(
             dict.fromkeys(s["modality"]["coding"][0]["code"] if self.r5 else s["modality"]["code"] for s in series)
         )
@@ -520,6 +563,7 @@ def build_bundle(
     sr_series_instance_uid: str | None = None,
     seg_series_instance_uid: str | None = None,
     sr_sop_class_uid: str = COMPREHENSIVE_3D_SR_STORAGE,
+    derived_instances: Sequence[DerivedInstance] = (),
 ) -> JsonDict:
     """Build the transaction Bundle reporting ``result`` for the FHIR version in ``settings.version``.
 
@@ -542,6 +586,9 @@ def build_bundle(
         Series of the SR and SEG; when given (with the instance UID) they are listed in the ImagingStudy.
     sr_sop_class_uid:
         SOP Class of the SR (default: Comprehensive 3D SR Storage, what dermnode writes).
+    derived_instances:
+        The presentation state and key image written for the result: each is listed in the ImagingStudy as an
+        instance of its own series (nothing when ``fhir.imaging_study_resource`` is off).
 
     Returns
     -------
@@ -560,7 +607,7 @@ def build_bundle(
     b.patient()
     if result.status is AnalysisStatus.ANALYSED:
         b.device()
-    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid)
+    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid, derived_instances)
     results = b.observations() if result.status is AnalysisStatus.ANALYSED else []
     b.report(results, overlay_png)
     bundle: JsonDict = {
