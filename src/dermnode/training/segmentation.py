@@ -353,6 +353,7 @@ def train_segmentation(
     init_from: Path | None = None,
     frame: tuple[int, int] | None = None,
     pretrained: bool = True,
+    version: str = MODEL_VERSION,
 ) -> Path:
     """Train a segmentation network and export the best epoch.
 
@@ -401,6 +402,8 @@ def train_segmentation(
         images (manifest ``extra.frame_follows_orientation``).
     pretrained:
         Start the encoder of an ``smp_unet`` from its ImageNet weights (:mod:`dermnode.training.backbones`).
+    version:
+        Version written to the manifest.
 
     Returns
     -------
@@ -462,7 +465,7 @@ def train_segmentation(
             module,
             out_dir,
             name=MODEL_NAME,
-            version=MODEL_VERSION,
+            version=version,
             arch=arch,
             input_size=work,
             mean=norm[0],
