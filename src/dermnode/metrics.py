@@ -62,7 +62,7 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health
 
     Raises
     ------
-    sqlite3.Error
+    sqlite3.Error, psycopg.Error
         When the state database cannot be read.
     """
     jobs = queue.counts()
@@ -127,7 +127,9 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health
 
 def _storage_lines(queue: JobQueue) -> list[str]:
     """Free disk of the storage root (the state database's folder), measured now, against storage.min_free_mb."""
-    root = queue.db_path.parent
+    root = queue.storage_root
+    if root is None:
+        return []
     try:
         space = disk_space(root)
     except OSError as exc:
@@ -164,7 +166,7 @@ def health_document(queue: JobQueue, outbox: Outbox, health: PoolHealth | None =
 
     Raises
     ------
-    sqlite3.Error
+    sqlite3.Error, psycopg.Error
         When the state database cannot be read.
     """
     doc: dict[str, object] = {"status": "ok", "jobs": queue.counts(), "deliveries": outbox.counts()}

@@ -11,7 +11,7 @@ from dermnode.errors import DeliveryError, InsufficientSpaceError, StorageError
 from dermnode.scp.spool import Spool
 from dermnode.settings import DeliverySettings
 from dermnode.workqueue import base
-from dermnode.workqueue.db import database_path
+from dermnode.workqueue.db import StateDB
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Delivery, Outbox
 
@@ -27,8 +27,8 @@ class Clock:
 
 
 @pytest.fixture
-def queue(tmp_path: Path) -> JobQueue:
-    return JobQueue(database_path(tmp_path), max_attempts=3, retry_delay_s=0.0)
+def queue(state_db: StateDB | Path, tmp_path: Path) -> JobQueue:
+    return JobQueue(state_db, max_attempts=3, retry_delay_s=0.0)
 
 
 def test_enqueue_is_idempotent_per_sop_instance(queue: JobQueue, tmp_path: Path) -> None:
@@ -160,8 +160,13 @@ def test_requeue_dead_gives_a_fresh_start_with_the_new_copy(queue: JobQueue, tmp
 class _BrokenConnection:
     """A connection whose every statement fails as a locked, full or corrupt database would."""
 
+    broken = False
+
     def execute(self, *args: Any) -> Any:
         raise sqlite3.OperationalError("disk I/O error")
+
+    def transaction(self) -> _BrokenConnection:
+        return self
 
     def __enter__(self) -> _BrokenConnection:
         return self
@@ -191,8 +196,8 @@ def test_spool_refuses_below_min_free(tmp_path: Path) -> None:
     assert list(spool.files()) == []
 
 
-def test_outbox_backoff_dead_letter_and_idempotent_add(tmp_path: Path) -> None:
-    ob = Outbox(database_path(tmp_path), DeliverySettings(max_attempts=2, backoff_initial_s=0.0))
+def test_outbox_backoff_dead_letter_and_idempotent_add(state_db: StateDB | Path, tmp_path: Path) -> None:
+    ob = Outbox(state_db, DeliverySettings(max_attempts=2, backoff_initial_s=0.0))
     f = tmp_path / "seg.dcm"
     f.write_bytes(b"x")
     assert ob.add(None, "dicom", "pacs:main", "1.2.3", f)
@@ -212,8 +217,8 @@ def test_outbox_backoff_dead_letter_and_idempotent_add(tmp_path: Path) -> None:
     assert ob.counts()["done"] == 1 and not ob.pump_once({"dicom": flaky})
 
 
-def test_outbox_permanent_error_is_not_retried(tmp_path: Path) -> None:
-    ob = Outbox(database_path(tmp_path), DeliverySettings(max_attempts=5, backoff_initial_s=0.0))
+def test_outbox_permanent_error_is_not_retried(state_db: StateDB | Path, tmp_path: Path) -> None:
+    ob = Outbox(state_db, DeliverySettings(max_attempts=5, backoff_initial_s=0.0))
     ob.add(None, "fhir", "fhir", "k", tmp_path / "b.json")
 
     def rejected(d: Delivery) -> None:
@@ -224,17 +229,17 @@ def test_outbox_permanent_error_is_not_retried(tmp_path: Path) -> None:
     assert not ob.pump_once({"fhir": rejected})
 
 
-def test_job_and_outbox_share_one_backoff_policy(tmp_path: Path) -> None:
-    queue = JobQueue(database_path(tmp_path), retry_delay_s=5, retry_delay_max_s=60)
-    ob = Outbox(database_path(tmp_path), DeliverySettings(backoff_initial_s=5, backoff_max_s=60))
+def test_job_and_outbox_share_one_backoff_policy(state_db: StateDB | Path, tmp_path: Path) -> None:
+    queue = JobQueue(state_db, retry_delay_s=5, retry_delay_max_s=60)
+    ob = Outbox(state_db, DeliverySettings(backoff_initial_s=5, backoff_max_s=60))
     assert [queue.backoff(n) for n in range(1, 8)] == [ob.backoff(n) for n in range(1, 8)]
     assert [queue.backoff(n) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
-    assert JobQueue(database_path(tmp_path)).backoff(20) == 600  # capped by default (was unbounded)
+    assert JobQueue(state_db).backoff(20) == 600  # capped by default (was unbounded)
 
 
-def test_failed_job_is_not_reclaimed_before_its_retry_is_due(tmp_path: Path) -> None:
+def test_failed_job_is_not_reclaimed_before_its_retry_is_due(state_db: StateDB | Path, tmp_path: Path) -> None:
     """A real retry delay (every other fixture sets 0): the job waits, then runs again."""
-    queue = JobQueue(database_path(tmp_path), max_attempts=3, retry_delay_s=0.4)
+    queue = JobQueue(state_db, max_attempts=3, retry_delay_s=0.4)
     queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
     job = queue.claim("w")
     assert job is not None
@@ -253,10 +258,12 @@ def test_failed_job_is_not_reclaimed_before_its_retry_is_due(tmp_path: Path) -> 
     assert time.time() - failed_at >= 0.4
 
 
-def test_job_retry_delay_doubles_and_is_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_job_retry_delay_doubles_and_is_capped(
+    state_db: StateDB | Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     clock = Clock(1000.0)
     monkeypatch.setattr(base, "time", clock)
-    queue = JobQueue(database_path(tmp_path), max_attempts=5, retry_delay_s=30, retry_delay_max_s=100)
+    queue = JobQueue(state_db, max_attempts=5, retry_delay_s=30, retry_delay_max_s=100)
     queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
     for attempt, delay in enumerate((30.0, 60.0, 100.0, 100.0), start=1):
         job = queue.claim("w")
@@ -273,6 +280,6 @@ def test_job_retry_delay_doubles_and_is_capped(tmp_path: Path, monkeypatch: pyte
     assert queue.counts()["dead_letter"] == 1
 
 
-def test_outbox_backoff_is_exponential_and_capped(tmp_path: Path) -> None:
-    ob = Outbox(database_path(tmp_path), DeliverySettings(backoff_initial_s=5, backoff_max_s=60))
+def test_outbox_backoff_is_exponential_and_capped(state_db: StateDB | Path, tmp_path: Path) -> None:
+    ob = Outbox(state_db, DeliverySettings(backoff_initial_s=5, backoff_max_s=60))
     assert [ob.backoff(n) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]

@@ -14,7 +14,7 @@ from dermnode.errors import DeliveryError
 from dermnode.settings import DeliverySettings, WorkerSettings
 from dermnode.workqueue import base
 from dermnode.workqueue.base import StateUpdateAbandonedError, retry_state_update
-from dermnode.workqueue.db import database_path
+from dermnode.workqueue.db import StateDB
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Delivery, Outbox
 from dermnode.workqueue.workers import WorkerPool
@@ -22,8 +22,8 @@ from state_faults import LOCKED, flaky
 
 
 @pytest.fixture
-def outbox(tmp_path: Path) -> Outbox:
-    ob = Outbox(database_path(tmp_path), DeliverySettings(max_attempts=3, backoff_initial_s=0.0))
+def outbox(state_db: StateDB | Path, tmp_path: Path) -> Outbox:
+    ob = Outbox(state_db, DeliverySettings(max_attempts=3, backoff_initial_s=0.0))
     ob.add(None, "dicom", "pacs:main", "1.2.3.seg", tmp_path / "seg.dcm")
     return ob
 
@@ -125,11 +125,11 @@ class Clock:
 
 
 def test_failed_delivery_backs_off_exponentially_up_to_the_cap(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    state_db: StateDB | Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock(1000.0)
     monkeypatch.setattr(base, "time", clock)
-    ob = Outbox(database_path(tmp_path), DeliverySettings(max_attempts=5, backoff_initial_s=5, backoff_max_s=12))
+    ob = Outbox(state_db, DeliverySettings(max_attempts=5, backoff_initial_s=5, backoff_max_s=12))
     ob.add(None, "dicom", "pacs:main", "1.2.3.seg", tmp_path / "seg.dcm")
 
     def down(d: Delivery) -> None:
@@ -148,11 +148,11 @@ def test_failed_delivery_backs_off_exponentially_up_to_the_cap(
 
 
 def test_delivery_thread_survives_failed_updates(
-    tmp_path: Path, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+    state_db: StateDB | Path, tmp_path: Path, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     delivered, _ = flaky(outbox.delivered, failures=1)
     monkeypatch.setattr(outbox, "delivered", delivered)
-    queue = JobQueue(database_path(tmp_path))
+    queue = JobQueue(state_db)
     pool = WorkerPool(queue, outbox, lambda j: "x", {"dicom": lambda d: None}, WorkerSettings(count=0), 0.02)
     pool.start()
     try:
@@ -169,14 +169,14 @@ def test_delivery_thread_survives_failed_updates(
         pool.stop(0.5)
 
 
-def test_delivery_dead_letter_names_the_source_image(tmp_path: Path) -> None:
+def test_delivery_dead_letter_names_the_source_image(state_db: StateDB | Path, tmp_path: Path) -> None:
     """`dermnode status --dead-letters` must say which image a failed result belongs to."""
     from dermnode.workqueue.jobs import JobQueue
 
-    queue = JobQueue(database_path(tmp_path / "db"))
+    queue = JobQueue(state_db)
     assert queue.enqueue("1.2.3.4", "1.2.840.10008.5.1.4.1.1.77.1.7", tmp_path / "src.dcm")
     (job_id,) = queue._conn().execute("SELECT id FROM jobs").fetchone()
-    ob = Outbox(database_path(tmp_path / "db"), DeliverySettings(max_attempts=1))
+    ob = Outbox(state_db, DeliverySettings(max_attempts=1))
     ob.add(job_id, "dicom", "pacs:main", "1.2.3.4.5", tmp_path / "seg.dcm")
     delivery = ob.claim()
     assert delivery is not None

@@ -13,21 +13,33 @@ count and a ``next_attempt_at`` time. Both queues share:
 * **state updates that must not be lost** — :func:`retry_state_update` repeats a failed state-database write
   with the same capped exponential backoff until it succeeds or the caller stops.
 
-Each thread gets its own SQLite connection (:func:`~dermnode.workqueue.db.connect`).
+Each thread gets its own connection of the state database (:class:`~dermnode.workqueue.db.StateDB`: SQLite, or
+PostgreSQL shared by several processes). Where the state is shared (``StateDB.leases``), a claim also records the
+owner and a lease expiry; the owner renews the leases of what it holds (:meth:`WorkQueue.renew_held`, called by the
+worker pool's lease thread), and only a row whose lease is over counts as orphaned (:meth:`WorkQueue.orphaned`), so
+another host takes it over after the lease and never while its owner still works on it.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from dermnode.errors import StorageError
-from dermnode.workqueue.db import connect, dead_letter, replay_dead
+from dermnode.workqueue.db import (
+    CLAIM_ERRORS,
+    StateConnection,
+    StateDB,
+    as_state_db,
+    dead_letter,
+    replay_dead,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +140,7 @@ class WorkQueue:
     Parameters
     ----------
     db_path:
-        The state database file.
+        The state database: an SQLite file, or a :class:`~dermnode.workqueue.db.StateDB` (PostgreSQL).
     max_attempts:
         Attempts before an item is dead-lettered.
     backoff_initial_s, backoff_max_s:
@@ -145,18 +157,31 @@ class WorkQueue:
     #: The state of a claimed item (``running``, ``sending``).
     in_flight: ClassVar[str]
 
-    def __init__(self, db_path: Path, *, max_attempts: int, backoff_initial_s: float, backoff_max_s: float) -> None:
+    #: The NOTIFY channel that wakes idle consumers of this table.
+    channel: ClassVar[str]
+
+    def __init__(
+        self, db_path: StateDB | Path, *, max_attempts: int, backoff_initial_s: float, backoff_max_s: float
+    ) -> None:
         self.db_path = db_path
+        self.state_db = as_state_db(db_path)
+        #: The storage root whose free disk ``/metrics`` reports: the SQLite file's folder; set by the service
+        #: where the state is elsewhere.
+        self.storage_root: Path | None = db_path.parent if isinstance(db_path, Path) else None
         self.max_attempts = max_attempts
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._local = threading.local()
+        self._held: dict[int, str] = {}  # rows this process claimed, by id: their owner (leases only)
+        self._held_lock = threading.Lock()
         self._conn()  # create the schema now, fail early
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+    def _conn(self) -> StateConnection:
+        conn: StateConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.broken:  # a lost PostgreSQL connection: open a new one
+            conn = None
         if conn is None:
-            conn = connect(self.db_path)
+            conn = self.state_db.connect()
             self._local.conn = conn
         return conn
 
@@ -175,30 +200,103 @@ class WorkQueue:
         """Whether a failure on attempt ``attempts`` dead-letters the item."""
         return permanent or attempts >= self.max_attempts
 
-    def _claim_row(self, returning: str, *, owner: str | None = None) -> sqlite3.Row | None:
+    def default_owner(self) -> str:
+        """The owner recorded on rows claimed without one where leases need it: unique per host and process."""
+        return f"{self.table}@{socket.gethostname()}:{os.getpid()}"
+
+    def _claim_row(self, returning: str, *, owner: str | None = None) -> Any:
         """Atomically take the oldest due pending row, mark it in flight and count the attempt.
 
-        A busy database (``sqlite3.OperationalError``) is logged and answered with ``None`` (the caller's loop
-        tries again).
+        Where the state is shared, the row is picked with ``FOR UPDATE SKIP LOCKED`` (claimers never wait for nor
+        take each other's row) and gets the owner and a lease expiry, renewed by :meth:`renew_held`.
+
+        A busy database or a lost connection is logged and answered with ``None`` (the caller's loop tries again).
         """
+        db = self.state_db
         now = time.time()
-        set_owner = "owner = ?, " if owner is not None else ""
-        args = (owner, now, now) if owner is not None else (now, now)
+        if db.leases and owner is None:
+            owner = self.default_owner()
+        sets = ""
+        args: list[Any] = []
+        if owner is not None:
+            sets += "owner = ?, "
+            args.append(owner)
+        if db.leases:
+            sets += "lease_expires_at = ?, "
+            args.append(now + db.lease_s)
+        args += [now, now]
         try:
-            row: sqlite3.Row | None = (
+            row = (
                 self._conn()
                 .execute(
-                    f"UPDATE {self.table} SET state = '{self.in_flight}', attempts = attempts + 1, {set_owner}"
+                    f"UPDATE {self.table} SET state = '{self.in_flight}', attempts = attempts + 1, {sets}"
                     f"updated_at = ? WHERE id = (SELECT id FROM {self.table} WHERE state = 'pending'"
-                    f" AND next_attempt_at <= ? ORDER BY id LIMIT 1) RETURNING {returning}",
+                    f" AND next_attempt_at <= ? ORDER BY id LIMIT 1{db.lock_rows}) RETURNING {returning}",
                     args,
                 )
                 .fetchone()
             )
-        except sqlite3.OperationalError as exc:
+        except CLAIM_ERRORS as exc:
             logger.warning("%s claim failed, will retry: %s", self.table, exc)
             return None
+        if row is not None and db.leases and owner is not None:
+            with self._held_lock:
+                self._held[int(row["id"])] = owner
         return row
+
+    def renew(self, row_id: int, owner: str) -> bool:
+        """Extend the lease of an in-flight row held by ``owner``; ``False`` when it is no longer theirs (or done).
+
+        Always ``True`` where there are no leases (SQLite: one process, its in-flight rows are its own).
+        """
+        db = self.state_db
+        if not db.leases:
+            return True
+        cur = self._conn().execute(
+            f"UPDATE {self.table} SET lease_expires_at = ? WHERE id = ? AND owner = ? AND state = '{self.in_flight}'",
+            (time.time() + db.lease_s, row_id, owner),
+        )
+        return int(cur.rowcount) == 1
+
+    def renew_held(self) -> int:
+        """Renew the lease of every row this object claimed that is still in flight; returns how many.
+
+        Rows that finished (or were taken over) are forgotten. A failed renewal is logged and tried at the next
+        call (the lease is several renewal periods long).
+        """
+        with self._held_lock:
+            held = list(self._held.items())
+        renewed = 0
+        for row_id, owner in held:
+            try:
+                ok = self.renew(row_id, owner)
+            except Exception as exc:
+                logger.warning("cannot renew the lease of %s %d: %s", self.table, row_id, exc)
+                continue
+            if ok:
+                renewed += 1
+            else:
+                with self._held_lock:
+                    if self._held.get(row_id) == owner:
+                        del self._held[row_id]
+        return renewed
+
+    def orphaned(self, now: float) -> tuple[str, tuple[Any, ...]]:
+        """SQL condition (and its arguments) of in-flight rows nobody works on any more.
+
+        SQLite: every in-flight row (one process serves the state; its recovery runs at start). Shared state: the
+        in-flight rows whose lease is over.
+        """
+        if self.state_db.leases:
+            return f"state = '{self.in_flight}' AND lease_expires_at <= ?", (now,)
+        return f"state = '{self.in_flight}'", ()
+
+    def notify(self) -> None:
+        """Wake idle consumers in other processes (``NOTIFY``; nothing on SQLite). Never raises."""
+        try:
+            self.state_db.notify(self._conn(), self.channel)
+        except Exception as exc:  # they poll anyway
+            logger.debug("notify on %s failed: %s", self.channel, exc)
 
     def _record_failure(
         self,
@@ -220,7 +318,7 @@ class WorkQueue:
 
         Raises
         ------
-        sqlite3.Error
+        sqlite3.Error, psycopg.Error
             When the state database cannot be written (callers retry with :func:`retry_state_update`).
         """
         conn = self._conn()
@@ -246,7 +344,10 @@ class WorkQueue:
 
     def replay(self, row_id: int | None = None) -> int:
         """Put dead-lettered items (one, or all) back into the queue with a fresh attempt count."""
-        return replay_dead(self._conn(), self.table, row_id)
+        n = replay_dead(self._conn(), self.table, row_id)
+        if n:
+            self.notify()
+        return n
 
     def state_of(self, row_id: int) -> str | None:
         """The state of item ``row_id`` (``pending``, ``done``, ``dead``, ...), or ``None`` when there is none."""

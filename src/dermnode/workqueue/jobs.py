@@ -8,6 +8,10 @@ is claimed. A job left ``running`` by a process that died (or was stopped before
 dead-lettered ("interrupted on attempt N of N") once the interrupted attempt was its last, so an input that
 crashes the process is tried ``max_attempts`` times and then lands in the dead letters instead of looping.
 
+Where several processes share the state (PostgreSQL), :meth:`JobQueue.recover` takes only the running jobs whose
+lease is over (their worker died or lost the database) and is also called periodically by the worker pool, so a
+job of a dead host is finished by another after the lease.
+
 A dead job whose instance is received again is re-queued with a fresh attempt count
 (:meth:`JobQueue.requeue_dead`); in any other state a repeated SOP Instance UID is a duplicate.
 
@@ -19,14 +23,20 @@ database error, so the SCP can answer "out of resources".
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dermnode.errors import StorageError
 from dermnode.workqueue.base import WorkQueue
-from dermnode.workqueue.db import dead_letter, replay_dead_in_transaction
+from dermnode.workqueue.db import (
+    DB_ERRORS,
+    JOBS_CHANNEL,
+    Row,
+    StateDB,
+    dead_letter_in_transaction,
+    replay_dead_in_transaction,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +59,12 @@ DEFAULT_RETRY_DELAY_MAX_S = 600.0
 
 
 class JobQueue(WorkQueue):
-    """SQLite-backed job queue. Thread-safe: each thread gets its own connection.
+    """The job queue on the state database (SQLite or PostgreSQL). Thread-safe: each thread gets its own connection.
 
     Parameters
     ----------
     db_path:
-        The state database file.
+        The state database: an SQLite file or a :class:`~dermnode.workqueue.db.StateDB`.
     max_attempts:
         Attempts before a job is dead-lettered.
     retry_delay_s:
@@ -65,10 +75,11 @@ class JobQueue(WorkQueue):
 
     table = "jobs"
     in_flight = "running"
+    channel = JOBS_CHANNEL
 
     def __init__(
         self,
-        db_path: Path,
+        db_path: StateDB | Path,
         max_attempts: int = 3,
         retry_delay_s: float = 5.0,
         retry_delay_max_s: float = DEFAULT_RETRY_DELAY_MAX_S,
@@ -97,7 +108,7 @@ class JobQueue(WorkQueue):
                 .execute("SELECT state FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,))
                 .fetchone()
             )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StorageError(f"cannot look up the job of an instance: {exc}") from exc
         return None if row is None else str(row["state"])
 
@@ -136,13 +147,17 @@ class JobQueue(WorkQueue):
         now = time.time()
         try:
             cur = self._conn().execute(
-                "INSERT OR IGNORE INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, path,"
-                " calling_aet, peer, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, path,"
+                " calling_aet, peer, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
                 (sop_instance_uid, sop_class_uid, study_instance_uid, str(path), calling_aet, peer, now, now),
             )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StorageError(f"cannot record job for an instance: {exc}") from exc
-        return cur.rowcount == 1
+        created = cur.rowcount == 1
+        if created:
+            self.notify()
+        return created
 
     def requeue_dead(
         self,
@@ -172,8 +187,7 @@ class JobQueue(WorkQueue):
         """
         conn = self._conn()
         try:
-            with conn:
-                conn.execute("BEGIN IMMEDIATE")
+            with conn.transaction():
                 row = conn.execute(
                     "UPDATE jobs SET last_error = NULL, outcome = NULL, owner = NULL, sop_class_uid = ?,"
                     " study_instance_uid = ?, path = ?, calling_aet = ?, peer = ?"
@@ -181,8 +195,10 @@ class JobQueue(WorkQueue):
                     (sop_class_uid, study_instance_uid, str(path), calling_aet, peer, sop_instance_uid),
                 ).fetchone()
                 requeued = row is not None and replay_dead_in_transaction(conn, "jobs", row["id"]) == 1
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StorageError(f"cannot re-queue the dead job of a re-received instance: {exc}") from exc
+        if requeued:
+            self.notify()
         return requeued
 
     # -- consumer side (the workers) ----------------------------------------------------------------------
@@ -223,7 +239,8 @@ class JobQueue(WorkQueue):
     def release(self, job: Job) -> None:
         """Give a claimed job back untouched (shutdown before it ran); the attempt is not counted."""
         self._conn().execute(
-            "UPDATE jobs SET state = 'pending', attempts = MAX(attempts - 1, 0), owner = NULL, updated_at = ?"
+            "UPDATE jobs SET state = 'pending', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,"
+            " owner = NULL, updated_at = ?"
             " WHERE id = ? AND state = 'running'",
             (time.time(), job.id),
         )
@@ -244,42 +261,52 @@ class JobQueue(WorkQueue):
             The number of jobs re-queued (dead-lettered ones not included).
         """
         conn = self._conn()
-        running = [r["id"] for r in conn.execute("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")]
-        poisoned = conn.execute(
-            "SELECT id, sop_instance_uid, attempts, last_error FROM jobs WHERE state = 'running' AND attempts >= ?"
-            " ORDER BY id",
-            (self.max_attempts,),
-        ).fetchall()
-        for row in poisoned:
-            reason = (
-                f"interrupted on attempt {row['attempts']} of {self.max_attempts}"
-                " (the process stopped while analysing it)"
-            )
-            others = [str(i) for i in running if i != row["id"]]
-            if others:  # with several workers the culprit cannot be told apart: say so, replay may be right
-                reason += (
-                    f"; job(s) {', '.join(others)} were running at the same time, so this image may not be the "
-                    "cause: replay it once the cause is known"
+        now = time.time()
+        orphaned, args = self.orphaned(now)
+        with conn.transaction():
+            rows = conn.execute(
+                f"SELECT id, sop_instance_uid, attempts, last_error FROM jobs WHERE {orphaned} ORDER BY id"
+                f"{self.state_db.lock_rows}",
+                args,
+            ).fetchall()
+            running = [r["id"] for r in rows]
+            for row in rows:
+                if row["attempts"] < self.max_attempts:
+                    continue
+                reason = (
+                    f"interrupted on attempt {row['attempts']} of {self.max_attempts}"
+                    " (the process stopped while analysing it)"
                 )
-            if row["last_error"]:
-                reason += f"; previous error: {row['last_error']}"
-            dead_letter(
-                conn,
-                "jobs",
-                row["id"],
-                error=reason,
-                attempts=row["attempts"],
-                sop_instance_uid=row["sop_instance_uid"],
-            )
-            logger.error("job %d (sop_instance=%s) dead-lettered: %s", row["id"], row["sop_instance_uid"], reason)
-        cur = conn.execute(
-            "UPDATE jobs SET state = 'pending', owner = NULL, next_attempt_at = 0, updated_at = ?"
-            " WHERE state = 'running'",
-            (time.time(),),
-        )
-        if cur.rowcount:
-            logger.warning("re-queued %d job(s) interrupted by a previous shutdown or crash", cur.rowcount)
-        return cur.rowcount
+                others = [str(i) for i in running if i != row["id"]]
+                if others:  # with several workers the culprit cannot be told apart: say so, replay may be right
+                    reason += (
+                        f"; job(s) {', '.join(others)} were running at the same time, so this image may not be the "
+                        "cause: replay it once the cause is known"
+                    )
+                if row["last_error"]:
+                    reason += f"; previous error: {row['last_error']}"
+                dead_letter_in_transaction(
+                    conn,
+                    "jobs",
+                    row["id"],
+                    error=reason,
+                    attempts=row["attempts"],
+                    sop_instance_uid=row["sop_instance_uid"],
+                )
+                logger.error("job %d (sop_instance=%s) dead-lettered: %s", row["id"], row["sop_instance_uid"], reason)
+            requeue = [r["id"] for r in rows if r["attempts"] < self.max_attempts]
+            count = 0
+            if requeue:
+                cur = conn.execute(
+                    "UPDATE jobs SET state = 'pending', owner = NULL, next_attempt_at = 0, updated_at = ?"
+                    f" WHERE state = 'running' AND id IN ({', '.join('?' for _ in requeue)})",
+                    (now, *requeue),
+                )
+                count = int(cur.rowcount)
+        if count:
+            logger.warning("re-queued %d job(s) interrupted by a previous shutdown or crash", count)
+            self.notify()
+        return count
 
     # -- reporting ----------------------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
@@ -293,13 +320,13 @@ class JobQueue(WorkQueue):
         out["dead_letter"] = out.pop("dead")
         return out
 
-    def get(self, sop_instance_uid: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = (
+    def get(self, sop_instance_uid: str) -> Row | None:
+        row: Row | None = (
             self._conn().execute("SELECT * FROM jobs WHERE sop_instance_uid = ?", (sop_instance_uid,)).fetchone()
         )
         return row
 
-    def dead_letters(self, kind: str | None = None) -> list[sqlite3.Row]:
+    def dead_letters(self, kind: str | None = None) -> list[Row]:
         sql = "SELECT * FROM dead_letters"
         args: tuple[str, ...] = ()
         if kind:

@@ -12,7 +12,6 @@ UIDs or FHIR identifiers: idempotent at the receiver.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +21,7 @@ from pathlib import Path
 from dermnode.errors import DeliveryError, StorageError
 from dermnode.settings import DeliverySettings
 from dermnode.workqueue.base import StateUpdateAbandonedError, WorkQueue, retry_state_update
+from dermnode.workqueue.db import DB_ERRORS, DELIVERIES_CHANNEL, Row, StateDB
 
 logger = logging.getLogger(__name__)
 audit = logging.getLogger("dermnode.audit")
@@ -45,7 +45,7 @@ Deliverer = Callable[[Delivery], None]
 
 
 class Outbox(WorkQueue):
-    """SQLite-backed outbox. Thread-safe: one connection per thread.
+    """The outbox on the state database (SQLite or PostgreSQL). Thread-safe: one connection per thread.
 
     Raises
     ------
@@ -55,8 +55,9 @@ class Outbox(WorkQueue):
 
     table = "deliveries"
     in_flight = "sending"
+    channel = DELIVERIES_CHANNEL
 
-    def __init__(self, db_path: Path, settings: DeliverySettings) -> None:
+    def __init__(self, db_path: StateDB | Path, settings: DeliverySettings) -> None:
         self.settings = settings
         super().__init__(
             db_path,
@@ -76,17 +77,20 @@ class Outbox(WorkQueue):
         now = time.time()
         try:
             cur = self._conn().execute(
-                "INSERT OR IGNORE INTO deliveries (job_id, kind, destination, object_key, path, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO deliveries (job_id, kind, destination, object_key, path, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (job_id, kind, destination, object_key, str(path), now, now),
             )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             raise StorageError(f"cannot record delivery {object_key} to {destination}: {exc}") from exc
-        return cur.rowcount == 1
+        created = cur.rowcount == 1
+        if created:
+            self.notify()
+        return created
 
-    def claim(self) -> Delivery | None:
-        """Take the oldest due delivery (marking it ``sending``)."""
-        row = self._claim_row("id, job_id, kind, destination, object_key, path, attempts")
+    def claim(self, owner: str | None = None) -> Delivery | None:
+        """Take the oldest due delivery (marking it ``sending``; owner and lease where the state is shared)."""
+        row = self._claim_row("id, job_id, kind, destination, object_key, path, attempts", owner=owner)
         if row is None:
             return None
         return Delivery(
@@ -104,7 +108,7 @@ class Outbox(WorkQueue):
 
         Raises
         ------
-        sqlite3.Error
+        sqlite3.Error, psycopg.Error
             When the state database cannot be written (:meth:`pump_once` retries).
         """
         now = time.time()
@@ -118,7 +122,7 @@ class Outbox(WorkQueue):
 
         Raises
         ------
-        sqlite3.Error
+        sqlite3.Error, psycopg.Error
             When the state database cannot be written (:meth:`pump_once` retries).
         """
         sop_instance_uid = ""
@@ -143,11 +147,17 @@ class Outbox(WorkQueue):
         )
 
     def recover(self) -> int:
-        """Deliveries left ``sending`` by a dead process go back to ``pending`` (resent: idempotent)."""
+        """Deliveries left ``sending`` by a dead process go back to ``pending`` (resent: idempotent).
+
+        Where the state is shared, only those whose lease is over (:meth:`WorkQueue.orphaned`).
+        """
+        orphaned, args = self.orphaned(time.time())
         cur = self._conn().execute(
-            "UPDATE deliveries SET state = 'pending', next_attempt_at = 0 WHERE state = 'sending'"
+            f"UPDATE deliveries SET state = 'pending', next_attempt_at = 0 WHERE {orphaned}", args
         )
-        return cur.rowcount
+        if cur.rowcount:
+            self.notify()
+        return int(cur.rowcount)
 
     def counts(self) -> dict[str, int]:
         """Deliveries by state, ``dead`` reported as ``dead_letter``."""
@@ -155,7 +165,7 @@ class Outbox(WorkQueue):
         out["dead_letter"] = out.pop("dead")
         return out
 
-    def for_job(self, job_id: int) -> list[sqlite3.Row]:
+    def for_job(self, job_id: int) -> list[Row]:
         return list(
             self._conn().execute(
                 "SELECT kind, destination, object_key, state, attempts, last_error FROM deliveries"
@@ -180,7 +190,7 @@ class Outbox(WorkQueue):
 
         Raises
         ------
-        sqlite3.Error
+        sqlite3.Error, psycopg.Error
             Never for a failed send or state update; only when claiming a delivery fails with an error other
             than a busy database (the caller's loop logs it and carries on).
         """

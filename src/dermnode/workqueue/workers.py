@@ -9,12 +9,18 @@ locked`` past the busy timeout, a full disk) is logged and retried with bounded 
 job again, so a job or delivery never stays ``running``/``sending`` while the process lives. Only a shutdown
 whose grace period is over abandons such a retry; the row is then re-queued by ``recover()`` at the next start.
 :meth:`WorkerPool.health` reports which threads are alive, for ``/healthz`` and ``/metrics``.
+
+Where the state is shared by several processes (PostgreSQL), a lease thread renews the leases of the jobs and
+deliveries this process holds and re-queues those of processes that stopped renewing theirs (``recover()``), and
+idle threads are woken by ``NOTIFY`` (polling stays the fallback). A pool may run only the job threads
+(``--role analyze``) or only the delivery thread (``--role deliver``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -149,6 +155,10 @@ class WorkerPool:
         ``[workers]`` settings.
     delivery_poll_s:
         How often an idle outbox thread looks for due deliveries.
+    analyze, deliver:
+        Whether to run the job threads and the delivery thread (the ``--role`` of the process).
+    notify_poll_s:
+        Where idle threads are woken by ``NOTIFY`` (shared state), how often they still poll.
     """
 
     def __init__(
@@ -159,6 +169,10 @@ class WorkerPool:
         deliverers: Mapping[str, Deliverer],
         settings: WorkerSettings,
         delivery_poll_s: float = 1.0,
+        *,
+        analyze: bool = True,
+        deliver: bool = True,
+        notify_poll_s: float = 2.0,
     ) -> None:
         self.queue = queue
         self.outbox = outbox
@@ -170,6 +184,14 @@ class WorkerPool:
         self._abandon = threading.Event()  # grace period over: give up retrying state updates
         self._workers: dict[str, threading.Thread] = {}
         self._outbox_thread: threading.Thread | None = None
+        self._lease_thread: threading.Thread | None = None
+        self._lease_stop = threading.Event()  # set once the job and delivery threads are gone
+        self._started = False
+        self.analyze = analyze
+        self.deliver = deliver
+        self.notify_poll_s = notify_poll_s
+        db = queue.state_db
+        self._notifier = db.listener() if db.leases else None
 
     @property
     def _threads(self) -> list[threading.Thread]:
@@ -179,7 +201,10 @@ class WorkerPool:
         return out
 
     def owner_id(self, index: int) -> str:
-        """The owner recorded on the jobs worker ``index`` claims: unique per process (it holds the pid)."""
+        """The owner recorded on the jobs worker ``index`` claims: unique per process (it holds the pid; and the host
+        name where several hosts share the state)."""
+        if self.queue.state_db.leases:
+            return f"worker-{index}@{socket.gethostname()}:{os.getpid()}"
         return f"worker-{index}@{os.getpid()}"
 
     def start(self) -> None:
@@ -190,28 +215,37 @@ class WorkerPool:
         RuntimeError
             When the pool was already started.
         """
-        if self._outbox_thread is not None:
+        if self._started:
             raise RuntimeError("worker pool already started")
-        for i in range(self.settings.count):
+        self._started = True
+        for i in range(self.settings.count if self.analyze else 0):
             t = threading.Thread(target=self._job_loop, args=(self.owner_id(i),), name=f"dermnode-worker-{i}")
             t.daemon = True
             self._workers[f"worker-{i}"] = t
             t.start()
-        t = threading.Thread(target=self._delivery_loop, name="dermnode-outbox")
-        t.daemon = True
-        self._outbox_thread = t
-        t.start()
+        if self.deliver:
+            t = threading.Thread(target=self._delivery_loop, name="dermnode-outbox")
+            t.daemon = True
+            self._outbox_thread = t
+            t.start()
+        if self.queue.state_db.leases:
+            t = threading.Thread(target=self._lease_loop, name="dermnode-lease")
+            t.daemon = True
+            self._lease_thread = t
+            t.start()
 
     def health(self) -> PoolHealth:
         """Which threads are alive; a thread that is not alive while the pool runs is named in ``dead``."""
-        running = self._outbox_thread is not None and not self._stop.is_set()
+        running = self._started and not self._stop.is_set()
         alive = {name: t.is_alive() for name, t in self._workers.items()}
         outbox_alive = self._outbox_thread is not None and self._outbox_thread.is_alive()
         dead: list[str] = []
         if running:
             dead = [name for name, ok in alive.items() if not ok]
-            if not outbox_alive:
+            if self.deliver and not outbox_alive:
                 dead.append("outbox")
+            if self._lease_thread is not None and not self._lease_thread.is_alive():
+                dead.append("lease")
         return PoolHealth(
             running=running,
             workers_configured=self.settings.count,
@@ -228,7 +262,7 @@ class WorkerPool:
                 logger.exception("cannot claim a job")
                 job = None
             if job is None:
-                self._stop.wait(self.settings.poll_interval_s)
+                self._idle("dermnode_jobs", self.settings.poll_interval_s)
                 continue
             try:
                 run_job(self.queue, job, self.processor, stop=self._abandon)
@@ -244,7 +278,37 @@ class WorkerPool:
                 logger.exception("outbox pump failed")
                 busy = False
             if not busy:
-                self._stop.wait(self.delivery_poll_s)
+                self._idle("dermnode_deliveries", self.delivery_poll_s)
+
+    def _idle(self, channel: str, poll_s: float) -> None:
+        """Wait for work: the poll interval, or (shared state) until a ``NOTIFY`` on ``channel`` or the longer
+        ``notify_poll_s`` fallback."""
+        if self._notifier is None:
+            self._stop.wait(poll_s)
+            return
+        wake = self._notifier.event(channel)
+        if wake.wait(max(poll_s, self.notify_poll_s)):
+            wake.clear()
+
+    def _lease_loop(self) -> None:
+        """Renew the leases of what this process holds; re-queue what processes that stopped renewing left."""
+        lease_s = self.queue.state_db.lease_s
+        period = max(lease_s / 3.0, 0.05)
+        while not self._lease_stop.wait(period):
+            for q in (self.queue, self.outbox):
+                try:
+                    q.renew_held()
+                except Exception:
+                    logger.exception("lease renewal of %s failed", q.table)
+            if self._stop.is_set():
+                continue  # keep renewing what still runs during the grace period, take nothing over
+            try:
+                if self.analyze:
+                    self.queue.recover()
+                if self.deliver:
+                    self.outbox.recover()
+            except Exception:
+                logger.exception("taking over orphaned work failed")
 
     def stop(self, grace_s: float | None = None) -> bool:
         """Stop taking work, wait up to ``grace_s`` for running jobs; returns ``True`` if all finished.
@@ -258,6 +322,8 @@ class WorkerPool:
             Seconds running jobs get; ``None``: ``workers.shutdown_grace_s``.
         """
         self._stop.set()
+        if self._notifier is not None:
+            self._notifier.wake_all()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         end = time.monotonic() + grace
         for t in self._threads:
@@ -267,6 +333,9 @@ class WorkerPool:
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
+        self._lease_stop.set()  # leases of what still runs lapse: another process takes it over after the lease
+        if self._lease_thread is not None:
+            self._lease_thread.join(ABANDON_JOIN_S)
         if alive:
             logger.warning("still busy after %.0fs, left for re-queue at next start: %s", grace, alive)
         return not alive
