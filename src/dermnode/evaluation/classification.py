@@ -240,7 +240,14 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
         raise PipelineError(f"unknown split {split!r} (train, val or test)")
     bundle = load_classifier(Path(models_dir))
     seed = int(bundle.extra.get("split_seed", bundle.extra.get("seed", 0)))
-    samples = load_samples([Path(data_dir)], seed=seed, splits=(split,))
+    data_dir = Path(data_dir)
+    if data_dir.name in ("isic2017", "isic-9class") and (data_dir.parent / "isic2017" / "labels.csv").is_file():
+        # one training set named alone: its held-out rows depend on the other set (isic-9class rows that are
+        # also isic2017 images were trained on as isic2017 rows), so the split is made as training made it
+        both = load_samples([data_dir.parent], seed=seed, splits=(split,))
+        samples = [s for s in both if s.source == data_dir.name]
+    else:
+        samples = load_samples([data_dir], seed=seed, splits=(split,))
     if not samples:
         raise PipelineError(f"no {split} images under {data_dir}")
     out_dir = Path(out_dir)
@@ -248,7 +255,9 @@ def evaluate_classification(data_dir: Path, split: str, models_dir: Path, out_di
     size = bundle.input_size
 
     def run(ss: list[Sample]) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        return batched_logits(bundle.model, eval_batch(ss, size, bundle.margin), tta=True)
+        return batched_logits(
+            bundle.model, eval_batch(ss, size, bundle.margin, (bundle.mean, bundle.std)), tta=bundle.tta
+        )
 
     result: dict[str, Any] = {
         "model": bundle.identity.to_json(),

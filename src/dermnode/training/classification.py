@@ -648,7 +648,7 @@ def train_classification(
     final.load_state_dict(best_state)
     final.eval()
     return _calibrate_and_export(
-        final, arch, image_size, val17, val9, history, out_dir, version, seed, epochs, tta=tta
+        final, arch, image_size, val17, val9, history, out_dir, version, seed, epochs, tta=tta, split_seed=split_seed
     )
 
 
@@ -673,6 +673,7 @@ def _calibrate_and_export(
     epochs: int,
     margin: float = DEFAULT_MARGIN,
     tta: bool = True,
+    split_seed: int | None = None,
 ) -> Path:
     """Fit the temperatures on the validation logits (with the inference TTA), report ECE, export the bundle."""
     norm = classifier_normalisation(final)
@@ -709,7 +710,7 @@ def _calibrate_and_export(
         "best_epoch": best_epoch,
         "epochs": epochs,
         "seed": seed,
-        "split_seed": seed,
+        "split_seed": seed if split_seed is None else split_seed,
         "parameters": int(sum(p.numel() for p in final.parameters())),
         "validation": calib,
     }
