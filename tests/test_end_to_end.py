@@ -121,6 +121,27 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         orthanc.stop()
 
 
+def orthanc_instance_id(orthanc: Orthanc, sop_instance_uid: str) -> str:
+    """Orthanc's identifier of the instance with ``sop_instance_uid``."""
+    for iid in orthanc.instances():
+        if orthanc.get(f"/instances/{iid}")["MainDicomTags"]["SOPInstanceUID"] == sop_instance_uid:
+            return str(iid)
+    raise AssertionError(f"{sop_instance_uid} is not in Orthanc")
+
+
+def orthanc_bytes(orthanc: Orthanc, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{orthanc.http_port}{path}", timeout=30) as rsp:
+        return bytes(rsp.read())
+
+
+def orthanc_dataset(orthanc: Orthanc, sop_instance_uid: str) -> pydicom.Dataset:
+    """The instance as Orthanc stored it (``/instances/{id}/file``)."""
+    import io
+
+    data = orthanc_bytes(orthanc, f"/instances/{orthanc_instance_id(orthanc, sop_instance_uid)}/file")
+    return pydicom.dcmread(io.BytesIO(data))
+
+
 def orthanc_study_instances(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
     """SOP Instance UID -> Modality of every instance Orthanc holds in the study."""
     out: dict[str, str] = {}
@@ -150,17 +171,17 @@ def test_image_becomes_seg_sr_in_pacs_and_fhir_report(tmp_path: Path) -> None:
 def _image_to_pacs_and_fhir(stack: Stack, tmp_path: Path, http_port: int) -> None:
     src = write_source(tmp_path / "src.dcm")
     stack.store(tmp_path / "src.dcm")
-    stack.wait_delivered(3)  # SEG + SR to Orthanc, bundle to FHIR
+    stack.wait_delivered(4)  # SEG + presentation state + SR to Orthanc, bundle to FHIR
     job = stack.db().execute("SELECT * FROM jobs").fetchone()
     assert job["state"] == "done" and job["outcome"] == "analysed"
     inst = orthanc_study_instances(stack.orthanc, src.StudyInstanceUID)
-    assert sorted(inst.values()) == ["SEG", "SR"], inst
+    assert sorted(inst.values()) == ["PR", "SEG", "SR"], inst
     assert stack.fhir.count("DiagnosticReport") == 1
     report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
     assert "decision support" in report["conclusion"].lower()
     # status agrees
     doc = json.loads(stack.dermnode.cli("status", "--json").stdout)
-    assert doc["jobs"]["done"] == 1 and doc["deliveries"]["done"] == 3
+    assert doc["jobs"]["done"] == 1 and doc["deliveries"]["done"] == 4
     # no PHI in the logs at INFO
     log = stack.dermnode.log()
     assert "Zzyzx" not in log and PATIENT_ID not in log
@@ -172,7 +193,7 @@ def _image_to_pacs_and_fhir(stack: Stack, tmp_path: Path, http_port: int) -> Non
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as rsp:
         metrics = rsp.read().decode()
     assert "dermnode_received_total 1" in metrics and "dermnode_analysed_total 1" in metrics
-    assert "dermnode_delivered_total 3" in metrics and "dermnode_queue_depth 0" in metrics
+    assert "dermnode_delivered_total 4" in metrics and "dermnode_queue_depth 0" in metrics
     assert 'dermnode_stage_latency_seconds_count{stage="segmentation"} 1' in metrics
 
 
@@ -193,10 +214,10 @@ def test_orthanc_down_results_wait_then_delivered_once(tmp_path: Path) -> None:
         assert not orthanc_dicom_reachable(ports[0])
         orthanc = start_orthanc(tmp_path / "orthanc", dicom_port=ports[0], http_port=ports[1])
         stack.orthanc = orthanc
-        stack.wait_delivered(3)
+        stack.wait_delivered(4)
         inst = orthanc_study_instances(orthanc, src.StudyInstanceUID)
-        assert sorted(inst.values()) == ["SEG", "SR"]
-        assert len(orthanc.instances()) == 2  # delivered once
+        assert sorted(inst.values()) == ["PR", "SEG", "SR"]
+        assert len(orthanc.instances()) == 3  # delivered once
     finally:
         dermnode.stop()
         fhir.stop()
@@ -231,9 +252,9 @@ def test_pacs_routes_image_to_dermnode_and_gets_results(tmp_path: Path) -> None:
                                      data=body, method="POST")
         with urllib.request.urlopen(req, timeout=60) as rsp:
             assert rsp.status == 200
-        wait_for(lambda: len(orthanc_study_instances(orthanc, src.StudyInstanceUID)) == 3, timeout=180,
-                 what="SEG and SR back in Orthanc")
-        assert sorted(orthanc_study_instances(orthanc, src.StudyInstanceUID).values()) == ["DMS", "SEG", "SR"]
+        wait_for(lambda: len(orthanc_study_instances(orthanc, src.StudyInstanceUID)) == 4, timeout=180,
+                 what="SEG, presentation state and SR back in Orthanc")
+        assert sorted(orthanc_study_instances(orthanc, src.StudyInstanceUID).values()) == ["DMS", "PR", "SEG", "SR"]
     finally:
         dermnode.stop()
         fhir.stop()
@@ -245,10 +266,18 @@ def test_not_analysable_image_gets_sr_with_reason_and_no_seg(stack: Stack, tmp_p
     blank = np.full((300, 400, 3), 128, np.uint8)
     src = write_source(tmp_path / "blank.dcm", blank, jpeg=False)
     stack.store(tmp_path / "blank.dcm")
-    stack.wait_delivered(2)  # SR + FHIR
+    stack.wait_delivered(3)  # presentation state + SR, FHIR
     job = stack.db().execute("SELECT * FROM jobs").fetchone()
     assert job["outcome"] == "not_analysable"
-    assert sorted(orthanc_study_instances(stack.orthanc, src.StudyInstanceUID).values()) == ["SR"]
+    inst = orthanc_study_instances(stack.orthanc, src.StudyInstanceUID)
+    assert sorted(inst.values()) == ["PR", "SR"]
+    # the presentation state says why, on the image
+    (pr_uid,) = [uid for uid, modality in inst.items() if modality == "PR"]
+    pr = orthanc_dataset(stack.orthanc, pr_uid)
+    text = " ".join(t.UnformattedTextValue for a in pr.GraphicAnnotationSequence
+                    for t in a.get("TextObjectSequence", []))
+    assert text.startswith("not analysable: ")
+    assert "GraphicObjectSequence" not in pr.GraphicAnnotationSequence[0]  # no outline of a refused image
     report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
     assert report["status"] == "preliminary" and "conclusionCode" not in report
 
@@ -261,7 +290,7 @@ def test_fhir_endpoint_down_then_up_delivers_once(stack: Stack, tmp_path: Path) 
     wait_for(lambda: any(r["kind"] == "fhir" and r["attempts"] >= 2 for r in stack.deliveries()), timeout=180,
              what="FHIR retries")
     stack.fhir.mode = "ok"
-    stack.wait_delivered(3)
+    stack.wait_delivered(4)
     assert stack.fhir.count("DiagnosticReport") == 1
 
 
@@ -282,7 +311,7 @@ def test_fhir_4xx_dead_letters_without_retry_storm(stack: Stack, tmp_path: Path)
     stack.fhir.mode = "ok"
     res = stack.dermnode.cli("replay", "--dead-letter")
     assert res.returncode == 0 and "re-queued 1" in res.stdout
-    stack.wait_delivered(3)
+    stack.wait_delivered(4)
     assert stack.fhir.count("DiagnosticReport") == 1
 
 
@@ -338,7 +367,8 @@ def test_kill9_during_burst_every_acknowledged_image_processed_exactly_once(tmp_
         jobs = {r["sop_instance_uid"]: r for r in stack.db().execute("SELECT * FROM jobs")}
         assert set(acked) <= set(jobs), "an acknowledged image was lost"
         assert all(r["state"] == "done" for r in jobs.values())
-        n_objects = sum(2 if r["outcome"] == "analysed" else 1 for r in jobs.values())
+        # SEG, presentation state and SR of an analysed image; presentation state and SR of a refused one
+        n_objects = sum(3 if r["outcome"] == "analysed" else 2 for r in jobs.values())
         wait_for(lambda: len(stack.deliveries("done")) == n_objects + len(jobs), timeout=300, what="deliveries")
         keys = [(r["destination"], r["object_key"]) for r in stack.deliveries()]
         assert len(keys) == len(set(keys)) == n_objects + len(jobs)  # one per object and destination
@@ -375,7 +405,7 @@ def test_outputs_are_owner_only_and_token_is_never_logged(tmp_path: Path) -> Non
     try:
         write_source(tmp_path / "src.dcm")
         stack.store(tmp_path / "src.dcm")
-        stack.wait_delivered(3)
+        stack.wait_delivered(4)
         assert stack.fhir.count("DiagnosticReport") == 1
         var = dermnode.root / "var"
         files = [p for p in var.rglob("*") if p.is_file()]
@@ -409,8 +439,156 @@ def test_undecodable_pixel_data_is_dead_lettered_with_its_reason(stack: Stack, t
     assert "image data could not be decoded" in dl["error"]
     assert stack.dermnode.proc is not None and stack.dermnode.proc.poll() is None
     # the clinician is told too (issue 16 item 5): a not-analysable SR in the PACS, a report in the EHR
-    stack.wait_delivered(2)
-    assert sorted(orthanc_study_instances(stack.orthanc, ds.StudyInstanceUID).values()) == ["SR"]
+    stack.wait_delivered(3)  # presentation state and SR, FHIR report
+    assert sorted(orthanc_study_instances(stack.orthanc, ds.StudyInstanceUID).values()) == ["PR", "SR"]
     report = next(iter(stack.fhir.resources["DiagnosticReport"].values()))
     assert "Not analysable: image data could not be decoded" in report["conclusion"]
     assert report["status"] == "preliminary"
+
+
+# --- issue 18: the outline in any viewer (presentation state, key image) -------------------------------------
+GREEN = (0, 255, 0)  # OUTLINE_RGB of dermnode.dicom_io.presentation_state: the key image's outline colour
+
+
+def boundary_centres(mask: np.ndarray) -> np.ndarray:
+    """``(N, 2)`` PIXEL coordinates (column, row) of the centres of the mask's boundary pixels (4-neighbourhood)."""
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1]
+    interior = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    rows, cols = np.nonzero(inner & ~interior)
+    return np.column_stack([cols, rows]).astype(np.float64) + 0.5
+
+
+def nearest_distances(points: np.ndarray, targets: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    out = np.empty(len(points))
+    for i in range(0, len(points), chunk):
+        out[i : i + chunk] = np.linalg.norm(points[i : i + chunk, None, :] - targets[None, :, :], axis=2).min(axis=1)
+    return out
+
+
+def sample_polyline(points: np.ndarray, step: float = 0.1) -> np.ndarray:
+    import itertools
+
+    parts = []
+    for p, q in itertools.pairwise(points):
+        n = max(1, int(np.ceil(np.linalg.norm(q - p) / step)))
+        parts.append(p + np.linspace(0.0, 1.0, n + 1)[:, None] * (q - p))
+    return np.vstack(parts)
+
+
+def sr_items(items: pydicom.Sequence) -> list[pydicom.Dataset]:
+    found: list[pydicom.Dataset] = []
+    for item in items:
+        found.append(item)
+        found.extend(sr_items(item.get("ContentSequence", [])))
+    return found
+
+
+@needs_models
+def test_presentation_state_and_key_image_reach_the_source_study_and_show_the_outline(tmp_path: Path) -> None:
+    """Issue 18: with ``output.burned_in_image`` on, Orthanc stores SEG, presentation state, key image and SR in the
+    source's study. Read back from Orthanc: the presentation state's polyline stays within 1 px of the SEG's
+    boundary and references the source instance; the key image rendered by Orthanc (``/preview``, PNG) has its
+    green outline pixels within 2 px of the boundary; the SR names both. Resending every delivery and re-running
+    the analysis give the same UIDs: nothing is duplicated."""
+    import io
+
+    from PIL import Image
+
+    require("storescu")
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    fhir = FhirTestServer().start()
+    dermnode = start_dermnode(tmp_path / "dermnode", orthanc, fhir, DERMNODE_OUTPUT__BURNED_IN_IMAGE="true")
+    stack = Stack(dermnode, orthanc, fhir)
+    try:
+        src = write_source(tmp_path / "src.dcm")
+        stack.store(tmp_path / "src.dcm")
+        stack.wait_delivered(5)  # SEG, PR, key image, SR; FHIR
+        inst = orthanc_study_instances(orthanc, src.StudyInstanceUID)
+        assert sorted(inst.values()) == ["OT", "PR", "SEG", "SR"], inst
+        by_modality = {modality: uid for uid, modality in inst.items()}
+        results = dermnode.root / "var" / "results" / src.SOPInstanceUID
+        doc = json.loads((results / "result.json").read_text())
+        assert doc["outputs"]["presentation_state_sop_instance_uid"] == by_modality["PR"]
+        assert doc["outputs"]["key_image_sop_instance_uid"] == by_modality["OT"]
+        assert {"pr.dcm", "key-image.dcm", "seg.dcm", "sr.dcm"} <= set(doc["outputs"]["files"])
+        assert "errors" not in doc["outputs"]
+
+        seg = orthanc_dataset(orthanc, by_modality["SEG"])
+        mask = seg.pixel_array.astype(bool)
+        assert mask.shape == (src.Rows, src.Columns) and mask.any()
+        boundary = boundary_centres(mask)
+
+        # the presentation state: the right image, and the outline on the SEG's boundary
+        pr = orthanc_dataset(orthanc, by_modality["PR"])
+        assert pr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.11.2" and pr.StudyInstanceUID == src.StudyInstanceUID
+        (series_ref,) = pr.ReferencedSeriesSequence
+        (image_ref,) = series_ref.ReferencedImageSequence
+        assert series_ref.SeriesInstanceUID == src.SeriesInstanceUID
+        assert image_ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert image_ref.ReferencedSOPClassUID == src.SOPClassUID
+        assert "ReferencedFrameNumber" not in image_ref  # a single-frame source: the whole image (frame 1)
+        (outline_annotation,) = [a for a in pr.GraphicAnnotationSequence if a.GraphicLayer == "LESION_OUTLINE"]
+        assert outline_annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        (polyline,) = outline_annotation.GraphicObjectSequence
+        assert polyline.GraphicType == "POLYLINE" and polyline.GraphicAnnotationUnits == "PIXEL"
+        points = np.asarray(polyline.GraphicData, dtype=np.float64).reshape(-1, 2)
+        assert np.array_equal(points[0], points[-1]) and len(points) <= 300
+        assert nearest_distances(sample_polyline(points), boundary).max() <= 1.0 + 1e-9
+        # ... and it goes round the lesion (the mask of one lesion: its boundary lies within 1 px of the outline)
+        assert np.mean(nearest_distances(boundary, sample_polyline(points, 0.05)) <= 1.05) >= 0.9
+
+        # the key image as a PACS renders it: green outline pixels on the boundary
+        ki = orthanc_dataset(orthanc, by_modality["OT"])
+        assert ki.BurnedInAnnotation == "YES" and "not for diagnosis" in ki.SeriesDescription
+        assert ki.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        png = orthanc_bytes(orthanc, f"/instances/{orthanc_instance_id(orthanc, by_modality['OT'])}/preview")
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        rendered = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert rendered.shape == (src.Rows, src.Columns, 3)
+        rows, cols = np.nonzero(np.all(rendered == np.array(GREEN, np.uint8), axis=2))
+        green = np.column_stack([cols, rows]).astype(np.float64) + 0.5
+        assert len(green) >= 0.5 * len(sample_polyline(points, 1.0)), "the outline is drawn"
+        assert nearest_distances(green, boundary).max() <= 2.0
+        # the source itself has no such pixels: they are the outline, not the skin
+        assert not np.all(pydicom.dcmread(tmp_path / "src.dcm").pixel_array == np.array(GREEN, np.uint8), axis=2).any()
+
+        # the SR names the presentation state with the source image and lists both objects as evidence
+        sr = orthanc_dataset(orthanc, by_modality["SR"])
+        library_refs = [
+            ref for item in sr_items(sr.ContentSequence)
+            if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Source"
+            for ref in item.ReferencedSOPSequence
+        ]
+        assert [r.ReferencedSOPInstanceUID for r in library_refs] == [src.SOPInstanceUID]
+        assert library_refs[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == by_modality["PR"]
+        evidence = {
+            ref.ReferencedSOPInstanceUID
+            for study in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        assert {src.SOPInstanceUID, by_modality["SEG"], by_modality["PR"], by_modality["OT"]} <= evidence
+
+        # FHIR: the ImagingStudy lists the presentation state's and the key image's series
+        (study,) = stack.fhir.resources["ImagingStudy"].values()
+        listed = {i["uid"] for s in study["series"] for i in s["instance"]}
+        assert {by_modality["PR"], by_modality["OT"]} <= listed
+
+        # a resend (every delivery again) and a re-run of the analysis never duplicate anything
+        with stack.db() as conn:
+            conn.execute("UPDATE deliveries SET state = 'pending', next_attempt_at = 0")
+        wait_for(lambda: len(stack.deliveries("done")) == 5, timeout=180, what="every delivery resent")
+        assert len(orthanc.instances()) == 4
+        assert sorted(orthanc_study_instances(orthanc, src.StudyInstanceUID).values()) == ["OT", "PR", "SEG", "SR"]
+        again = tmp_path / "again"
+        res = dermnode.cli("analyze", str(tmp_path / "src.dcm"), "--out", str(again))
+        assert res.returncode == 0, res.stdout + res.stderr
+        rerun = json.loads((again / src.SOPInstanceUID / "result.json").read_text())["outputs"]
+        for key in ("seg_sop_instance_uid", "presentation_state_sop_instance_uid", "key_image_sop_instance_uid",
+                    "sr_sop_instance_uid"):
+            assert rerun[key] == doc["outputs"][key], key
+    finally:
+        dermnode.stop()
+        fhir.stop()
+        orthanc.stop()
