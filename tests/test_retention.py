@@ -94,6 +94,32 @@ def test_results_with_an_undelivered_output_are_kept(tmp_path: Path) -> None:
     assert (results / "diagnostic-report.json").is_file() and (results / "sr.dcm").is_file()
 
 
+def test_presentation_state_and_key_image_are_outputs_like_seg_and_sr(tmp_path: Path) -> None:
+    """pr.dcm and key-image.dcm (issue 18) count as outputs: an undelivered one keeps results/; a folder whose every
+    output went out (SEG/SR, presentation state, key image) is pruned."""
+    root = tmp_path / "var"
+    for uid in ("5.1", "5.2"):
+        _job(root, uid, "done", 10)
+        for name in ("pr.dcm", "key-image.dcm"):
+            (root / "results" / uid / name).write_bytes(b"p" * 10)
+    outbox = Outbox(database_path(root), DeliverySettings(max_attempts=1))
+    conn = connect(database_path(root))
+    (job_id,) = conn.execute("SELECT id FROM jobs WHERE sop_instance_uid = '5.2'").fetchone()
+    (updated_at,) = conn.execute("SELECT updated_at FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    for name in ("pr.dcm", "key-image.dcm"):
+        assert outbox.add(job_id, "dicom", "pacs:5.2", f"5.2.{name}", root / "results" / "5.2" / name)
+        delivery = outbox.claim()
+        assert delivery is not None
+        outbox.delivered(delivery)
+    conn.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (updated_at, job_id))
+    conn.close()
+    report = prune(root, 1)
+    assert (report.jobs, report.results_kept, report.errors) == (2, 1, [])
+    kept = root / "results" / "5.1"
+    assert (kept / "pr.dcm").is_file() and (kept / "key-image.dcm").is_file()
+    assert not (root / "results" / "5.2").exists()
+
+
 def test_files_outside_the_storage_root_are_left_alone(tmp_path: Path) -> None:
     root = tmp_path / "var"
     outside = tmp_path / "elsewhere.dcm"
