@@ -8,6 +8,7 @@ caller skips with the reason) when PostgreSQL is not installed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pwd
@@ -161,3 +162,16 @@ def fresh_pg(cluster: Cluster, *, lease_s: float = 0.0) -> PostgresState:
     conn = db.connect()  # creates the schema on first use
     conn.execute("TRUNCATE dead_letters, deliveries, pruned, jobs RESTART IDENTITY CASCADE")
     return db
+
+
+_shared: list[Cluster] = []
+_shared_stack = contextlib.ExitStack()
+
+
+def shared_cluster() -> Cluster:
+    """The one cluster of this test session (started on first use, stopped when the session's process exits), so
+    every test module that needs PostgreSQL shares it. Call :func:`find_pg_bin` first to skip without one."""
+    if not _shared:
+        _shared.append(_shared_stack.enter_context(running_cluster()))
+        atexit.register(_shared_stack.close)
+    return _shared[0]

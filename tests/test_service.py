@@ -142,3 +142,86 @@ def test_second_serve_process_exits_with_a_clear_error_and_the_first_keeps_worki
         assert status.Status == 0x0000
     finally:
         assert first.stop() == 0
+
+
+def test_roles_need_the_shared_state(tmp_path: Path) -> None:
+    from dermnode.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the shared state"):
+        Service(settings_for(tmp_path), {}, role="analyze")
+    with pytest.raises(ConfigError, match="unknown role"):
+        Service(settings_for(tmp_path), {}, role="everything")
+
+
+@pytest.fixture
+def pg_settings(tmp_path: Path) -> Iterator[Settings]:
+    """Settings on a PostgreSQL state (emptied) and a storage root shared by every process of the test."""
+    import dataclasses
+
+    from dermnode.settings import StateSettings
+    from pg import PASSWORD, find_pg_bin, fresh_pg, shared_cluster
+
+    if find_pg_bin()[0] is None:
+        pytest.skip(find_pg_bin()[1])
+    cluster = shared_cluster()
+    fresh_pg(cluster).close_all()
+    state = StateSettings(backend="postgresql", dsn=cluster.dsn, password=PASSWORD, lease_s=2.0, notify_poll_s=0.5)
+    yield dataclasses.replace(settings_for(tmp_path / "shared", workers=1), state=state)
+
+
+def test_receive_analyze_and_deliver_roles_share_one_state_and_root(
+    pg_settings: Settings, services: list[Service], tmp_path: Path
+) -> None:
+    """Three processes' worth of services on one PostgreSQL and one storage root: no instance lock between them, an
+    instance queued by the receiver is analysed by the analyze role once and delivered by the deliver role once."""
+    delivered: list[str] = []
+    receiver = Service(pg_settings, {}, role="receive")
+    analyzer = Service(pg_settings, {}, role="analyze")
+    deliverer = Service(pg_settings, {"dicom": lambda d: delivered.append(d.object_key)}, role="deliver")
+    services += [receiver, analyzer, deliverer]
+    analysed: list[str] = []
+
+    def processor(job: object) -> str:
+        uid = job.sop_instance_uid  # type: ignore[attr-defined]
+        analysed.append(uid)
+        analyzer.outbox.add(job.id, "dicom", "pacs:main", uid + ".seg", tmp_path / "seg.dcm")  # type: ignore[attr-defined]
+        return "analysed"
+
+    analyzer.set_processor(processor)
+    for s in (receiver, analyzer, deliverer):
+        s.start()
+    assert receiver.port > 0 and analyzer.port == 0 and deliverer.port == 0
+    assert not analyzer.health().dead and not deliverer.health().dead
+    uids = [f"1.2.826.0.1.3680043.10.99.{i}" for i in range(5)]
+    for uid in uids:
+        assert receiver.queue.enqueue(uid, "1.2.840.10008.5.1.4.1.1.7", tmp_path / f"{uid}.dcm")
+        assert not receiver.queue.enqueue(uid, "1.2.840.10008.5.1.4.1.1.7", tmp_path / f"{uid}.dcm")  # 2nd copy
+    end = time.monotonic() + 20
+    while len(delivered) < len(uids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert sorted(analysed) == sorted(uids) and sorted(delivered) == sorted(u + ".seg" for u in uids)
+    assert receiver.queue.counts()["done"] == len(uids) and receiver.outbox.counts()["done"] == len(uids)
+
+
+def test_cli_status_and_replay_read_the_shared_state(pg_settings: Settings, tmp_path: Path) -> None:
+    from dermnode.cli import main
+    from dermnode.workqueue.db import state_db_of
+
+    queue = JobQueue(state_db_of(pg_settings))
+    queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
+    job = queue.claim("w")
+    assert job is not None and queue.fail(job, "DecodeError: bad", permanent=True)
+    env = {"DERMNODE_STATE__BACKEND": "postgresql", "DERMNODE_STATE__DSN": pg_settings.state.dsn,
+           "DERMNODE_STATE__PASSWORD": pg_settings.state.password, "DERMNODE_STORAGE__ROOT": str(tmp_path / "else")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert main(["status", "--json", "--dead-letters"]) == 0
+        assert main(["replay", "--dead-letter"]) == 0
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert queue.counts()["pending"] == 1 and not (tmp_path / "else").exists()

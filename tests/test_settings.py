@@ -143,3 +143,25 @@ def test_tls_material_without_tls_enabled_is_an_error() -> None:
     env = {"DERMNODE_SCP__TLS__CERTIFICATE": "/etc/dermnode/server.crt"}
     with pytest.raises(ConfigError, match=r"scp\.tls\.enabled is false"):
         load_settings(environ=env)
+
+
+def test_state_defaults_to_embedded_sqlite() -> None:
+    state = load_settings(environ={}).state
+    assert (state.backend, state.dsn, state.password) == ("sqlite", "", "")
+
+
+def test_postgresql_state_needs_a_dsn_without_password(tmp_path: Path) -> None:
+    base = {"DERMNODE_STATE__BACKEND": "postgresql"}
+    with pytest.raises(ConfigError, match=r"state\.dsn is required"):
+        load_settings(environ=base)
+    with pytest.raises(ConfigError, match="must not hold the password") as err:
+        load_settings(environ={**base, "DERMNODE_STATE__DSN": "postgresql://u:hunter2secret@db/dermnode"})
+    assert "hunter2secret" not in str(err.value)
+    toml = tmp_path / "c.toml"
+    toml.write_text('[state]\nbackend = "postgresql"\ndsn = "host=db dbname=d"\npassword = "hunter2secret"\n')
+    with pytest.raises(ConfigError, match="must not be in the configuration file") as err:
+        load_settings(toml, environ={})
+    assert "hunter2secret" not in str(err.value)
+    ok = load_settings(environ={**base, "DERMNODE_STATE__DSN": "host=db dbname=d user=u",
+                                "DERMNODE_STATE__PASSWORD": "hunter2secret"})
+    assert ok.state.password == "hunter2secret" and "hunter2secret" not in repr(ok)

@@ -25,8 +25,10 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config)
 
 
-def _existing_database(settings: Settings) -> Path:
-    """The state database of ``settings``; the read/maintenance commands never create one.
+def _existing_database(settings: Settings) -> Any:
+    """The state database of ``settings``; the read/maintenance commands never create an SQLite one.
+
+    With ``state.backend = "postgresql"`` this is the shared state (any host with the same configuration).
 
     Raises
     ------
@@ -35,8 +37,10 @@ def _existing_database(settings: Settings) -> Path:
         directory: a command run elsewhere would otherwise report an empty, new database).
     """
     from dermnode.errors import StorageError
-    from dermnode.workqueue.db import database_path
+    from dermnode.workqueue.db import database_path, state_db_of
 
+    if settings.state.backend == "postgresql":
+        return state_db_of(settings)
     db = database_path(settings.storage_root)
     if not db.is_file():
         raise StorageError(
@@ -53,19 +57,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure_logging(settings.logging)
-    service = Service(settings, build_deliverers(settings))
-    check_port_free(settings.scp)  # a taken port is reported before the models load, not after
-    if settings.workers.count > 0:
+    service = Service(settings, build_deliverers(settings), role=args.role)
+    if service.receives:
+        check_port_free(settings.scp)  # a taken port is reported before the models load, not after
+    if service.analyzes and settings.workers.count > 0:
         from dermnode.pipeline import build_processor
 
         # loads and verifies the models: refuses to start without them
         service.set_processor(build_processor(settings, service.outbox, service.stage_metrics))
-    else:
+    elif service.analyzes:
         logger.warning("workers.count = 0: receive-only mode, received instances stay queued")
     service.install_signal_handlers()
     service.start()
-    print(f"dermnode {__version__}: {settings.scp.ae_title} listening on "
-          f"{settings.scp.bind}:{service.port}", flush=True)
+    if service.receives:
+        print(f"dermnode {__version__}: {settings.scp.ae_title} listening on "
+              f"{settings.scp.bind}:{service.port} (role {args.role})", flush=True)
+    else:
+        print(f"dermnode {__version__}: role {args.role} on {service.queue.state_db.describe()}", flush=True)
     service.wait()
     return 0
 
@@ -158,6 +166,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.older_than_days >= 0:
         raise ConfigError(f"--older-than-days must be 0 or more, got {args.older_than_days}")
+    if settings.state.backend == "postgresql":
+        from dermnode.errors import StorageError
+
+        raise StorageError("prune does not support state.backend = \"postgresql\" yet: run it on a node with the "
+                           "SQLite state (retention still opens the SQLite database directly)")
     _existing_database(settings)
     report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run,
                    include_undelivered=args.include_undelivered)
@@ -396,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_HelpFormatter)
 
     s = command("serve", "run the Store SCP, workers and delivery")
+    s.add_argument("--role", choices=("all", "receive", "analyze", "deliver"), default="all",
+                   help="what this process runs: receive (Store SCP, spool, web console), analyze (job workers), "
+                        "deliver (the outbox), or all (default); other than all needs state.backend = postgresql")
     s.set_defaults(func=cmd_serve)
 
     s = command("status", "queue and delivery counts from the state database")

@@ -1,8 +1,14 @@
 """The running service: state stores, Store SCP, workers and outbox, wired from one Settings object.
 
-One storage root serves one process: :class:`Service` takes an exclusive ``flock`` on ``<root>/dermnode.lock``
-before it opens anything else and holds it for the life of the process, so a second ``dermnode serve`` on the
-same root stops with :class:`InstanceLockedError` before it can re-queue the first one's running jobs.
+With the embedded SQLite state, one storage root serves one process: :class:`Service` takes an exclusive ``flock``
+on ``<root>/dermnode.lock`` before it opens anything else and holds it for the life of the process, so a second
+``dermnode serve`` on the same root stops with :class:`InstanceLockedError` before it can re-queue the first one's
+running jobs.
+
+With the state on PostgreSQL (``state.backend = "postgresql"``) many processes share the state and a storage root
+on a shared file system: there is no instance lock (claims are leased, recovery takes only expired leases), and each
+process may run one role (:data:`ROLES`): ``receive`` (Store SCP, spool, web console), ``analyze`` (job workers),
+``deliver`` (the outbox), or ``all``.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ from collections.abc import Mapping
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from dermnode.errors import StorageError
+from dermnode.errors import ConfigError, StorageError
 from dermnode.metrics import StageMetrics, start_http
 from dermnode.scp.server import start_server
 from dermnode.scp.spool import Spool
 from dermnode.settings import ScpSettings, Settings, is_loopback
 from dermnode.web.server import WebServer
-from dermnode.workqueue.db import database_path
+from dermnode.workqueue.db import state_db_of
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Deliverer, Outbox
 from dermnode.workqueue.workers import PoolHealth, Processor, WorkerPool
@@ -34,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 #: The instance lock file under ``storage.root`` (holds the owner's pid; never deleted).
 LOCK_FILE = "dermnode.lock"
+#: What one ``dermnode serve`` process runs (``--role``).
+ROLES = ("all", "receive", "analyze", "deliver")
 
 
 class InstanceLockedError(StorageError):
@@ -92,6 +101,15 @@ class InstanceLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+class SharedState:
+    """Stands in for :class:`InstanceLock` where the state is shared (PostgreSQL): several processes serve the root."""
+
+    held = True
+
+    def release(self) -> None:
+        self.held = False
 
 
 def _read_pid(fd: int) -> str:
@@ -168,6 +186,13 @@ def recover_spool(spool: Spool, queue: JobQueue) -> int:
     return added
 
 
+class _NoServer:
+    """The SCP of a process that does not receive (``--role analyze|deliver``)."""
+
+    def shutdown(self) -> None:
+        return None
+
+
 def _unset_processor(job: object) -> str:
     raise RuntimeError("no job processor configured")
 
@@ -181,31 +206,46 @@ class Service:
         The validated settings.
     deliverers:
         Delivery functions by kind.
+    role:
+        What this process runs (:data:`ROLES`); anything but ``all`` needs the shared PostgreSQL state.
 
     Raises
     ------
+    ConfigError
+        When ``role`` is unknown, or not ``all`` on the SQLite state.
     InstanceLockedError
         When another dermnode process serves the same storage root (nothing was opened or changed).
     StorageError
         When the storage root, its lock or the state database cannot be opened.
     """
 
-    def __init__(self, settings: Settings, deliverers: Mapping[str, Deliverer]) -> None:
+    def __init__(self, settings: Settings, deliverers: Mapping[str, Deliverer], role: str = "all") -> None:
+        if role not in ROLES:
+            raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        shared = settings.state.backend == "postgresql"
+        if role != "all" and not shared:
+            raise ConfigError(f'--role {role} needs the shared state: state.backend = "postgresql" (with the SQLite '
+                              "state one process serves the storage root and runs every role)")
         self.settings = settings
+        self.role = role
+        self.receives = role in ("all", "receive")
+        self.analyzes = role in ("all", "analyze")
+        self.delivers = role in ("all", "deliver")
         root = settings.storage_root
         try:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StorageError(f"cannot create the storage root {root}: {exc}") from exc
-        # first of all: nothing below may run while another process serves this root
-        self.lock = InstanceLock(root)
+        # first of all: nothing below may run while another process serves this root (SQLite state)
+        self.lock: InstanceLock | SharedState = SharedState() if shared else InstanceLock(root)
         try:
-            db = database_path(root)
+            db = state_db_of(settings)
             self.spool = Spool(root, settings.storage.min_free_mb, fsync=settings.storage.fsync)
             self.queue = JobQueue(
                 db, settings.workers.max_attempts, settings.workers.retry_delay_s, settings.workers.retry_delay_max_s
             )
             self.outbox = Outbox(db, settings.delivery)
+            self.queue.storage_root = self.outbox.storage_root = root
             self.pool = WorkerPool(
                 self.queue,
                 self.outbox,
@@ -213,6 +253,9 @@ class Service:
                 deliverers,
                 settings.workers,
                 settings.delivery.poll_interval_s,
+                analyze=self.analyzes,
+                deliver=self.delivers,
+                notify_poll_s=settings.state.notify_poll_s,
             )
         except BaseException:
             self.lock.release()
@@ -264,8 +307,9 @@ class Service:
         ConfigError
             When ``web.users_file`` cannot be read.
         """
-        check_port_free(self.settings.scp)
-        if self.settings.web.enabled:
+        if self.receives:
+            check_port_free(self.settings.scp)
+        if self.settings.web.enabled and self.receives:
             self._web = self._build_web()
         try:
             self._start_serving()
@@ -291,11 +335,16 @@ class Service:
         return server
 
     def _start_serving(self) -> None:
-        self.queue.recover()
-        self.outbox.recover()
-        recover_spool(self.spool, self.queue)
-        server = start_server(self.settings.scp, self.spool, self.queue)
-        self._server = server
+        # SQLite: everything in flight was this root's previous process's; PostgreSQL: only expired leases
+        if self.analyzes:
+            self.queue.recover()
+        if self.delivers:
+            self.outbox.recover()
+        server: Any = _NoServer()
+        if self.receives:
+            recover_spool(self.spool, self.queue)
+            server = start_server(self.settings.scp, self.spool, self.queue)
+            self._server = server
         http = self.settings.http
         if http.enabled:
             try:
@@ -339,9 +388,10 @@ class Service:
     def close(self) -> None:
         """Stop if needed and release the instance lock (tests, embedding; ``dermnode serve`` holds the lock until
         the process exits)."""
-        if self._server is not None or self._http is not None or self._web is not None:
+        if self._server is not None or self._http is not None or self._web is not None or self.pool.health().running:
             self.stop()
         self.lock.release()
+        self.queue.state_db.close()
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum: int, frame: FrameType | None) -> None:

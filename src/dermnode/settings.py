@@ -59,6 +59,19 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class StateSettings:
+    """Where the job queue and the outbox live: ``sqlite`` (``<storage.root>/dermnode.db``, one process) or
+    ``postgresql`` (shared by many receivers and workers; see docs/scale-out.md)."""
+
+    backend: str = "sqlite"
+    dsn: str = ""  # libpq string or URI without password, e.g. "host=db.example dbname=dermnode user=dermnode"
+    password: str = field(default="", repr=False)  # only from DERMNODE_STATE__PASSWORD (or libpq's PGPASSWORD)
+    lease_s: float = 30.0  # a claimed job/delivery whose owner stops renewing is taken over after this
+    notify_poll_s: float = 2.0  # idle workers are woken by NOTIFY; they still poll this often
+    connect_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     count: int = 1
     max_attempts: int = 3
@@ -210,6 +223,7 @@ def is_loopback(bind: str) -> bool:
 class Settings:
     scp: ScpSettings = field(default_factory=ScpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    state: StateSettings = field(default_factory=StateSettings)
     workers: WorkerSettings = field(default_factory=WorkerSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -262,12 +276,16 @@ _POSITIVE: tuple[str, ...] = (
     "fhir.timeout_s",
     "web.session_max_age_s",
     "web.refresh_s",
+    "state.lease_s",
+    "state.notify_poll_s",
+    "state.connect_timeout_s",
 )
 #: Upper bound of every duration above (one day): larger values are typing mistakes (ms for s).
 _MAX_DURATION_S = 86_400.0
 _CHOICES: dict[str, tuple[str, ...]] = {
     "analysis.hair_removal": ("none", "blackhat", "multiscale"),
     "fhir.version": ("R4", "R5"),
+    "state.backend": ("sqlite", "postgresql"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
@@ -385,6 +403,7 @@ def _validate(settings: Settings) -> None:
     for key, aet in aets:
         if not aet.strip() or len(aet) > 16 or "\\" in aet or not aet.isprintable():
             raise ConfigError(f"{key}: AE title {aet!r} is invalid (1-16 printable characters, no backslash)")
+    _validate_state(settings.state)
     if settings.workers.retry_delay_s > settings.workers.retry_delay_max_s:
         raise ConfigError("workers.retry_delay_s must not exceed workers.retry_delay_max_s")
     if settings.delivery.backoff_initial_s > settings.delivery.backoff_max_s:
@@ -423,6 +442,22 @@ def _validate(settings: Settings) -> None:
             "DICOM Patient IDs (e.g. the MRN system), used when an image carries no Issuer of Patient ID OID; "
             "without it reports would be filed under patients that match nobody in the EHR"
         )
+
+
+def _validate_state(state: StateSettings) -> None:
+    if state.backend != "postgresql":
+        return
+    if not state.dsn.strip():
+        raise ConfigError('state.dsn is required with state.backend = "postgresql" (e.g. "host=db dbname=dermnode '
+                          'user=dermnode")')
+    from psycopg import conninfo
+
+    try:
+        params = conninfo.conninfo_to_dict(state.dsn)
+    except Exception as exc:  # psycopg.ProgrammingError: the message quotes the string, so it is not repeated
+        raise ConfigError(f"state.dsn is not a valid libpq connection string or URI ({type(exc).__name__})") from None
+    if params.get("password"):
+        raise ConfigError("state.dsn must not hold the password: set DERMNODE_STATE__PASSWORD or PGPASSWORD")
 
 
 def web_auth_configured(web: WebSettings) -> bool:
@@ -493,6 +528,10 @@ def load_settings(
             raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+    state_file = data.get("state")
+    if isinstance(state_file, dict) and state_file.get("password"):
+        raise ConfigError("state.password must not be in the configuration file: set DERMNODE_STATE__PASSWORD "
+                          "(or PGPASSWORD) in the service's environment")
     data = _merge(data, _env_overrides(env))
     settings: Settings = _build(Settings, data, "")
     _validate(settings)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dermnode.workqueue.db import PostgresState, StateDB, database_path
-from pg import Cluster, find_pg_bin, fresh_pg, running_cluster
+from pg import Cluster, find_pg_bin, fresh_pg, shared_cluster
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -23,8 +23,7 @@ def pg_cluster() -> Iterator[Cluster]:
     bin_dir, why = find_pg_bin()
     if bin_dir is None:
         pytest.skip(why)
-    with running_cluster() as cluster:
-        yield cluster
+    yield shared_cluster()
 
 
 @pytest.fixture

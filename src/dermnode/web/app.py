@@ -42,6 +42,7 @@ from dermnode.vocabulary import DIAGNOSES, IsicClass
 from dermnode.web.auth import LOCAL, SESSION_COOKIE, Authenticator, Principal, csrf_ok
 from dermnode.web.ingest import Accepted, Ingest, Outcome, Refused, check_patient_id, parse_pixel_spacing
 from dermnode.web.state import BANDS, STATUSES, ConsoleState
+from dermnode.workqueue.db import state_db_of
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.workers import PoolHealth
 
@@ -371,7 +372,8 @@ def create_app(
     """
     root = settings.storage_root
     web = settings.web
-    state = ConsoleState(root, settings.delivery)
+    shared = state_db_of(settings) if settings.state.backend == "postgresql" else None
+    state = ConsoleState(root, settings.delivery, queue.db_path if queue is not None else shared)
     spool = spool if spool is not None else Spool(root, settings.storage.min_free_mb, fsync=settings.storage.fsync)
     queue = queue if queue is not None else state.queue
     auth = Authenticator(web)

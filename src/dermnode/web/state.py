@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -28,7 +27,8 @@ import pydicom
 
 from dermnode.dicom_io.uids import is_valid_uid
 from dermnode.settings import DeliverySettings
-from dermnode.workqueue.db import connect, database_path
+from dermnode.workqueue.db import Row as StateRow
+from dermnode.workqueue.db import StateConnection, StateDB, database_path
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Outbox
 
@@ -225,9 +225,9 @@ class ConsoleState:
         When the state database cannot be opened.
     """
 
-    def __init__(self, root: Path, delivery: DeliverySettings) -> None:
+    def __init__(self, root: Path, delivery: DeliverySettings, state: StateDB | Path | None = None) -> None:
         self.root = root
-        self.db = database_path(root)
+        self.db = database_path(root) if state is None else state  # the SQLite file, or the shared state
         self.results = root / "results"
         self.queue = JobQueue(self.db)
         self.outbox = Outbox(self.db, delivery)
@@ -327,7 +327,7 @@ class ConsoleState:
         return data
 
     # -- the worklist ----------------------------------------------------------------------------------------
-    def _job_rows(self, states: tuple[str, ...] | None) -> list[sqlite3.Row]:
+    def _job_rows(self, states: tuple[str, ...] | None) -> list[StateRow]:
         sql = (
             "SELECT id, sop_instance_uid, state, outcome, attempts, last_error, received_at, updated_at, path"
             " FROM jobs"
@@ -336,9 +336,9 @@ class ConsoleState:
         if states:
             sql += f" WHERE state IN ({', '.join('?' for _ in states)})"
             args = states
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = connect(self.db)
+        conn: StateConnection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.broken:
+            conn = self._local.conn = self.queue.state_db.connect()
         return list(conn.execute(sql + " ORDER BY id DESC", args))
 
     def deliveries(self, job_id: int) -> list[Delivery]:

@@ -32,6 +32,7 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from dermnode.errors import StorageError
+from dermnode.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +316,9 @@ class StateDB:
         """A thread that turns notifications into events, or ``None`` where workers only poll."""
         return None
 
+    def close(self) -> None:
+        """Close what this object keeps open across queues (the PostgreSQL listener and connections)."""
+
 
 class SqliteState(StateDB):
     """The SQLite state database ``path`` (``<storage.root>/dermnode.db``)."""
@@ -447,6 +451,9 @@ class PostgresState(StateDB):
                 self._notifier = Notifier(self)
             return self._notifier
 
+    def close(self) -> None:
+        self.close_all()
+
     def close_all(self) -> None:
         """Close every connection this object opened (tests; a process exits with them open)."""
         if self._notifier is not None:
@@ -517,6 +524,13 @@ def open_state(backend: str, *, storage_root: Path, dsn: str = "", password: str
     if backend == "postgresql":
         return PostgresState(dsn, password=password, lease_s=lease_s, connect_timeout_s=connect_timeout_s)
     return SqliteState(database_path(storage_root))
+
+
+def state_db_of(settings: Settings) -> StateDB:
+    """The :class:`StateDB` of ``settings`` (``[state]`` and ``storage.root``)."""
+    st = settings.state
+    return open_state(st.backend, storage_root=settings.storage_root, dsn=st.dsn, password=st.password,
+                      lease_s=st.lease_s, connect_timeout_s=st.connect_timeout_s)
 
 
 def as_state_db(db: StateDB | Path) -> StateDB:
