@@ -343,7 +343,8 @@ def finding_statements(result: AnalysisResult) -> list[str]:
     """The sentences that state the findings of ``result`` in words, for the SR and the FHIR conclusion alike.
 
     A not analysable result gives :func:`not_analysable_statement` and the advice to assess the lesion
-    clinically. An analysed one gives the melanoma probability and band, the most likely class with its
+    clinically. An analysed one gives the melanoma probability and band, what the band meant on the calibration
+    data and which calibration produced it (when a band calibration is active), the most likely class with its
     probability, the size (calibrated) or :data:`NO_CALIBRATION_CAVEAT`. Numbers are rounded as reported.
     """
     if result.status is AnalysisStatus.NOT_ANALYSABLE:
@@ -360,6 +361,10 @@ def finding_statements(result: AnalysisResult) -> list[str]:
         except ValueError:
             top_name = top
         out.append(f"Melanoma probability {format_percent(c.melanoma_probability)} ({Band(c.band).value} band).")
+        if c.band_meaning:
+            out.append(c.band_meaning)
+        if c.calibration:
+            out.append(f"Band cut-offs from calibration {c.calibration}.")
         out.append(f"Most likely lesion class: {top_name} ({format_percent(c.diagnosis_probabilities[top])}).")
     m = result.measurements
     if m is not None:

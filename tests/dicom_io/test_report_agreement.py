@@ -199,3 +199,18 @@ def test_a_refused_image_is_not_analysable_in_sr_fhir_and_picture(tmp_path: Path
     h = picture.shape[0]
     middle = picture[h // 3: 2 * h // 3]
     assert (middle.min(axis=2) > 230).sum() > 50 and (middle.max(axis=2) < 40).sum() > 0.2 * middle[..., 0].size
+
+
+def test_band_meaning_and_calibration_travel_into_sr_fhir_and_result_json(tmp_path: Path) -> None:
+    """Issue 17: what the band means and which calibration produced it, in words, in all three outputs."""
+    case = make_case(spacing_mm=0.05)
+    meaning = "Low suspicion: in validation (site X), 1 in 62 melanomas fell in this band."
+    cal = "site X (2026-12-02T00:00:00+00:00, sha256 0123456789ab)"
+    cls = Classification(0.05, Band.BENIGN, {"MEL": 0.05, "NV": 0.95}, band_meaning=meaning, calibration=cal)
+    directory = _write(tmp_path, dataclasses.replace(case.result, classification=cls), case.source)
+    texts = _texts(pydicom.dcmread(directory / "sr.dcm"))
+    conclusion = _report(directory)["conclusion"]
+    assert meaning in texts and meaning in conclusion
+    assert any(cal in t for t in texts) and cal in conclusion
+    doc = json.loads((directory / "result.json").read_text())
+    assert doc["classification"]["band_meaning"] == meaning and doc["classification"]["calibration"] == cal
