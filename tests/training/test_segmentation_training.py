@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from dermnode.errors import ModelError
 from dermnode.evaluation.segmentation import evaluate_segmentation
@@ -77,6 +78,14 @@ def test_train_resume_export_and_evaluate(tiny_data: Path, tmp_path: Path) -> No
     bundle = load_model_bundle(out, "segmentation")
     assert bundle.manifest.input_size == (32, 32)
     assert bundle.manifest.arch == "lite_unet"
+    # the export is the best epoch's EMA weights, and says so
+    best = max(history, key=lambda h: h["val"]["dice"])
+    assert bundle.manifest.extra["selected_epoch"] == best["epoch"]
+    assert bundle.manifest.extra["val_metrics_during_training"]["dice"] == pytest.approx(best["val"]["dice"])
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    for k, v in bundle.module.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, ck["best_state"][k].float(), atol=1e-2), k  # fp16 export of the best state
     doc = evaluate_segmentation(tiny_data, "val", out, tmp_path / "eval")
     assert doc["n_images"] == 2
     assert set(doc["mean"]) >= {"dice", "jaccard", "thresholded_jaccard", "sensitivity", "specificity"}
