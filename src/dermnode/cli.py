@@ -1,4 +1,4 @@
-"""The ``dermnode`` command line: serve, status, replay, prune, wrap, send, analyze, evaluate, train."""
+"""The ``dermnode`` command line: serve, status, replay, prune, wrap, send, analyze, evaluate, calibrate, train."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ from typing import Any
 from dermnode import __version__
 from dermnode.errors import DermnodeError
 from dermnode.settings import Settings, load_settings
+
+#: The promises of ``dermnode calibrate`` by default (the same values as dermnode.evaluation.bands, which the CLI
+#: imports only inside the command; tests/test_cli_calibrate.py checks that they agree).
+DEFAULT_MAX_MISS = 0.02
+DEFAULT_MIN_SPECIFICITY = 0.95
 
 logger = logging.getLogger(__name__)
 
@@ -166,14 +171,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.older_than_days >= 0:
         raise ConfigError(f"--older-than-days must be 0 or more, got {args.older_than_days}")
-    if settings.state.backend == "postgresql":
-        from dermnode.errors import StorageError
-
-        raise StorageError("prune does not support state.backend = \"postgresql\" yet: run it on a node with the "
-                           "SQLite state (retention still opens the SQLite database directly)")
-    _existing_database(settings)
+    state = _existing_database(settings)  # the SQLite file, or the shared PostgreSQL state (any host)
     report = prune(settings.storage_root, args.older_than_days, dry_run=args.dry_run,
-                   include_undelivered=args.include_undelivered)
+                   include_undelivered=args.include_undelivered, state=state)
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} the files of {report.jobs} finished job(s): {report.files} file(s), {report.bytes / 1e6:.1f} MB")
     if report.undelivered:
@@ -303,13 +303,8 @@ def _metric_rows(doc: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dermnode.errors import ConfigError
-
     data = Path(args.data)
-    if not data.exists():
-        raise ConfigError(f"--data {data} does not exist")
-    if not data.is_dir():
-        raise ConfigError(f"--data {data} is not a folder")
+    _labelled_folder(data)
     split = args.split
     if split is None:  # a folder without a split column is evaluated whole: say so ("all"), not "val"
         split = "all" if _has_split_column(data) is False else "val"
@@ -336,6 +331,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 MAX_METRIC_ROWS = 25
 
 
+def _labelled_folder(data: Path) -> None:
+    """Refuse a ``--data`` that does not exist or is not a folder (a sentence, not a traceback)."""
+    from dermnode.errors import ConfigError
+
+    if not data.exists():
+        raise ConfigError(f"--data {data} does not exist")
+    if not data.is_dir():
+        raise ConfigError(f"--data {data} is not a folder")
+
+
+def _interval(ci: Sequence[float]) -> str:
+    return f"95 % CI {ci[0]:.4f}-{ci[1]:.4f}" if len(ci) == 2 else "no CI"
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from dermnode.errors import ConfigError
+
+    data = Path(args.data)
+    _labelled_folder(data)
+    if not 0 < args.max_miss < 1:
+        raise ConfigError(f"--max-miss must be between 0 and 1 (a fraction of melanomas), got {args.max_miss}")
+    if not 0 < args.min_specificity < 1:
+        raise ConfigError(f"--min-specificity must be between 0 and 1, got {args.min_specificity}")
+    split = args.split
+    if split is None:
+        split = "all" if _has_split_column(data) is False else "val"
+
+    from dermnode.evaluation.bands import TooFewCasesError
+    from dermnode.evaluation.calibrate import calibrate
+
+    settings = _settings(args)
+    out = Path(args.out)
+    try:
+        doc = calibrate(data, split, settings.analysis, out, name=args.name, max_miss=args.max_miss,
+                        min_specificity=args.min_specificity)
+    except TooFewCasesError as exc:
+        # a property of the clinic's data, not a crash: one sentence saying what would be needed
+        raise ConfigError(f"cannot calibrate on {data} (split {split}): {exc}") from None
+    cut = doc["cutoffs"]
+    print(f"calibration {doc['name']!r} from {data} (split {split}): {doc['n_melanoma']} melanomas, "
+          f"{doc['n_other']} other lesions; temperature factor {doc['temperature_factor']:.3f}")
+    print(f"  benign below     {cut['benign_below']:.4f}  ({_interval(cut['benign_below_ci'])})")
+    print(f"  malignant above  {cut['malignant_above']:.4f}  ({_interval(cut['malignant_above_ci'])})")
+    print(f"  melanomas called benign: {doc['missed_melanomas']} of {doc['n_melanoma']} "
+          f"({doc['miss_rate']:.1%}; 95 % upper bound {doc['miss_rate_upper95']:.1%}; stated at most "
+          f"{doc['max_miss']:.1%}); specificity {doc['specificity']:.1%}")
+    print(f"  {'band':<14}{'lesions':>9}{'melanoma rate':>15}")
+    for band, facts in doc["bands"].items():
+        print(f"  {band:<14}{facts['fraction_of_lesions']:>9.1%}{facts['melanoma_rate']:>15.1%}")
+    print(f"written to {out}; the service uses it with analysis.calibration = \"{out.resolve()}\" in the "
+          f"configuration (or DERMNODE_ANALYSIS__CALIBRATION={out.resolve()})")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data = [Path(d) for d in args.data]
@@ -354,6 +403,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = write_pseudo_labels(images, teacher, out, exclude_ids=excluded)
         print(f"kept {summary.kept} of {summary.considered} images in {out} (rejected: {summary.rejected})")
         return 0
+    # passed only when given, so that each training function keeps its own default
+    optional: dict[str, Any] = {k: v for k, v in (("lr", args.lr), ("version", args.model_version)) if v is not None}
     if args.task == "segmentation":
         from dermnode.training.segmentation import train_segmentation
 
@@ -361,7 +412,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             data[0], args.arch or "lite_unet", out, epochs=args.epochs, image_size=args.image_size or 256,
             batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
             extra_train_dirs=data[1:], init_from=Path(args.init_from) if args.init_from else None,
-            time_budget_s=args.time_budget, **({"lr": args.lr} if args.lr is not None else {}),
+            time_budget_s=args.time_budget, frame=tuple(args.frame) if args.frame else None,
+            pretrained=not args.no_pretrained, **optional,
         )
     else:
         from dermnode.training.classification import train_classification
@@ -369,9 +421,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not args.arch:
             print(f"error: --arch is required for classification ({', '.join(CLASSIFIER_ARCHS)})", file=sys.stderr)
             return 2
+        given = [flag for flag, v in (("--frame", args.frame), ("--time-budget", args.time_budget)) if v is not None]
+        if given:
+            print(f"error: {' and '.join(given)} apply to segmentation only", file=sys.stderr)
+            return 2
         path = train_classification(
             data, args.arch, out, epochs=args.epochs, image_size=args.image_size or 160,
             batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
+            pretrained=not args.no_pretrained, tta=args.tta, **optional,
         )
     print(f"exported {path}")
     return 0
@@ -480,6 +537,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_evaluate)
 
+    s = command("calibrate", "refit the band cut-offs and temperature on a clinic's own labelled images")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="labelled folder in the layout 'dermnode evaluate' reads (images/, labels.csv), "
+                        "ideally 100-500 cases from the clinic's own dermoscope")
+    s.add_argument("--out", required=True, metavar="FILE", help="the calibration file (JSON) to write")
+    s.add_argument("--split", metavar="SPLIT",
+                   help="rows of labels.csv to use: train, val, test or all (default: val; all for a folder "
+                        "whose labels.csv has no split column)")
+    s.add_argument("--name", help="name of the calibration, e.g. the site and dermoscope (default: the folder's "
+                                  "name and today's date)")
+    s.add_argument("--max-miss", type=float, default=DEFAULT_MAX_MISS, metavar="FRACTION",
+                   help="the benign cut-off's promise: at most this fraction of melanomas fall in the benign band")
+    s.add_argument("--min-specificity", type=float, default=DEFAULT_MIN_SPECIFICITY, metavar="FRACTION",
+                   help="the malignant cut-off's promise: at least this fraction of other lesions stay out of the "
+                        "malignant band")
+    s.set_defaults(func=cmd_calibrate)
+
     s = command("train", "train a model with the project's own training code")
     s.add_argument("task", choices=["segmentation", "classification", "pseudo-labels"],
                    help="pseudo-labels: write the segmenter's confident masks of --data images to --out")
@@ -493,9 +567,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exclude", action="append", metavar="DIR", help="pseudo-labels: skip the image ids of this "
                    "folder's labels.csv (repeatable; e.g. the labelled set, so that no validation image is "
                    "pseudo-labelled)")
-    s.add_argument("--lr", type=float, help="segmentation: peak learning rate (default: 3e-3)")
+    s.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3)")
     s.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="segmentation: wall-clock budget in seconds (default: none)")
+                   help="segmentation: wall-clock budget in seconds for the training loop (default: none)")
+    s.add_argument("--frame", type=int, nargs=2, metavar=("H", "W"),
+                   help="segmentation: landscape working frame in pixels, multiples of 32, e.g. 192 256; images "
+                        "keep their aspect ratio (default: the square --image-size)")
+    s.add_argument("--no-pretrained", action="store_true",
+                   help="start timm (classification) and smp (segmentation) backbones from random weights "
+                        "instead of their ImageNet weights")
+    s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="classification: calibrate with (and let inference use) the 4-flip test-time augmentation")
+    s.add_argument("--version", dest="model_version", metavar="VERSION",
+                   help="version written to the exported model's manifest (default: the training code's)")
     s.add_argument("--out", required=True, metavar="DIR", help="folder of the exported model")
     s.add_argument("--epochs", type=int, default=40, help="training epochs")
     s.add_argument("--image-size", type=int, metavar="PX",
