@@ -107,3 +107,13 @@ def test_weights_of_other_architecture(exported: Path) -> None:
     (exported / "toy.json").write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="do not fit"):
         load_model_bundle(exported, "toy")
+
+
+@pytest.mark.parametrize("module", ["dermnode.training.segmentation", "dermnode.evaluation.runner", "os"])
+def test_manifest_may_import_runtime_code_only(exported: Path, module: str) -> None:
+    path = exported / "toy.json"
+    doc = json.loads(path.read_text())
+    doc["arch_module"] = module
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=r"outside dermnode\.inference"):
+        load_model_bundle(exported, "toy")

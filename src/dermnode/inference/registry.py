@@ -371,8 +371,9 @@ def load_model_bundle(models_dir: Path, name: str) -> ModelBundle:
             "(corrupt or replaced file)"
         )
     if manifest.arch_module is not None:
-        if not manifest.arch_module.startswith("dermnode."):
-            raise ModelError(f"model {name}: arch_module {manifest.arch_module!r} is outside dermnode")
+        if not manifest.arch_module.startswith("dermnode.inference."):
+            # only runtime code may be imported by a manifest (never training or evaluation code, nor anything else)
+            raise ModelError(f"model {name}: arch_module {manifest.arch_module!r} is outside dermnode.inference")
         try:
             importlib.import_module(manifest.arch_module)
         except ImportError as exc:
