@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermnode.errors import StorageError
-from dermnode.workqueue.db import connect, database_path
+from dermnode.workqueue.db import DB_ERRORS, SqliteState, StateConnection, StateDB, as_state_db, database_path
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def _size(path: Path) -> tuple[int, int]:
     return 0, 0
 
 
-def _all_outputs_delivered(conn: sqlite3.Connection, job_id: int, results: Path) -> bool:
+def _all_outputs_delivered(conn: StateConnection, job_id: int, results: Path) -> bool:
     """Whether every deliverable output in ``results`` (``*.dcm``, the FHIR bundle) went out in a done delivery.
 
     With a PACS but no EHR the FHIR bundle, or with an EHR but no PACS the SEG and SR, exist only here: such a
@@ -99,7 +98,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 def prune(
     storage_root: Path, older_than_days: float, *, dry_run: bool = False, now: float | None = None,
-    include_undelivered: bool = False,
+    include_undelivered: bool = False, state: StateDB | Path | None = None,
 ) -> PruneReport:
     """Delete the spool file and results folder of every finished, fully delivered job older than the limit.
 
@@ -112,7 +111,7 @@ def prune(
     Parameters
     ----------
     storage_root:
-        ``storage.root`` of the service (spool, results and the state database).
+        ``storage.root`` of the service (spool and results; the SQLite state database unless ``state`` is given).
     older_than_days:
         Only jobs whose last state change is older than this many days are pruned (>= 0).
     dry_run:
@@ -121,6 +120,9 @@ def prune(
         Also prune finished jobs whose outputs were never (all) delivered, results folder included.
     now:
         Current time (seconds since the epoch); for tests.
+    state:
+        The state database (:class:`~dermnode.workqueue.db.StateDB`, e.g. the shared PostgreSQL state of
+        ``state_db_of(settings)``, or an SQLite file path); default ``<storage_root>/dermnode.db``.
 
     Returns
     -------
@@ -141,7 +143,8 @@ def prune(
     cutoff = (time.time() if now is None else now) - older_than_days * _SECONDS_PER_DAY
     results_root = storage_root / "results"
     report = PruneReport(dry_run=dry_run)
-    conn = connect(database_path(storage_root))
+    db = SqliteState(database_path(storage_root)) if state is None else as_state_db(state)
+    conn = db.connect()
     try:
         rows = conn.execute(_PRUNABLE_UNDELIVERED if include_undelivered else _PRUNABLE, (cutoff,)).fetchall()
         if not include_undelivered:
@@ -189,10 +192,12 @@ def prune(
             report.undelivered += undelivered
             if not dry_run:
                 conn.execute(
-                    "INSERT OR REPLACE INTO pruned (job_id, pruned_at) VALUES (?, ?)", (row["id"], time.time())
+                    "INSERT INTO pruned (job_id, pruned_at) VALUES (?, ?)"
+                    " ON CONFLICT (job_id) DO UPDATE SET pruned_at = excluded.pruned_at",
+                    (row["id"], time.time()),
                 )
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot prune {storage_root}: {exc}") from exc
+    except DB_ERRORS as exc:
+        raise StorageError(f"cannot prune {storage_root} ({db.describe()}): {exc}") from exc
     finally:
         conn.close()
     logger.info(

@@ -3,6 +3,7 @@ PHI and the audit log."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
@@ -182,6 +183,25 @@ def test_result_page_shows_everything_the_issue_asks_for(analysed_root: Path) ->
         assert client.get(f"/results/{uid}/files/../../dermnode.db").status_code == 404
         assert client.get("/results/not-a-uid").status_code == 404
         assert client.get("/results/1.2.3.4").status_code == 404
+
+
+def test_result_page_offers_the_presentation_state_and_only_an_existing_key_image(analysed_root: Path) -> None:
+    """pr.dcm (written by default) is offered and served as DICOM like SEG/SR; key-image.dcm (output.burned_in_image,
+    off here) is not written, so it is neither offered nor served."""
+    uid = job_uids(analysed_root)["analysed"]
+    assert (analysed_root / "results" / uid / "pr.dcm").is_file()
+    assert not (analysed_root / "results" / uid / "key-image.dcm").exists()
+    with make_client(base_settings(analysed_root)) as client:
+        text = client.get(f"/results/{uid}").text
+        assert f'href="/results/{uid}/files/pr.dcm" download id="dl-pr-dcm"' in text
+        assert "DICOM presentation state" in text
+        assert "files/key-image.dcm" not in text and 'id="dl-key-image-dcm"' not in text
+        pr = client.get(f"/results/{uid}/files/pr.dcm")
+        assert pr.status_code == 200 and pr.headers["content-type"] == "application/dicom"
+        assert f'filename="{uid}-pr.dcm"' in pr.headers["content-disposition"]
+        assert pr.content == (analysed_root / "results" / uid / "pr.dcm").read_bytes()
+        assert pydicom.dcmread(io.BytesIO(pr.content)).Modality == "PR"
+        assert client.get(f"/results/{uid}/files/key-image.dcm").status_code == 404
 
 
 def test_a_refused_image_shows_the_gate_reason(analysed_root: Path) -> None:

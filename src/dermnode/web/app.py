@@ -553,6 +553,7 @@ def _routes(app: FastAPI) -> None:
         else:
             path = state.result_file(uid, name)
             media = {"seg.dcm": "application/dicom", "sr.dcm": "application/dicom",
+                     "pr.dcm": "application/dicom", "key-image.dcm": "application/dicom",
                      "diagnostic-report.json": "application/fhir+json", "result.json": "application/json",
                      "overlay.png": "image/png"}.get(name, "application/octet-stream")
             filename = f"{uid}-{name}"

@@ -47,6 +47,8 @@ BANDS: tuple[str, ...] = ("benign", "indeterminate", "malignant")
 RESULT_FILES: dict[str, str] = {
     "seg.dcm": "application/dicom",
     "sr.dcm": "application/dicom",
+    "pr.dcm": "application/dicom",  # Color Softcopy Presentation State (the outline over the source image)
+    "key-image.dcm": "application/dicom",  # key image with the outline burned in (output.burned_in_image)
     "diagnostic-report.json": "application/fhir+json",
     "result.json": "application/json",
     "overlay.png": "image/png",
