@@ -9,6 +9,14 @@ and 503 ``{"status": "unhealthy", "dead": ["worker-0", ...], ...}`` when one of 
 runs (or when the state database cannot be read). ``/metrics`` exports the same liveness as gauges, and the free
 disk of the storage root at each scrape (``dermnode_storage_free_bytes``, ``dermnode_storage_min_free_bytes``,
 ``dermnode_storage_low``: 1 below twice ``storage.min_free_mb``, see :mod:`dermnode.workqueue.diskspace`).
+
+When the analysing process has a band calibration, ``/metrics`` also exports the drift watch
+(:mod:`dermnode.drift`), per device (the calling AE title that sent the images) over its rolling window of
+results: ``dermnode_band_fraction{device,band}``, ``dermnode_drift_mean_melanoma_probability{device}``,
+``dermnode_drift_window_results{device}``, ``dermnode_drift_p_value{device}`` (chi-square test of the window's
+band counts against the calibration's ``dermnode_band_expected_fraction{band}``) and ``dermnode_drift_flag{device}``
+(1 when the window holds at least the minimum count and p is below the bound). Each process keeps its own window
+of the jobs it analysed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from dermnode.drift import BANDS, DriftMonitor
 from dermnode.workqueue.diskspace import disk_space
 from dermnode.workqueue.jobs import JobQueue
 from dermnode.workqueue.outbox import Outbox
@@ -28,10 +37,15 @@ logger = logging.getLogger(__name__)
 
 
 class StageMetrics:
-    """Thread-safe accumulator of per-stage latencies and outcome counters."""
+    """Thread-safe accumulator of per-stage latencies and outcome counters.
+
+    ``drift`` is the process's drift watch, set by the job processor when a band calibration is active
+    (``None``: no calibration, nothing to compare with).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.drift: DriftMonitor | None = None
         self.latency_sum_s: dict[str, float] = {}
         self.latency_count: dict[str, int] = {}
         self.outcomes: dict[str, int] = {}
@@ -107,6 +121,8 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health
     ]
     lines += [f'dermnode_analysis_outcomes_total{{status="{k}"}} {v}' for k, v in sorted(outcomes.items())]
     lines += _storage_lines(queue)
+    if stages.drift is not None:
+        lines += drift_lines(stages.drift)
     if health is not None:
         lines += [
             "# HELP dermnode_worker_threads_alive Analysis worker threads alive.",
@@ -123,6 +139,39 @@ def render_metrics(queue: JobQueue, outbox: Outbox, stages: StageMetrics, health
             f"dermnode_healthy {int(health.ok)}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value (backslash, double quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def drift_lines(monitor: DriftMonitor) -> list[str]:
+    """The drift watch's gauges: per device its window's band mix, mean probability, p-value and flag."""
+    states = monitor.snapshot()
+    lines = [
+        "# HELP dermnode_band_expected_fraction Fraction of lesions per band on the active calibration's data.",
+        "# TYPE dermnode_band_expected_fraction gauge",
+        *(f'dermnode_band_expected_fraction{{band="{b.value}"}} {monitor.expected[b]:.6g}' for b in BANDS),
+        "# HELP dermnode_band_fraction Fraction of the device's recent results per band (its rolling window).",
+        "# TYPE dermnode_band_fraction gauge",
+    ]
+    for st in states:
+        lines += [f'dermnode_band_fraction{{device="{_label(st.device)}",band="{b.value}"}} {st.fractions[b]:.6g}'
+                  for b in BANDS]
+    gauges = (
+        ("dermnode_drift_window_results", "Results in the device's rolling window.", lambda st: str(st.n)),
+        ("dermnode_drift_mean_melanoma_probability", "Mean melanoma probability over the device's window.",
+         lambda st: f"{st.mean_probability:.6g}"),
+        ("dermnode_drift_p_value", "Chi-square p-value of the window's band mix against the calibration's.",
+         lambda st: f"{st.p_value:.6g}"),
+        ("dermnode_drift_flag", f"1 when the device's band mix departs from the calibration's (p < "
+         f"{monitor.alpha:g} over at least {monitor.min_count} results).", lambda st: str(int(st.drifting))),
+    )
+    for name, help_text, value in gauges:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{device="{_label(st.device)}"}} {value(st)}' for st in states]
+    return lines
 
 
 def _storage_lines(queue: JobQueue) -> list[str]:

@@ -24,9 +24,11 @@ from dermnode.dicom_io.reading import expand_inputs, read_dataset, read_dicom_fi
 from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
 from dermnode.dicom_io.uids import content_digest, derived_uid, is_valid_uid
+from dermnode.drift import DeviceDrift, DriftMonitor
 from dermnode.errors import DecodeError, OutputError
 from dermnode.fhir.bundle import DerivedInstance, build_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
+from dermnode.inference.calibration import BandCalibration
 from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_png, render_overlay
 from dermnode.metrics import StageMetrics
 from dermnode.settings import Settings
@@ -296,6 +298,38 @@ def undecodable_result(ds: pydicom.Dataset, models: tuple[ModelIdentity, ...]) -
     )
 
 
+#: The device name of the drift watch for an instance whose association carried no calling AE title.
+UNKNOWN_DEVICE = "(unknown)"
+
+
+def drift_monitor(calibration: BandCalibration | None) -> DriftMonitor | None:
+    """The drift watch for ``calibration``'s band fractions; ``None`` without a calibration (nothing to compare)."""
+    if calibration is None:
+        return None
+    expected = {band: facts.fraction_of_lesions for band, facts in calibration.bands.items()}
+    try:
+        return DriftMonitor(expected)
+    except ValueError as exc:  # a calibration whose bands hold no lesions: no expectation to test against
+        logger.warning("no drift watch: band calibration %s: %s", calibration.identity_text(), exc)
+        return None
+
+
+def record_drift(monitor: DriftMonitor | None, calling_aet: str, result: AnalysisResult) -> DeviceDrift | None:
+    """Add a finished job's band and melanoma probability to the drift watch of the device that sent it.
+
+    Only classified results count (a not-analysable image has no band). The watch never fails a job: an error in
+    it is logged.
+    """
+    c = result.classification
+    if monitor is None or c is None:
+        return None
+    try:
+        return monitor.record(calling_aet.strip() or UNKNOWN_DEVICE, c.band, c.melanoma_probability)
+    except Exception:
+        logger.exception("drift watch: cannot record the result of %s", result.source.sop_instance_uid)
+        return None
+
+
 class JobProcessor:
     """What a worker runs for one received instance: analyse, write outputs, queue the deliveries.
 
@@ -309,6 +343,10 @@ class JobProcessor:
         self.settings = settings
         self.stage_metrics = stage_metrics or StageMetrics()
         self.analyzer = analyzer
+        # one drift watch per process, shared with /metrics through the stage metrics
+        if self.stage_metrics.drift is None:
+            self.stage_metrics.drift = drift_monitor(analyzer.classifier.calibration)
+        self.drift = self.stage_metrics.drift
         self.outbox = outbox
         self.results_root = settings.storage_root / "results"
 
@@ -348,6 +386,7 @@ class JobProcessor:
         timings = result.timings_ms
         self._queue_deliveries(job, files)
         self.stage_metrics.observe(timings, result.status.value)
+        record_drift(self.drift, job.calling_aet, result)
         logger.info("analysed %s: %s %s (%s)", result.source.sop_instance_uid, result.status.value,
                     result.reason or "", ", ".join(f"{k}={v:.0f}ms" for k, v in timings.items()))
         return result.status.value
@@ -365,6 +404,13 @@ def build_processor(settings: Settings, outbox: Outbox, stage_metrics: StageMetr
     """
     processor = JobProcessor(settings, Analyzer(settings.analysis), outbox, stage_metrics)
     self_test(processor.analyzer, settings)
+    if processor.drift is not None:
+        expected = ", ".join(f"{b.value} {f:.0%}" for b, f in processor.drift.expected.items())
+        logger.info("drift watch on: per calling AE title, the last %d results' band mix against the calibration's "
+                    "(%s); flagged when p < %g over at least %d results", processor.drift.window, expected,
+                    processor.drift.alpha, processor.drift.min_count)
+    else:
+        logger.info("drift watch off: no band calibration to compare with")
     return processor
 
 
