@@ -20,19 +20,16 @@ from dermnode.inference.segmentation import (
     upsample_mask,
 )
 from dermnode.vocabulary import ModelIdentity
+from synthetic import synthetic_dermoscopy
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _skin_with_ellipse(h: int = 450, w: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
+    """The drawn lesion of :func:`synthetic_dermoscopy` (soft border) and its true extent."""
     yy, xx = np.mgrid[0:h, 0:w]
-    img = np.empty((h, w, 3), np.float64)
-    img[...] = (214, 160, 140)
     inside = ((yy - h / 2) / (h * 0.22)) ** 2 + ((xx - w / 2) / (w * 0.18)) ** 2 <= 1.0
-    img[inside] = (120, 72, 50)
-    img += rng.normal(0, 6, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8), inside
+    return synthetic_dermoscopy(h, w, seed), inside
 
 
 class _DarknessNet(nn.Module):

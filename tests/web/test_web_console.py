@@ -4,6 +4,7 @@ PHI and the audit log."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from pathlib import Path
@@ -160,13 +161,15 @@ def test_worklist_pagination(analysed_root: Path) -> None:
 
 def test_result_page_shows_everything_the_issue_asks_for(analysed_root: Path) -> None:
     uid = job_uids(analysed_root)["analysed"]
+    models = json.loads((analysed_root / "results" / uid / "result.json").read_text())["models"]
     with make_client(base_settings(analysed_root)) as client:
         text = client.get(f"/results/{uid}").text
         for needle in (
+            *(f"{m['name']} {m['version']}" for m in models),
             'id="toggle-outline"', 'id="zoom-in"', "/image/source.png", "/image/overlay.png",
             "Calibrated from the image&#39;s Pixel Spacing: 0.02 × 0.02 mm per pixel", " mm²", " mm<",
             'id="melanoma-probability"', 'id="band-meaning"', 'id="class-probabilities"', "Melanocytic nevus",
-            "Passed: a usable dermoscopy image", "segmentation 1.0.0", "classifier 1.0.0", "sha256 ",
+            "Passed: a usable dermoscopy image", "sha256 ",
             "Decision support only", "files/seg.dcm", "files/sr.dcm", "files/diagnostic-report.json",
             "files/source.dcm", "association rejected by PACS", "Replay this delivery", "PAT-0042",
         ):

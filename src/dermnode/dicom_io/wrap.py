@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps
@@ -46,14 +47,20 @@ class WrapOptions:
 
 def synthetic_dermoscopy(h: int = 300, w: int = 400, seed: int = 0) -> npt.NDArray[np.uint8]:
     """A simulated dermoscopy image: skin-toned background, a darker brown elliptical lesion (semi-axes
-    0.22 h and 0.18 w) in the middle, mild Gaussian noise. Used by the start-up self-test, tests and benchmarks.
+    0.22 h and 0.18 w) in the middle with a soft border (Gaussian, sigma 1.2 % of the shorter side, as a real
+    lesion's border fades; the lesion is the region above half contrast), a mottled texture (5 % brightness
+    variation) and mild Gaussian noise. Used by the start-up self-test, tests and benchmarks. (The pretrained
+    segmenter does not outline a flat, razor-sharp painted ellipse, which no dermoscope shows.)
     """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
-    img = np.empty((h, w, 3), np.float64)
-    img[...] = (214, 160, 140)
-    inside = ((yy - h / 2) / (h * 0.22)) ** 2 + ((xx - w / 2) / (w * 0.18)) ** 2 <= 1.0
-    img[inside] = (120, 72, 50)
+    inside = (((yy - h / 2) / (h * 0.22)) ** 2 + ((xx - w / 2) / (w * 0.18)) ** 2 <= 1.0).astype(np.float64)
+    inside = cv2.GaussianBlur(inside, (0, 0), 0.012 * min(h, w))
+    skin = np.array([214.0, 160.0, 140.0])
+    lesion = np.array([120.0, 72.0, 50.0])
+    img = skin * (1.0 - inside[..., None]) + lesion * inside[..., None]
+    texture = cv2.GaussianBlur(rng.normal(0.0, 1.0, (h, w)), (0, 0), 0.012 * min(h, w) + 0.5)
+    img *= 1.0 + 0.05 * (texture / max(float(texture.std()), 1e-9))[..., None]  # mottled skin and pigment
     img += rng.normal(0, 6, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
