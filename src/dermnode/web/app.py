@@ -273,32 +273,42 @@ class BodyLimit:
             await self._refuse(send)
             return
         received = 0
-        started = False
+        started = False  # the app's response has begun (forwarded to the client)
+        overflow = False  # the body went over the limit: reading stopped
+        refusing = False  # ... before the app answered: its response is dropped, the 413 page goes out instead
 
         async def limited_receive() -> Any:
-            nonlocal received
+            # Over the limit, stop reading and tell the app the client went away: whatever the app (or Starlette's
+            # ServerErrorMiddleware) then does -- a ClientDisconnect, a 500 -- is dropped below and the client gets
+            # the refusal page.
+            nonlocal received, overflow, refusing
+            if overflow:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message.get("type") == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _TooLargeError
+                    overflow, refusing = True, not started
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracking_send(message: Any) -> None:
             nonlocal started
+            if refusing:
+                return
             if message.get("type") == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLargeError:
-            if not started:
-                await self._refuse(send)
-
-
-class _TooLargeError(Exception):
-    pass
+        except Exception:
+            if not overflow:
+                raise
+            logger.warning("web: request body to %s over %d bytes refused while it streamed in",
+                           scope.get("path", "?"), self.limit)
+        if refusing:
+            await self._refuse(send)
 
 
 def _render(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> Response:
