@@ -183,14 +183,14 @@ class Authenticator:
 
     def decode_session(self, value: str | None) -> dict[str, object]:
         """The session in a cookie; ``{}`` when absent, forged, malformed or expired."""
-        if not value or "." not in value:
+        if not value or "." not in value or not value.isascii():  # a signed cookie is base64url: ASCII only
             return {}
         body, _, signature = value.partition(".")
         try:
             payload = _unb64(body)
         except (ValueError, binascii.Error):
             return {}
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        if not hmac.compare_digest(signature.encode("ascii"), self._sign(payload).encode("ascii")):
             return {}
         try:
             doc = json.loads(payload)
