@@ -95,6 +95,97 @@ def test_worker_pool_takes_over_the_job_of_a_dead_process(pg_cluster: Cluster, t
         db.close_all()
 
 
+def test_a_stale_worker_cannot_finish_or_fail_a_job_taken_over(
+    pg_state: PostgresState, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lease 0 s: the first claim lapses at once, another queue re-claims the job; the stale worker's outcome changes
+    nothing (logged "lease lost"), the new holder's completes it."""
+    stale, holder = JobQueue(pg_state, max_attempts=2), JobQueue(pg_state, max_attempts=2)
+    stale.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
+    old = stale.claim("worker-0@host-a:1")
+    assert old is not None and old.owner == "worker-0@host-a:1"
+    assert holder.recover() == 1
+    new = holder.claim("worker-0@host-b:2")
+    assert new is not None and new.id == old.id and new.attempts == 2
+
+    def row() -> tuple[object, ...]:
+        r = holder.get("1.2.3")
+        assert r is not None
+        return (r["state"], r["owner"], r["attempts"], r["last_error"], r["outcome"])
+
+    before = row()
+    assert before[:3] == ("running", "worker-0@host-b:2", 2)
+    with caplog.at_level("WARNING", logger="dermnode.workqueue.base"):
+        assert stale.complete(old, "analysed by the stale worker") is False
+        assert stale.fail(old, "OSError: stale", permanent=False) is False  # would have re-queued it
+        assert stale.fail(old, "ValueError: stale", permanent=True) is False  # would have dead-lettered it
+        stale.release(old)  # would have put it back to pending
+    assert row() == before
+    assert holder.dead_letters() == []
+    assert caplog.text.count(f"lease lost: job {old.id} is now held by another worker") == 4
+
+    assert holder.complete(new, "analysed") is True
+    done = holder.get("1.2.3")
+    assert done is not None and done["state"] == "done" and done["outcome"] == "analysed" and done["owner"] is None
+    assert stale.complete(old, "late") is False
+    assert holder.state("1.2.3") == "done"
+
+
+def test_a_stale_worker_cannot_fail_a_job_the_same_owner_reclaimed(pg_state: PostgresState, tmp_path: Path) -> None:
+    """The attempt number tells two claims of one owner apart: the first claim's failure leaves the second alone."""
+    queue = JobQueue(pg_state, max_attempts=5)
+    queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
+    first = queue.claim("worker-0@host-a:1")
+    assert first is not None and queue.recover() == 1
+    second = queue.claim("worker-0@host-a:1")
+    assert second is not None and second.attempts == 2
+    assert queue.fail(first, "OSError: stale") is False
+    assert queue.state("1.2.3") == "running"
+    assert queue.fail(second, "OSError: real") is False  # recorded: back to pending, not dead-lettered
+    r = queue.get("1.2.3")
+    assert r is not None and r["state"] == "pending" and r["last_error"] == "OSError: real"
+
+
+def test_a_stale_sender_cannot_record_a_delivery_taken_over(
+    pg_state: PostgresState, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = DeliverySettings(max_attempts=2)
+    stale, holder = Outbox(pg_state, settings), Outbox(pg_state, settings)
+    stale.add(None, "dicom", "pacs", "seg-1", tmp_path / "seg.dcm")
+    old = stale.claim("deliveries@host-a:1")
+    assert old is not None and old.owner == "deliveries@host-a:1"
+    assert holder.recover() == 1
+    new = holder.claim()  # the default owner of this process
+    assert new is not None and new.id == old.id and new.attempts == 2 and new.owner == holder.default_owner()
+    with caplog.at_level("WARNING", logger="dermnode.workqueue.base"):
+        assert stale.delivered(old) is False
+        assert stale.failed(old, "timeout", permanent=False) is False
+        assert stale.failed(old, "refused", permanent=True) is False
+    assert holder.state_of(new.id) == "sending" and holder.counts()["dead_letter"] == 0
+    assert JobQueue(pg_state).dead_letters() == []
+    assert caplog.text.count(f"lease lost: delivery {old.id} is now held by another worker") == 3
+    assert holder.delivered(new) is True
+    assert holder.state_of(new.id) == "done"
+    assert stale.delivered(old) is False and holder.state_of(new.id) == "done"
+
+
+def test_recover_takes_only_expired_leases(pg_cluster: Cluster, tmp_path: Path) -> None:
+    """The periodic recover() of the lease loop never touches a row whose lease is still running."""
+    db = fresh_pg(pg_cluster, lease_s=30.0)
+    try:
+        queue, outbox = JobQueue(db), Outbox(db, DeliverySettings())
+        queue.enqueue("1.2.3", "1.2", tmp_path / "a.dcm")
+        outbox.add(None, "dicom", "pacs", "seg-1", tmp_path / "seg.dcm")
+        job, delivery = queue.claim("worker-0@host-a:1"), outbox.claim()
+        assert job is not None and delivery is not None
+        other_q, other_o = JobQueue(db), Outbox(db, DeliverySettings())
+        assert other_q.recover() == 0 and other_o.recover() == 0
+        assert queue.state("1.2.3") == "running" and outbox.state_of(delivery.id) == "sending"
+        assert queue.complete(job, "analysed") and outbox.delivered(delivery)
+    finally:
+        db.close_all()
+
+
 def test_notify_wakes_a_listener(pg_state: PostgresState, tmp_path: Path) -> None:
     listener = pg_state.listener()
     wake = listener.event("dermnode_jobs")

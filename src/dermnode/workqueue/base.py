@@ -17,7 +17,10 @@ Each thread gets its own connection of the state database (:class:`~dermnode.wor
 PostgreSQL shared by several processes). Where the state is shared (``StateDB.leases``), a claim also records the
 owner and a lease expiry; the owner renews the leases of what it holds (:meth:`WorkQueue.renew_held`, called by the
 worker pool's lease thread), and only a row whose lease is over counts as orphaned (:meth:`WorkQueue.orphaned`), so
-another host takes it over after the lease and never while its owner still works on it.
+another host takes it over after the lease and never while its owner still works on it. Finishing or failing a
+claimed row is tied to the claim (:meth:`WorkQueue.holder_guard`): the update only applies while the row is still
+in flight, held by the same owner, on the same attempt; a worker whose lease lapsed and whose row another worker
+took over changes nothing (it logs "lease lost") instead of overwriting the new holder's row.
 """
 
 from __future__ import annotations
@@ -204,6 +207,37 @@ class WorkQueue:
         """The owner recorded on rows claimed without one where leases need it: unique per host and process."""
         return f"{self.table}@{socket.gethostname()}:{os.getpid()}"
 
+    def claim_owner(self, owner: str | None) -> str | None:
+        """The owner a claim records: ``owner``, or :meth:`default_owner` where leases need one."""
+        if owner is None and self.state_db.leases:
+            return self.default_owner()
+        return owner
+
+    def holder_guard(self, owner: str | None, attempts: int) -> tuple[str, tuple[Any, ...]]:
+        """SQL (``AND ...``) and arguments that restrict an update to the row of one claim.
+
+        Where the state is shared: the row must still be in flight, held by ``owner``, on the attempt counted by
+        that claim (``attempts`` grows with each claim, so a re-claim by the same owner string is told apart).
+        SQLite: nothing (one process; its in-flight rows are its own), so the behaviour there is unchanged.
+        """
+        if not self.state_db.leases:
+            return "", ()
+        return f" AND state = '{self.in_flight}' AND owner = ? AND attempts = ?", (owner, attempts)
+
+    def lease_lost(self, row_id: int, owner: str | None) -> None:
+        """Log that the claim on row ``row_id`` was lost (its lease lapsed and another worker took it over) and
+        stop renewing it; the caller's change is dropped."""
+        kind = {"jobs": "job", "deliveries": "delivery"}.get(self.table, self.table)
+        logger.warning("lease lost: %s %d is now held by another worker (%s's outcome not recorded)",
+                       kind, row_id, owner)
+        self.forget(row_id, owner)
+
+    def forget(self, row_id: int, owner: str | None) -> None:
+        """Stop renewing the lease of row ``row_id`` (finished, or no longer held by ``owner``)."""
+        with self._held_lock:
+            if row_id in self._held and self._held[row_id] == owner:
+                del self._held[row_id]
+
     def _claim_row(self, returning: str, *, owner: str | None = None) -> Any:
         """Atomically take the oldest due pending row, mark it in flight and count the attempt.
 
@@ -214,8 +248,7 @@ class WorkQueue:
         """
         db = self.state_db
         now = time.time()
-        if db.leases and owner is None:
-            owner = self.default_owner()
+        owner = self.claim_owner(owner)
         sets = ""
         args: list[Any] = []
         if owner is not None:
@@ -276,9 +309,7 @@ class WorkQueue:
             if ok:
                 renewed += 1
             else:
-                with self._held_lock:
-                    if self._held.get(row_id) == owner:
-                        del self._held[row_id]
+                self.forget(row_id, owner)
         return renewed
 
     def orphaned(self, now: float) -> tuple[str, tuple[Any, ...]]:
@@ -308,13 +339,17 @@ class WorkQueue:
         sop_instance_uid: str = "",
         destination: str = "",
         clear_owner: bool = False,
+        owner: str | None = None,
     ) -> bool:
         """Dead-letter the row (:meth:`exhausted`) or put it back to ``pending``, due after :meth:`backoff`.
+
+        Where the state is shared, only while the claim of ``owner`` on attempt ``attempts`` still holds the row
+        (:meth:`holder_guard`); otherwise nothing changes and "lease lost" is logged (:meth:`lease_lost`).
 
         Returns
         -------
         bool
-            ``True`` when the row was dead-lettered.
+            ``True`` when the row was dead-lettered (``False`` also when the lease was lost).
 
         Raises
         ------
@@ -322,8 +357,9 @@ class WorkQueue:
             When the state database cannot be written (callers retry with :func:`retry_state_update`).
         """
         conn = self._conn()
+        guard, guard_args = self.holder_guard(owner, attempts)
         if self.exhausted(attempts, permanent=permanent):
-            dead_letter(
+            recorded = dead_letter(
                 conn,
                 self.table,
                 row_id,
@@ -331,15 +367,25 @@ class WorkQueue:
                 attempts=attempts,
                 sop_instance_uid=sop_instance_uid,
                 destination=destination,
+                guard=guard,
+                guard_args=guard_args,
             )
+            if not recorded:
+                self.lease_lost(row_id, owner)
+                return False
+            self.forget(row_id, owner)
             return True
         now = time.time()
-        owner = "owner = NULL, " if clear_owner else ""
-        conn.execute(
-            f"UPDATE {self.table} SET state = 'pending', last_error = ?, {owner}next_attempt_at = ?, updated_at = ?"
-            " WHERE id = ?",
-            (error, now + self.backoff(attempts), now, row_id),
+        clear = "owner = NULL, " if clear_owner else ""
+        cur = conn.execute(
+            f"UPDATE {self.table} SET state = 'pending', last_error = ?, {clear}next_attempt_at = ?, updated_at = ?"
+            f" WHERE id = ?{guard}",
+            (error, now + self.backoff(attempts), now, row_id, *guard_args),
         )
+        if guard and int(cur.rowcount) == 0:
+            self.lease_lost(row_id, owner)
+        else:
+            self.forget(row_id, owner)
         return False
 
     def replay(self, row_id: int | None = None) -> int:

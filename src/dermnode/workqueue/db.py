@@ -547,11 +547,18 @@ def dead_letter(
     attempts: int,
     sop_instance_uid: str = "",
     destination: str = "",
-) -> None:
-    """Mark a job or delivery ``dead`` and record why in ``dead_letters``, in one transaction."""
+    guard: str = "",
+    guard_args: Sequence[Any] = (),
+) -> bool:
+    """Mark a job or delivery ``dead`` and record why in ``dead_letters``, in one transaction.
+
+    ``guard`` (SQL starting with ``AND``, with ``guard_args``) restricts which row may change, e.g. only while its
+    lease holder is the caller; returns ``False`` (and records nothing) when the guarded row did not match.
+    """
     with conn.transaction():
-        dead_letter_in_transaction(conn, table, row_id, error=error, attempts=attempts,
-                                   sop_instance_uid=sop_instance_uid, destination=destination)
+        return dead_letter_in_transaction(conn, table, row_id, error=error, attempts=attempts,
+                                          sop_instance_uid=sop_instance_uid, destination=destination,
+                                          guard=guard, guard_args=guard_args)
 
 
 def dead_letter_in_transaction(
@@ -563,17 +570,22 @@ def dead_letter_in_transaction(
     attempts: int,
     sop_instance_uid: str = "",
     destination: str = "",
-) -> None:
+    guard: str = "",
+    guard_args: Sequence[Any] = (),
+) -> bool:
     """:func:`dead_letter` inside the caller's open transaction."""
     kind = {"jobs": "job", "deliveries": "delivery"}[table]
     now = time.time()
-    conn.execute(f"UPDATE {table} SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?",
-                 (error, now, row_id))
+    cur = conn.execute(f"UPDATE {table} SET state = 'dead', last_error = ?, updated_at = ? WHERE id = ?{guard}",
+                       (error, now, row_id, *guard_args))
+    if guard and int(cur.rowcount) == 0:
+        return False
     conn.execute(
         "INSERT INTO dead_letters (kind, ref_id, sop_instance_uid, destination, attempts, error, created_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (kind, row_id, sop_instance_uid, destination, attempts, error, now),
     )
+    return True
 
 
 def replay_dead(conn: StateConnection, table: str, row_id: int | None = None) -> int:

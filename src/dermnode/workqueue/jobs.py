@@ -10,7 +10,10 @@ crashes the process is tried ``max_attempts`` times and then lands in the dead l
 
 Where several processes share the state (PostgreSQL), :meth:`JobQueue.recover` takes only the running jobs whose
 lease is over (their worker died or lost the database) and is also called periodically by the worker pool, so a
-job of a dead host is finished by another after the lease.
+job of a dead host is finished by another after the lease. A job carries the owner of its claim, and
+:meth:`JobQueue.complete`, :meth:`JobQueue.fail` and :meth:`JobQueue.release` change it only while that claim still
+holds it (still ``running``, same owner, same attempt): a worker whose lease lapsed logs "lease lost" and leaves the
+row of the worker that took the job over untouched.
 
 A dead job whose instance is received again is re-queued with a fresh attempt count
 (:meth:`JobQueue.requeue_dead`); in any other state a repeated SOP Instance UID is a duplicate.
@@ -52,6 +55,8 @@ class Job:
     path: Path
     calling_aet: str
     attempts: int
+    #: The owner recorded by the claim (the lease holder where the state is shared).
+    owner: str | None = None
 
 
 #: Longest pause between two attempts of a job (``workers.retry_delay_max_s``'s default).
@@ -217,13 +222,23 @@ class JobQueue(WorkQueue):
             path=Path(row["path"]),
             calling_aet=row["calling_aet"],
             attempts=row["attempts"],
+            owner=owner,
         )
 
-    def complete(self, job: Job, outcome: str) -> None:
-        self._conn().execute(
-            "UPDATE jobs SET state = 'done', outcome = ?, last_error = NULL, owner = NULL, updated_at = ? WHERE id = ?",
-            (outcome, time.time(), job.id),
+    def complete(self, job: Job, outcome: str) -> bool:
+        """Record a job as done; ``False`` (and nothing changed, "lease lost" logged) when, on shared state, its
+        claim no longer holds it because another worker took it over after the lease."""
+        guard, guard_args = self.holder_guard(job.owner, job.attempts)
+        cur = self._conn().execute(
+            "UPDATE jobs SET state = 'done', outcome = ?, last_error = NULL, owner = NULL, updated_at = ?"
+            f" WHERE id = ?{guard}",
+            (outcome, time.time(), job.id, *guard_args),
         )
+        if guard and int(cur.rowcount) == 0:
+            self.lease_lost(job.id, job.owner)
+            return False
+        self.forget(job.id, job.owner)
+        return True
 
     def fail(self, job: Job, error: str, *, permanent: bool = False) -> bool:
         """Record a failed attempt. Returns ``True`` when the job was dead-lettered."""
@@ -234,16 +249,22 @@ class JobQueue(WorkQueue):
             permanent=permanent,
             sop_instance_uid=job.sop_instance_uid,
             clear_owner=True,
+            owner=job.owner,
         )
 
     def release(self, job: Job) -> None:
         """Give a claimed job back untouched (shutdown before it ran); the attempt is not counted."""
-        self._conn().execute(
+        guard, guard_args = self.holder_guard(job.owner, job.attempts)
+        cur = self._conn().execute(
             "UPDATE jobs SET state = 'pending', attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END,"
             " owner = NULL, updated_at = ?"
-            " WHERE id = ? AND state = 'running'",
-            (time.time(), job.id),
+            f" WHERE id = ? AND state = 'running'{guard}",
+            (time.time(), job.id, *guard_args),
         )
+        if guard and int(cur.rowcount) == 0:
+            self.lease_lost(job.id, job.owner)
+        else:
+            self.forget(job.id, job.owner)
 
     def recover(self) -> int:
         """Handle jobs left ``running`` by a process that stopped: re-queue them or dead-letter them.

@@ -6,7 +6,8 @@ retried with exponential backoff (``delivery.backoff_initial_s`` doubling up to 
 until ``delivery.max_attempts``, then dead-lettered with the last error (the claim, backoff and dead-letter
 mechanism shared with the job queue: :class:`~dermnode.workqueue.base.WorkQueue`). A permanent failure (a DICOM
 refusal, an HTTP 4xx) is dead-lettered at once. Retries resend the same file, hence the same SOP Instance
-UIDs or FHIR identifiers: idempotent at the receiver.
+UIDs or FHIR identifiers: idempotent at the receiver. Where the state is shared, a delivery carries the owner of its
+claim and its outcome is recorded only while that claim still holds it (:meth:`WorkQueue.holder_guard`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Delivery:
     object_key: str
     path: Path
     attempts: int
+    #: The owner recorded by the claim (the lease holder where the state is shared).
+    owner: str | None = None
 
 
 #: A deliverer sends one delivery or raises :class:`DeliveryError`.
@@ -90,6 +93,7 @@ class Outbox(WorkQueue):
 
     def claim(self, owner: str | None = None) -> Delivery | None:
         """Take the oldest due delivery (marking it ``sending``; owner and lease where the state is shared)."""
+        owner = self.claim_owner(owner)
         row = self._claim_row("id, job_id, kind, destination, object_key, path, attempts", owner=owner)
         if row is None:
             return None
@@ -101,10 +105,12 @@ class Outbox(WorkQueue):
             object_key=row["object_key"],
             path=Path(row["path"]),
             attempts=row["attempts"],
+            owner=owner,
         )
 
-    def delivered(self, delivery: Delivery) -> None:
-        """Record a successful send.
+    def delivered(self, delivery: Delivery) -> bool:
+        """Record a successful send; ``False`` (nothing changed, "lease lost" logged) when, on shared state, the
+        claim no longer holds the delivery because another worker took it over after the lease.
 
         Raises
         ------
@@ -112,10 +118,17 @@ class Outbox(WorkQueue):
             When the state database cannot be written (:meth:`pump_once` retries).
         """
         now = time.time()
-        self._conn().execute(
-            "UPDATE deliveries SET state = 'done', last_error = NULL, delivered_at = ?, updated_at = ? WHERE id = ?",
-            (now, now, delivery.id),
+        guard, guard_args = self.holder_guard(delivery.owner, delivery.attempts)
+        cur = self._conn().execute(
+            "UPDATE deliveries SET state = 'done', last_error = NULL, delivered_at = ?, updated_at = ?"
+            f" WHERE id = ?{guard}",
+            (now, now, delivery.id, *guard_args),
         )
+        if guard and int(cur.rowcount) == 0:
+            self.lease_lost(delivery.id, delivery.owner)
+            return False
+        self.forget(delivery.id, delivery.owner)
+        return True
 
     def failed(self, delivery: Delivery, error: str, *, permanent: bool) -> bool:
         """Record a failed attempt; returns ``True`` when the delivery was dead-lettered.
@@ -144,6 +157,7 @@ class Outbox(WorkQueue):
             permanent=permanent,
             sop_instance_uid=sop_instance_uid,
             destination=delivery.destination,
+            owner=delivery.owner,
         )
 
     def recover(self) -> int:
