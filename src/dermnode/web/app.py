@@ -332,6 +332,9 @@ def _render(request: Request, name: str, context: dict[str, Any], status_code: i
 
 
 async def _form_with_csrf(request: Request, **limits: int) -> tuple[Any, bool]:
+    """The posted form and whether its CSRF token is right. Only the upload takes files (``max_files``; it closes
+    the form): elsewhere a file part is refused (400), so no spooled temporary file is left open."""
+    limits.setdefault("max_files", 0)
     form = await request.form(**limits)
     token = form.get("csrf_token")
     ok = request.state.via_bearer or csrf_ok(_session(request), token if isinstance(token, str) else None)
@@ -604,30 +607,32 @@ def _routes(app: FastAPI) -> None:
         console = _console(request)
         web = console.settings.web
         form, ok = await _form_with_csrf(request, max_files=web.max_upload_files, max_fields=20)
-        if not ok:
-            return _csrf_refused(request)
-        patient_id = str(form.get("patient_id", "")).strip()
-        spacing_text = str(form.get("pixel_spacing", ""))
-        files = [f for f in form.getlist("files") if isinstance(f, UploadFile) and (f.filename or f.size)]
-        problem = check_patient_id(patient_id)
-        spacing, spacing_problem = parse_pixel_spacing(spacing_text)
-        outcomes: list[Outcome] = []
-        if not files:
-            problem = problem or "choose at least one file"
-        if problem or spacing_problem:
-            reason = problem or spacing_problem or ""
-            outcomes = [Refused(f.filename or "upload", reason) for f in files] or [Refused("—", reason)]
-        else:
-            principal = _principal(request)
-            client = request.client.host if request.client else "?"
-            for f in files:
-                data = await f.read(web.max_upload_mb * 1_048_576 + 1)
-                outcome = console.ingest.accept(
-                    f.filename or "upload", data, patient_id=patient_id, pixel_spacing_mm=spacing,
-                    user=principal.name, client=client,
-                )
-                outcomes.append(outcome)
-        await form.close()
+        try:
+            if not ok:
+                return _csrf_refused(request)
+            patient_id = str(form.get("patient_id", "")).strip()
+            spacing_text = str(form.get("pixel_spacing", ""))
+            files = [f for f in form.getlist("files") if isinstance(f, UploadFile) and (f.filename or f.size)]
+            problem = check_patient_id(patient_id)
+            spacing, spacing_problem = parse_pixel_spacing(spacing_text)
+            outcomes: list[Outcome] = []
+            if not files:
+                problem = problem or "choose at least one file"
+            if problem or spacing_problem:
+                reason = problem or spacing_problem or ""
+                outcomes = [Refused(f.filename or "upload", reason) for f in files] or [Refused("—", reason)]
+            else:
+                principal = _principal(request)
+                client = request.client.host if request.client else "?"
+                for f in files:
+                    data = await f.read(web.max_upload_mb * 1_048_576 + 1)
+                    outcome = console.ingest.accept(
+                        f.filename or "upload", data, patient_id=patient_id, pixel_spacing_mm=spacing,
+                        user=principal.name, client=client,
+                    )
+                    outcomes.append(outcome)
+        finally:
+            await form.close()  # its spooled temporary files, whatever happened
         accepted = [o for o in outcomes if isinstance(o, Accepted)]
         if len(outcomes) == 1 and accepted:
             return RedirectResponse(f"/results/{accepted[0].sop_instance_uid}", status_code=303)

@@ -162,6 +162,9 @@ class Ingest:
         except StorageError as exc:
             logger.error("refusing an upload, not stored: %s", exc)
             outcome = Refused(shown, "the spool or the job queue could not be written (nothing was stored)")
+        except OSError as exc:  # a full or read-only disk under the upload work folder, the wrap, the spool
+            logger.error("refusing an upload, not written: %s", exc)
+            outcome = Refused(shown, "the upload could not be written (nothing was stored)")
         if isinstance(outcome, Accepted):
             audit.info("web upload by %s from %s sop_instance=%s: %s", user, client, outcome.sop_instance_uid,
                        outcome.note)
