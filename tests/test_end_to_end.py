@@ -172,6 +172,9 @@ def _image_to_pacs_and_fhir(stack: Stack, tmp_path: Path, http_port: int) -> Non
     src = write_source(tmp_path / "src.dcm")
     stack.store(tmp_path / "src.dcm")
     stack.wait_delivered(4)  # SEG + presentation state + SR to Orthanc, bundle to FHIR
+    # the outputs are queued before the job's own row is closed: the outbox may finish first
+    wait_for(lambda: stack.db().execute("SELECT state FROM jobs").fetchone()["state"] == "done", timeout=60.0,
+             what="job done")
     job = stack.db().execute("SELECT * FROM jobs").fetchone()
     assert job["state"] == "done" and job["outcome"] == "analysed"
     inst = orthanc_study_instances(stack.orthanc, src.StudyInstanceUID)

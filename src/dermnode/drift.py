@@ -22,6 +22,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from scipy.stats import chi2 as chi2_dist  # imported with the module: the first job must not pay ~1 s for it
+
 from dermnode.vocabulary import Band
 
 logger = logging.getLogger(__name__)
@@ -76,8 +78,6 @@ def chi_square_p_value(observed: list[int], expected_fractions: list[float]) -> 
                 return float("inf"), 0.0
             continue
         chi2 += (o - e) ** 2 / e
-    from scipy.stats import chi2 as chi2_dist
-
     return chi2, float(chi2_dist.sf(chi2, len(observed) - 1))
 
 
