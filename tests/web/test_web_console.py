@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -401,3 +402,134 @@ def test_the_login_page_of_an_unknown_next_never_reflects_markup(analysed_root: 
     with make_client(auth_settings(analysed_root)) as client:
         text = client.get('/login?next=/"><script>alert(1)</script>').text
     assert "<script>alert(1)" not in text
+
+
+# -- review fixes: chunked oversized uploads, odd cookies, unwritable disks, the login throttle ----------------
+
+
+def _multipart_chunks(token: str, boundary: str, megabytes: int) -> Iterator[bytes]:
+    yield (f'--{boundary}\r\nContent-Disposition: form-data; name="csrf_token"\r\n\r\n{token}\r\n'
+           f'--{boundary}\r\nContent-Disposition: form-data; name="patient_id"\r\n\r\nPAT-0042\r\n'
+           f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="huge.jpg"\r\n'
+           "Content-Type: image/jpeg\r\n\r\n").encode()
+    for _ in range(megabytes):
+        yield b"0" * 1_048_576
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_an_oversized_chunked_upload_without_content_length_gets_the_413_page(tmp_path: Path) -> None:
+    settings = base_settings(tmp_path / "var", max_upload_mb=1, max_upload_files=1)  # request cap: 2 MB
+    with make_client(settings) as client:
+        token = csrf_of(client)
+        boundary = "dermnode-test-boundary"
+        r = client.post("/upload", content=_multipart_chunks(token, boundary, 5),
+                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+                        follow_redirects=False)
+        assert "content-length" not in {k.lower() for k in r.request.headers}
+        assert r.status_code == 413 and "Upload refused: too large" in r.text
+        assert "Traceback" not in r.text
+        assert client.get("/status").status_code == 200  # the console still answers
+    assert JobQueue(database_path(tmp_path / "var")).counts()["pending"] == 0
+
+
+@pytest.mark.parametrize("cookie", ["YQ.é", "é.é", "YQ.\u2603", "eyJ9.x\u00ff"])
+def test_a_non_ascii_session_cookie_is_an_invalid_session_not_a_500(analysed_root: Path, cookie: str) -> None:
+    header = {"Cookie": f"{SESSION_COOKIE}={cookie}".encode()}
+    with make_client(auth_settings(analysed_root)) as client:
+        r = client.get("/status", headers=header, follow_redirects=False)
+        assert r.status_code == 401 and SESSION_COOKIE in r.headers.get("set-cookie", "")  # not logged in
+    with make_client(base_settings(analysed_root)) as client:
+        assert client.get("/status", headers=header).status_code == 200
+
+
+def test_an_unwritable_disk_refuses_the_upload_and_leaves_no_temporary_files(
+    local_client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import dermnode.web.ingest as ingest_module
+
+    def full_disk(*_args: object, **_kwargs: object) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ingest_module, "wrap_file", full_disk)
+    r = upload(local_client, [("lesion.png", lesion_png(), "image/png")])
+    assert r.status_code == 422 and "could not be written (nothing was stored)" in r.text
+    monkeypatch.setattr(ingest_module.tempfile, "mkdtemp", full_disk)
+    r = upload(local_client, [("lesion.png", lesion_png(), "image/png")])
+    assert r.status_code == 422 and "could not be written (nothing was stored)" in r.text
+    assert JobQueue(database_path(tmp_path / "var")).counts()["pending"] == 0
+    assert not list((tmp_path / "var" / "web-uploads").glob("*"))
+    assert not list((tmp_path / "var" / "spool").glob("*/*.dcm"))
+
+
+def test_the_upload_form_and_its_temporary_files_are_closed_even_when_refused(
+    local_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from starlette.datastructures import FormData
+
+    closed: list[int] = []
+    original = FormData.close
+
+    async def counting_close(self: FormData) -> None:
+        closed.append(1)
+        await original(self)
+
+    monkeypatch.setattr(FormData, "close", counting_close)
+    r = upload(local_client, [("lesion.png", lesion_png(), "image/png")], csrf="wrong")
+    assert r.status_code == 403 and closed == [1]
+    import dermnode.web.ingest as ingest_module
+
+    def boom(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("unexpected")
+
+    monkeypatch.setattr(ingest_module.Ingest, "accept", boom)
+    with pytest.raises(RuntimeError):
+        upload(local_client, [("lesion.png", lesion_png(), "image/png")])
+    assert closed == [1, 1]
+    token = csrf_of(local_client)
+    for path in ("/login", "/logout", "/results/1.2.3/replay"):  # no route but the upload takes a file
+        r = local_client.post(path, data={"csrf_token": token}, files=[("f", ("a.bin", b"x" * 100, "x/y"))],
+                              follow_redirects=False)
+        assert r.status_code == 400, path
+
+
+def test_the_login_throttle_keeps_a_locked_name_locked_through_a_flood_of_invented_names() -> None:
+    from dermnode.web.app import LOGIN_FAILURES_ALLOWED, _LoginThrottle
+
+    throttle = _LoginThrottle()
+    for _ in range(LOGIN_FAILURES_ALLOWED):
+        throttle.failed("alice", "10.0.0.1")
+    assert throttle.blocked("alice", "10.0.0.2")  # the name is paused from any address
+    for i in range(12_000):  # from many addresses, each below its own limit
+        throttle.failed(f"invented-{i}", f"10.{i // 250 % 256}.{i % 250}.{i // 64_000 + 1}")
+    assert throttle.blocked("alice", "10.0.0.3")
+    assert throttle.size() <= 2 * 10_000  # memory stays bounded
+
+
+def test_the_login_throttle_pauses_a_client_that_tries_many_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dermnode.web.app as app_module
+    from dermnode.web.app import LOGIN_CLIENT_FAILURES_ALLOWED, LOGIN_LOCKOUT_S, _LoginThrottle
+
+    now = [1000.0]
+    monkeypatch.setattr(app_module.time, "monotonic", lambda: now[0])
+    throttle = _LoginThrottle()
+    for i in range(LOGIN_CLIENT_FAILURES_ALLOWED):
+        assert not throttle.blocked(f"name-{i}", "192.0.2.7")
+        throttle.failed(f"name-{i}", "192.0.2.7")
+    assert throttle.blocked("someone-new", "192.0.2.7")
+    assert not throttle.blocked("someone-new", "192.0.2.8")  # another client is not paused
+    now[0] += LOGIN_LOCKOUT_S + 1
+    assert not throttle.blocked("someone-new", "192.0.2.7")  # the pause ends
+
+
+def test_many_failed_names_from_one_client_pause_that_client_over_http(analysed_root: Path) -> None:
+    from dermnode.web.app import LOGIN_CLIENT_FAILURES_ALLOWED
+
+    with make_client(auth_settings(analysed_root)) as client:
+        token = csrf_of(client, "/login")
+        for i in range(LOGIN_CLIENT_FAILURES_ALLOWED):
+            r = client.post("/login", data={"csrf_token": token, "username": f"guess-{i}", "password": "x"})
+            assert r.status_code == 401
+        r = client.post("/login", data={"csrf_token": token, "username": "alice", "password": PASSWORD})
+        assert r.status_code == 429

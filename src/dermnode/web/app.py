@@ -55,6 +55,8 @@ PUBLIC_PREFIXES = ("/static/",)
 PUBLIC_PATHS = ("/login", "/favicon.ico")
 #: Failed logins per user name before a pause, and the pause.
 LOGIN_FAILURES_ALLOWED, LOGIN_LOCKOUT_S = 5, 300.0
+LOGIN_CLIENT_FAILURES_ALLOWED = 20  # failed logins from one client address, whatever the names
+LOGIN_TRACKED_MAX = 10_000  # names (and, apart, client addresses) with failures kept in memory
 
 ASGIApp = Callable[[MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
@@ -80,28 +82,70 @@ DISCLAIMER = (
 
 
 class _LoginThrottle:
-    """Failed logins per user name; after :data:`LOGIN_FAILURES_ALLOWED` the name is paused for a while."""
+    """Failed logins, counted per user name and per client address.
+
+    A name with :data:`LOGIN_FAILURES_ALLOWED` recent failures (from anywhere) is paused, and so is a client with
+    :data:`LOGIN_CLIENT_FAILURES_ALLOWED` recent failures (whatever names it tried), for :data:`LOGIN_LOCKOUT_S`.
+    Memory is bounded: past :data:`LOGIN_TRACKED_MAX` keys, expired entries go first, then the least recently
+    failed ones that are not paused, and a paused key only when nothing else is left -- a flood of invented names
+    never lifts the pause of the name under attack.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._failures: dict[str, list[float]] = {}
+        self._names: dict[str, list[float]] = {}
+        self._clients: dict[str, list[float]] = {}
 
-    def blocked(self, name: str) -> bool:
+    @staticmethod
+    def _recent(table: dict[str, list[float]], key: str, now: float) -> int:
+        times = table.get(key)
+        if times is None:
+            return 0
+        recent = [t for t in times if now - t < LOGIN_LOCKOUT_S]
+        if recent:
+            table[key] = recent
+        else:
+            del table[key]
+        return len(recent)
+
+    def blocked(self, name: str, client: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            recent = [t for t in self._failures.get(name, []) if now - t < LOGIN_LOCKOUT_S]
-            self._failures[name] = recent
-            return len(recent) >= LOGIN_FAILURES_ALLOWED
+            return (self._recent(self._names, name, now) >= LOGIN_FAILURES_ALLOWED
+                    or self._recent(self._clients, client, now) >= LOGIN_CLIENT_FAILURES_ALLOWED)
 
-    def failed(self, name: str) -> None:
+    def failed(self, name: str, client: str) -> None:
+        now = time.monotonic()
         with self._lock:
-            self._failures.setdefault(name, []).append(time.monotonic())
-            if len(self._failures) > 10_000:  # bounded memory against a flood of invented names
-                self._failures.clear()
+            for table, key, allowed in ((self._names, name, LOGIN_FAILURES_ALLOWED),
+                                        (self._clients, client, LOGIN_CLIENT_FAILURES_ALLOWED)):
+                times = table.pop(key, [])  # re-inserted last: the dict's order is least recently failed first
+                times.append(now)
+                table[key] = times[-allowed:]  # more than the limit is never needed
+                if len(table) > LOGIN_TRACKED_MAX:
+                    self._evict(table, allowed, now)
 
     def succeeded(self, name: str) -> None:
         with self._lock:
-            self._failures.pop(name, None)
+            self._names.pop(name, None)
+
+    def size(self) -> int:
+        """How many names and clients are tracked."""
+        with self._lock:
+            return len(self._names) + len(self._clients)
+
+    @staticmethod
+    def _evict(table: dict[str, list[float]], allowed: int, now: float) -> None:
+        target = LOGIN_TRACKED_MAX * 9 // 10  # some headroom, so eviction does not run on every failure
+        for key in [k for k, times in table.items() if now - times[-1] >= LOGIN_LOCKOUT_S]:
+            del table[key]
+        if len(table) <= target:
+            return
+        paused = {k for k, times in table.items() if sum(now - t < LOGIN_LOCKOUT_S for t in times) >= allowed}
+        for key in [k for k in table if k not in paused][: len(table) - target]:
+            del table[key]
+        for key in list(table)[: max(0, len(table) - target)]:  # only paused keys left: the oldest go
+            del table[key]
 
 
 @dataclass
@@ -438,13 +482,13 @@ def _routes(app: FastAPI) -> None:
         password = str(form.get("password", ""))[:1000]
         target = _safe_next(str(form.get("next", "/")))
         client = request.client.host if request.client else "?"
-        if console.throttle.blocked(name):
+        if console.throttle.blocked(name, client):
             audit.warning("web: login for %s from %s refused: too many failures", _shown_name(console, name), client)
             return _render(request, "login.html", {"next": target, "error": "Too many failed attempts: wait a few "
                                                    "minutes."}, status_code=429)
         principal = console.auth.login(name, password)
         if principal is None:
-            console.throttle.failed(name)
+            console.throttle.failed(name, client)
             audit.warning("web: failed login for %s from %s", _shown_name(console, name), client)
             return _render(request, "login.html", {"next": target, "error": "Wrong user name or password."},
                            status_code=401)
