@@ -3,7 +3,7 @@ classification.
 
 Each stage is a typed function of its own module; :class:`Analyzer` holds the loaded models and runs the
 stages in order, timing each one. The segmentation and classification networks get the image as they were
-trained on it (with its hair; the dermoscope frame is masked out): artefact removal (hair inpainting) serves the
+trained on it (with its hair; the dermoscope frame filled and masked out): artefact removal (hair inpainting) serves the
 measurements of colour and border only. A failed gate or an empty segmentation ends the analysis with status
 ``not_analysable`` and a reason; no diagnosis is produced then.
 
@@ -169,9 +169,10 @@ class Analyzer:
         cleaned = remove_artefacts(image, self.settings)
         lap("artefacts")
         # the networks see the image as they were trained on it (hair included: removing it cost the segmenter
-        # 0.017 Dice and the classifier 0.007 AUC on ISIC 2017 val); the dermoscope frame is excluded by its mask.
+        # 0.017 Dice and the classifier 0.007 AUC on ISIC 2017 val), with the dermoscope frame filled (a black round
+        # field in the crop raised the 2.0.0 melanoma probability by up to 0.5: docs/robustness.md) and masked out.
         # Hair removal serves the measurements (colours, border) only.
-        seg = self.segmenter.segment(image, cleaned.frame.valid_mask)
+        seg = self.segmenter.segment(cleaned.framed, cleaned.frame.valid_mask)
         mask, probability = seg.mask, seg.probability
         if scale != 1.0:
             mask, probability = _to_source(source.rgb.shape[:2], seg.mask, seg.probability)
@@ -183,7 +184,7 @@ class Analyzer:
         if scale != 1.0:
             measurements = _measurements_in_source_pixels(measurements, mask, source.spacing, scale)
         lap("measurements")
-        classification = self.classifier.classify(image, seg.mask)
+        classification = self.classifier.classify(cleaned.framed, seg.mask)
         lap("classification")
         return AnalysisResult(
             source=source,

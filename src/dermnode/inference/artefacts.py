@@ -66,13 +66,18 @@ class HairRemovalResult:
 
 @dataclass(frozen=True)
 class ArtefactResult:
-    """Output of :func:`remove_artefacts`: the cleaned image plus the frame and hair masks."""
+    """Output of :func:`remove_artefacts`: the cleaned image plus the frame and hair masks.
+
+    ``image`` has the frame filled, the hair inpainted (and CLAHE if configured): for the measurements.
+    ``framed`` has only the frame filled: what the networks see (they were trained on images with hair).
+    """
 
     image: RGBImage
     frame: FrameDetection
     hair_mask: BoolMask
     hair_method: str
     clahe: bool
+    framed: RGBImage
 
 
 def _check_rgb(rgb: npt.NDArray[np.uint8]) -> None:
@@ -481,7 +486,8 @@ def remove_artefacts(rgb: RGBImage, settings: AnalysisSettings) -> ArtefactResul
         When the image is not RGB uint8 or the hair removal method is unknown.
     """
     frame = detect_frame(rgb)
-    image = fill_frame(rgb, frame.frame_mask)
+    framed = fill_frame(rgb, frame.frame_mask)
+    image = framed
     hair = remove_hair(image, settings.hair_removal)
     image = hair.image
     hair_mask = hair.hair_mask & ~frame.frame_mask
@@ -495,5 +501,10 @@ def remove_artefacts(rgb: RGBImage, settings: AnalysisSettings) -> ArtefactResul
         settings.clahe,
     )
     return ArtefactResult(
-        image=image, frame=frame, hair_mask=hair_mask, hair_method=settings.hair_removal, clahe=settings.clahe
+        image=image,
+        frame=frame,
+        hair_mask=hair_mask,
+        hair_method=settings.hair_removal,
+        clahe=settings.clahe,
+        framed=framed,
     )
