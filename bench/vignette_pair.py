@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_shift import _vignette  # noqa: E402
+from device_shift import _vignette
 
-from dermnode.evaluation.classification_metrics import roc_auc  # noqa: E402
-from dermnode.evaluation.pipeline import load_source  # noqa: E402
-from dermnode.inference.analyzer import Analyzer  # noqa: E402
-from dermnode.settings import AnalysisSettings  # noqa: E402
+from dermnode.evaluation.classification_metrics import roc_auc
+from dermnode.evaluation.pipeline import load_source
+from dermnode.inference.analyzer import Analyzer
+from dermnode.settings import AnalysisSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
