@@ -15,6 +15,7 @@ leaves a line in the ``dermnode.audit`` log (who, which SOP Instance UID; never 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
@@ -462,12 +464,12 @@ def asgi_app(app: FastAPI) -> ASGIApp:
 
 def _routes(app: FastAPI) -> None:
     @app.get("/favicon.ico", include_in_schema=False)
-    async def favicon() -> Response:
+    def favicon() -> Response:
         return Response(status_code=204)
 
     # -- login ----------------------------------------------------------------------------------------------
     @app.get("/login", response_class=HTMLResponse)
-    async def login_page(request: Request, next: str = "/") -> Response:
+    def login_page(request: Request, next: str = "/") -> Response:
         if not _console(request).auth.required or request.state.principal is not None:
             return RedirectResponse(_safe_next(next), status_code=303)
         return _render(request, "login.html", {"next": _safe_next(next), "error": ""})
@@ -486,7 +488,7 @@ def _routes(app: FastAPI) -> None:
             audit.warning("web: login for %s from %s refused: too many failures", _shown_name(console, name), client)
             return _render(request, "login.html", {"next": target, "error": "Too many failed attempts: wait a few "
                                                    "minutes."}, status_code=429)
-        principal = console.auth.login(name, password)
+        principal = await run_in_threadpool(console.auth.login, name, password)  # scrypt: off the event loop
         if principal is None:
             console.throttle.failed(name, client)
             audit.warning("web: failed login for %s from %s", _shown_name(console, name), client)
@@ -508,7 +510,7 @@ def _routes(app: FastAPI) -> None:
 
     # -- worklist -----------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
-    async def worklist(
+    def worklist(
         request: Request, status: str = "", band: str = "", q: str = "", page: int = 1
     ) -> Response:
         console = _console(request)
@@ -542,7 +544,7 @@ def _routes(app: FastAPI) -> None:
 
     # -- a result -----------------------------------------------------------------------------------------
     @app.get("/results/{uid}", response_class=HTMLResponse)
-    async def result_page(request: Request, uid: str, replayed: int | None = None) -> Response:
+    def result_page(request: Request, uid: str, replayed: int | None = None) -> Response:
         console = _console(request)
         view = console.state.view(uid) if is_valid_uid(uid) else None
         if view is None:
@@ -576,14 +578,14 @@ def _routes(app: FastAPI) -> None:
         return _render(request, "result.html", context)
 
     @app.get("/results/{uid}/state")
-    async def result_state(request: Request, uid: str) -> Response:
+    def result_state(request: Request, uid: str) -> Response:
         view = _console(request).state.view(uid) if is_valid_uid(uid) else None
         if view is None:
             return JSONResponse({"status": None}, status_code=404)
         return JSONResponse({"status": view.status, "result": view.result is not None})
 
     @app.get("/results/{uid}/image/{which}")
-    async def result_image(request: Request, uid: str, which: str) -> Response:
+    def result_image(request: Request, uid: str, which: str) -> Response:
         state = _console(request).state
         overlay = state.result_file(uid, "overlay.png")
         if which == "overlay.png" and overlay is not None:
@@ -601,7 +603,7 @@ def _routes(app: FastAPI) -> None:
         return PlainTextResponse("no such image", status_code=404)
 
     @app.get("/results/{uid}/files/{name}")
-    async def result_download(request: Request, uid: str, name: str) -> Response:
+    def result_download(request: Request, uid: str, name: str) -> Response:
         state = _console(request).state
         if name == "source.dcm":
             path = state.source_file(uid)
@@ -637,13 +639,13 @@ def _routes(app: FastAPI) -> None:
             letter = int(str(form.get("dead_letter", "")))
         except ValueError:
             return PlainTextResponse("dead_letter must be a number", status_code=400)
-        n = console.state.replay(uid, letter)
+        n = await run_in_threadpool(console.state.replay, uid, letter)
         audit.info("web: %s replayed dead letter %d of sop_instance=%s (%d re-queued)", principal.name, letter, uid, n)
         return RedirectResponse(f"/results/{uid}?replayed={n}", status_code=303)
 
     # -- upload -------------------------------------------------------------------------------------------
     @app.get("/upload", response_class=HTMLResponse)
-    async def upload_page(request: Request) -> Response:
+    def upload_page(request: Request) -> Response:
         return _render(request, "upload.html", _upload_context(request, [], "", ""))
 
     @app.post("/upload", response_class=HTMLResponse)
@@ -670,9 +672,11 @@ def _routes(app: FastAPI) -> None:
                 client = request.client.host if request.client else "?"
                 for f in files:
                     data = await f.read(web.max_upload_mb * 1_048_576 + 1)
-                    outcome = console.ingest.accept(
-                        f.filename or "upload", data, patient_id=patient_id, pixel_spacing_mm=spacing,
-                        user=principal.name, client=client,
+                    outcome = await run_in_threadpool(  # wrap, fsync, queue: off the event loop
+                        functools.partial(
+                            console.ingest.accept, f.filename or "upload", data, patient_id=patient_id,
+                            pixel_spacing_mm=spacing, user=principal.name, client=client,
+                        )
                     )
                     outcomes.append(outcome)
         finally:
@@ -687,7 +691,7 @@ def _routes(app: FastAPI) -> None:
 
     # -- status -------------------------------------------------------------------------------------------
     @app.get("/status", response_class=HTMLResponse)
-    async def status_page(request: Request) -> Response:
+    def status_page(request: Request) -> Response:
         console = _console(request)
         state = console.state
         pool = console.health() if console.health is not None else None
