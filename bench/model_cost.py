@@ -17,9 +17,7 @@ import argparse
 import datetime as dt
 import json
 import platform
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +28,8 @@ from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.segmentation import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def timed(fn: Callable[[], object], repeats: int) -> dict[str, float]:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))]}
+sys.path.insert(0, str(REPO / "bench"))
+from bench_segmentation import timeit  # noqa: E402  (the same warm-up + median/p90 timing)
 
 
 def cost(models: Path, repeats: int, seg_name: str, cls_name: str) -> dict[str, Any]:
@@ -63,7 +51,7 @@ def cost(models: Path, repeats: int, seg_name: str, cls_name: str) -> dict[str, 
     def run_cls() -> None:
         predict_logits(cls_model, crop, tta=clf.tta)
 
-    seg_t, cls_t = timed(run_seg, repeats), timed(run_cls, repeats)
+    seg_t, cls_t = timeit(run_seg, repeats), timeit(run_cls, repeats)
     return {
         "models": str(models),
         "segmentation": {
@@ -112,7 +100,7 @@ def main() -> None:
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
         "torch": torch.__version__,
-        "resnet18_224_ms": timed(run_resnet, args.repeats),
+        "resnet18_224_ms": timeit(run_resnet, args.repeats),
         "runs": [cost(m, args.repeats, n[0], n[1]) for m, n in zip(folders, names, strict=True)],
     }
     out = args.out or REPO / "bench" / "results" / f"model-cost-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"

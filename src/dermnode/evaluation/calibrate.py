@@ -25,15 +25,10 @@ from dermnode.evaluation.bands import DEFAULT_MAX_MISS, DEFAULT_MIN_SPECIFICITY,
 from dermnode.evaluation.classification_metrics import expected_calibration_error, fit_temperature
 from dermnode.evaluation.pipeline import evaluate_pipeline
 from dermnode.inference.calibration import FORMAT
+from dermnode.inference.imaging import logit, sigmoid
 from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    q = np.clip(p, 1e-6, 1 - 1e-6)
-    out: np.ndarray = np.log(q / (1 - q))
-    return out
 
 
 def calibration_document(
@@ -78,9 +73,9 @@ def calibration_document(
     """
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(melanoma).astype(int)
-    z = _logit(p)
+    z = logit(p)
     factor = 1.0 / fit_temperature(z, y) if refit_temperature else 1.0
-    p_cal = 1.0 / (1.0 + np.exp(-z * factor))
+    p_cal = sigmoid(z * factor)
     cut = choose_cutoffs(p_cal, y, max_miss=max_miss, min_specificity=min_specificity)
     doc = cut.to_json()
     bands = {b["band"]: {k: v for k, v in b.items() if k != "band"} for b in doc.pop("bands")}

@@ -72,6 +72,7 @@ from dermnode.evaluation.classification_metrics import (
 from dermnode.evaluation.segmentation import save_segmentation_figures
 from dermnode.evaluation.segmentation_metrics import SegmentationScores, mean_scores, score_masks
 from dermnode.inference.analyzer import Analyzer
+from dermnode.inference.imaging import logit, sigmoid
 from dermnode.settings import AnalysisSettings
 from dermnode.vocabulary import DIAGNOSIS_CLASSES, MALIGNANT_CLASSES, AnalysisResult, AnalysisStatus, SourceImage
 
@@ -522,8 +523,7 @@ def evaluate_pipeline(
             doc[name] = binary_metrics(ys, ps, settings, calibration if name == "melanoma" else None)
             if name == "melanoma" and calibration is not None:
                 # the same images without the band calibration: its temperature factor undone, fixed cut-offs
-                z = np.log(np.clip(ps, 1e-12, 1 - 1e-12) / np.clip(1 - np.asarray(ps), 1e-12, 1))
-                raw = 1 / (1 + np.exp(-z / calibration.temperature_factor))
+                raw = sigmoid(logit(ps, eps=1e-12) / calibration.temperature_factor)
                 doc["melanoma_without_calibration"] = binary_metrics(ys, raw, settings)
             fpr, tpr, _ = roc_curve(ys, ps)
             curves[f"{name} vs rest"] = (fpr, tpr, doc[name]["auc"])

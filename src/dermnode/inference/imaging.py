@@ -107,6 +107,13 @@ def sigmoid(z: npt.NDArray[F]) -> npt.NDArray[F]:
     return out
 
 
+def logit(p: npt.ArrayLike, eps: float = 1e-6) -> npt.NDArray[np.float64]:
+    """Inverse of :func:`sigmoid`: ``log(p / (1 - p))`` with ``p`` clipped to ``[eps, 1 - eps]``."""
+    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    out: npt.NDArray[np.float64] = np.log(q / (1.0 - q))
+    return out
+
+
 def sigmoid_scalar(z: float) -> float:
     """Logistic function of one number (``math.exp``: the classifier's melanoma probability)."""
     return 1.0 / (1.0 + math.exp(-z))
