@@ -158,9 +158,15 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+#: ``(mean, std)`` on 0..1 RGB that the TensorFlow EfficientNet-Lite weights expect: ``(x - 127) / 128``.
+EFFICIENTNET_LITE_NORMALISATION: tuple[tuple[float, float, float], tuple[float, float, float]] = (
+    (127 / 255,) * 3,
+    (128 / 255,) * 3,
+)
+
 #: Encoders of :func:`build_smp_unet` and the normalisation of 0..1 RGB their pretrained weights expect.
 SMP_ENCODERS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "tu-tf_efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
+    "tu-tf_efficientnet_lite0": EFFICIENTNET_LITE_NORMALISATION,
 }
 
 

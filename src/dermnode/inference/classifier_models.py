@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from dermnode.errors import ModelError
+from dermnode.inference.architectures import EFFICIENTNET_LITE_NORMALISATION
 from dermnode.inference.imaging import shades_of_gray
 from dermnode.inference.registry import load_model_bundle, register_architecture, save_model_bundle
 from dermnode.vocabulary import DIAGNOSIS_CLASSES, ModelIdentity
@@ -168,8 +169,8 @@ class DermNetEnsemble(nn.Module):
 #: Networks from timm with two heads. ``normalisation`` is what their pretrained weights expect on 0..1 RGB
 #: (EfficientNet-Lite from TensorFlow: ``(x - 127) / 128`` on 0..255 values).
 TIMM_BACKBONES: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "tf_efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
-    "tf_efficientnet_lite2": ((127 / 255,) * 3, (128 / 255,) * 3),
+    "tf_efficientnet_lite0": EFFICIENTNET_LITE_NORMALISATION,
+    "tf_efficientnet_lite2": EFFICIENTNET_LITE_NORMALISATION,
 }
 
 
