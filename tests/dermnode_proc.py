@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,17 +60,33 @@ class DermnodeProcess:
             base += ["--config", str(self.config)]
         return [*base, *args]
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 90.0, args: Sequence[str] = ()) -> None:
+        """Start ``dermnode serve [args]`` and wait (bounded) until something listens on :attr:`port`."""
+        self.launch(*args)
+        self.wait_ready(timeout)
+
+    def launch(self, *args: str) -> None:
+        """Start ``dermnode serve [args]`` without waiting (several processes can then load their models at once;
+        :meth:`wait_ready` waits for each). The log is appended to :attr:`log_path` (kept across restarts)."""
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process lifetime
-        self.proc = subprocess.Popen(self.command("serve"), env=self.env, stdout=log, stderr=log)
+        self.proc = subprocess.Popen(self.command("serve", *args), env=self.env, stdout=log, stderr=log)
         log.close()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Wait until :attr:`port` listens (killing the process when it exits or the time is over)."""
+        assert self.proc is not None
         try:
             _wait_listening(self.port, self.proc, timeout, self.log_path)
         except BaseException:
             self.proc.kill()
             self.proc.wait(10)
             raise
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def kill9(self) -> None:
         assert self.proc is not None
