@@ -193,6 +193,12 @@ class _NoServer:
         return None
 
 
+def delivery_destinations(settings: Settings) -> int:
+    """How many destinations results are delivered to (every ``[[pacs]]``, plus the FHIR server when
+    ``fhir.base_url`` is set), at least 1: the number of delivery threads, so that they are sent to concurrently."""
+    return max(1, len(settings.pacs) + (1 if settings.fhir.base_url else 0))
+
+
 def _unset_processor(job: object) -> str:
     raise RuntimeError("no job processor configured")
 
@@ -256,6 +262,7 @@ class Service:
                 analyze=self.analyzes,
                 deliver=self.delivers,
                 notify_poll_s=settings.state.notify_poll_s,
+                delivery_threads=delivery_destinations(settings),
             )
         except BaseException:
             self.lock.release()

@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -238,11 +238,14 @@ class WorkQueue:
             if row_id in self._held and self._held[row_id] == owner:
                 del self._held[row_id]
 
-    def _claim_row(self, returning: str, *, owner: str | None = None) -> Any:
+    def _claim_row(
+        self, returning: str, *, owner: str | None = None, where: str = "", where_args: Sequence[Any] = ()
+    ) -> Any:
         """Atomically take the oldest due pending row, mark it in flight and count the attempt.
 
         Where the state is shared, the row is picked with ``FOR UPDATE SKIP LOCKED`` (claimers never wait for nor
         take each other's row) and gets the owner and a lease expiry, renewed by :meth:`renew_held`.
+        ``where`` (SQL starting with ``AND``, with ``where_args``) narrows which pending rows may be taken.
 
         A busy database or a lost connection is logged and answered with ``None`` (the caller's loop tries again).
         """
@@ -257,14 +260,14 @@ class WorkQueue:
         if db.leases:
             sets += "lease_expires_at = ?, "
             args.append(now + db.lease_s)
-        args += [now, now]
+        args += [now, now, *where_args]
         try:
             row = (
                 self._conn()
                 .execute(
                     f"UPDATE {self.table} SET state = '{self.in_flight}', attempts = attempts + 1, {sets}"
                     f"updated_at = ? WHERE id = (SELECT id FROM {self.table} WHERE state = 'pending'"
-                    f" AND next_attempt_at <= ? ORDER BY id LIMIT 1{db.lock_rows}) RETURNING {returning}",
+                    f" AND next_attempt_at <= ?{where} ORDER BY id LIMIT 1{db.lock_rows}) RETURNING {returning}",
                     args,
                 )
                 .fetchone()
@@ -323,7 +326,10 @@ class WorkQueue:
         return f"state = '{self.in_flight}'", ()
 
     def notify(self) -> None:
-        """Wake idle consumers in other processes (``NOTIFY``; nothing on SQLite). Never raises."""
+        """Wake idle consumers of this table after a commit that queued work: those of this process at once
+        (:meth:`StateDB.wakeup <dermnode.workqueue.db.StateDB.wakeup>`, both backends) and those of other
+        processes by ``NOTIFY`` (PostgreSQL). Never raises: consumers poll anyway."""
+        self.state_db.wakeup(self.channel).set()
         try:
             self.state_db.notify(self._conn(), self.channel)
         except Exception as exc:  # they poll anyway

@@ -99,6 +99,50 @@ CLAIM_ERRORS: tuple[type[Exception], ...] = (sqlite3.OperationalError, psycopg.O
 JOBS_CHANNEL = "dermnode_jobs"
 DELIVERIES_CHANNEL = "dermnode_deliveries"
 
+
+class Wakeup:
+    """An in-process wake-up signal of one channel that no waiter can miss (a generation counter).
+
+    A consumer takes :meth:`mark` *before* it looks for work and, when it found none, waits with
+    :meth:`wait` for any :meth:`set` after that mark: a commit between its look and its wait still wakes it, and
+    every waiter is woken by one :meth:`set` (unlike a shared :class:`threading.Event` that one waiter clears).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._generation = 0
+
+    def mark(self) -> int:
+        """The current generation, to pass to :meth:`wait`."""
+        with self._cond:
+            return self._generation
+
+    def set(self) -> None:
+        """Wake every waiter (and every later :meth:`wait` on an older mark)."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, mark: int, timeout: float) -> bool:
+        """Wait until a :meth:`set` after ``mark`` or ``timeout`` seconds; ``True`` when woken."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._generation != mark, timeout)
+
+
+_wakeups: dict[tuple[str, str], Wakeup] = {}
+_wakeups_lock = threading.Lock()
+
+
+def wakeup(database: str, channel: str) -> Wakeup:
+    """The process-wide :class:`Wakeup` of ``channel`` of the state database ``database`` (one per pair, so
+    every queue object of the same database in this process shares it)."""
+    key = (database, channel)
+    with _wakeups_lock:
+        found = _wakeups.get(key)
+        if found is None:
+            found = _wakeups[key] = Wakeup()
+        return found
+
 #: The PostgreSQL schema, by version. Applied in order by :meth:`PostgresState.migrate`; never edit a released
 #: version, add the next one.
 PG_MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -312,6 +356,16 @@ class StateDB:
     def notify(self, conn: StateConnection, channel: str) -> None:
         """Wake idle workers of other processes (a no-op where they poll)."""
 
+    def wake_key(self) -> str:
+        """What identifies this database among the :func:`wakeup` signals of the process."""
+        return f"{self.kind}:{id(self)}"
+
+    def wakeup(self, channel: str) -> Wakeup:
+        """The in-process :class:`Wakeup` of ``channel`` on this database: set after every commit that queues
+        work (:meth:`WorkQueue.notify <dermnode.workqueue.base.WorkQueue.notify>`) and, on PostgreSQL, on every
+        ``NOTIFY`` from another process; idle workers wait on it with their poll interval as the timeout."""
+        return wakeup(self.wake_key(), channel)
+
     def listener(self) -> Notifier | None:
         """A thread that turns notifications into events, or ``None`` where workers only poll."""
         return None
@@ -331,6 +385,9 @@ class SqliteState(StateDB):
 
     def describe(self) -> str:
         return str(self.path)
+
+    def wake_key(self) -> str:
+        return f"sqlite:{os.path.abspath(self.path)}"
 
 
 def mask_secret(text: str, secret: str) -> str:
@@ -370,6 +427,9 @@ class PostgresState(StateDB):
 
     def _mask(self, text: str) -> str:
         return mask_secret(text, self._password)
+
+    def wake_key(self) -> str:
+        return f"postgresql:{self.dsn}"
 
     def describe(self) -> str:
         try:
@@ -487,8 +547,9 @@ class Notifier:
         return self._events[channel]
 
     def wake_all(self) -> None:
-        for e in self._events.values():
+        for channel, e in self._events.items():
             e.set()
+            self.db.wakeup(channel).set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -511,6 +572,7 @@ class Notifier:
                         event = self._events.get(note.channel)
                         if event is not None:
                             event.set()
+                            self.db.wakeup(note.channel).set()
             except psycopg.Error as exc:
                 logger.warning("LISTEN connection lost, workers poll meanwhile: %s", self.db._mask(str(exc)))
                 self._stop.wait(self.RECONNECT_S)

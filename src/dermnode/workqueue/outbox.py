@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +62,8 @@ class Outbox(WorkQueue):
 
     def __init__(self, db_path: StateDB | Path, settings: DeliverySettings) -> None:
         self.settings = settings
+        self._sending: dict[str, int] = {}  # destinations with a delivery in flight from this object: how many
+        self._dispatch = threading.Lock()  # a claim and the marking of its destination as busy are one step
         super().__init__(
             db_path,
             max_attempts=settings.max_attempts,
@@ -91,10 +93,22 @@ class Outbox(WorkQueue):
             self.notify()
         return created
 
-    def claim(self, owner: str | None = None) -> Delivery | None:
-        """Take the oldest due delivery (marking it ``sending``; owner and lease where the state is shared)."""
+    def claim(self, owner: str | None = None, *, exclude: Collection[str] = ()) -> Delivery | None:
+        """Take the oldest due delivery (marking it ``sending``; owner and lease where the state is shared).
+
+        Parameters
+        ----------
+        owner:
+            Recorded on the claim (default: :meth:`WorkQueue.claim_owner`).
+        exclude:
+            Destinations whose deliveries are not taken (those this process is sending to right now).
+        """
         owner = self.claim_owner(owner)
-        row = self._claim_row("id, job_id, kind, destination, object_key, path, attempts", owner=owner)
+        skip = sorted(exclude)
+        where = f" AND destination NOT IN ({', '.join('?' for _ in skip)})" if skip else ""
+        row = self._claim_row(
+            "id, job_id, kind, destination, object_key, path, attempts", owner=owner, where=where, where_args=skip
+        )
         if row is None:
             return None
         return Delivery(
@@ -188,8 +202,18 @@ class Outbox(WorkQueue):
             )
         )
 
+    def busy_destinations(self) -> frozenset[str]:
+        """Destinations a :meth:`pump_once` of this object is sending to right now."""
+        with self._dispatch:
+            return frozenset(self._sending)
+
     def pump_once(self, deliverers: Mapping[str, Deliverer], stop: threading.Event | None = None) -> bool:
         """Send one due delivery, if any; returns whether one was attempted.
+
+        Safe to call from several threads at once (the worker pool's delivery threads): deliveries to different
+        destinations (PACS A, PACS B, the FHIR server) are sent concurrently, while a destination with a delivery
+        in flight from this object is skipped by the other callers' claims, so each destination still gets its
+        deliveries one at a time, oldest first, with its own backoff.
 
         The outcome is recorded with :func:`retry_state_update`: a delivery never stays ``sending`` because its
         state update failed once. It is left ``sending`` (and resent after the next start, which is idempotent)
@@ -208,9 +232,22 @@ class Outbox(WorkQueue):
             Never for a failed send or state update; only when claiming a delivery fails with an error other
             than a busy database (the caller's loop logs it and carries on).
         """
-        delivery = self.claim()
-        if delivery is None:
-            return False
+        with self._dispatch:
+            delivery = self.claim(exclude=self._sending)
+            if delivery is None:
+                return False
+            self._sending[delivery.destination] = self._sending.get(delivery.destination, 0) + 1
+        try:
+            self._send(delivery, deliverers, stop)
+        finally:
+            with self._dispatch:
+                left = self._sending.pop(delivery.destination, 1) - 1
+                if left > 0:
+                    self._sending[delivery.destination] = left
+        return True
+
+    def _send(self, delivery: Delivery, deliverers: Mapping[str, Deliverer], stop: threading.Event | None) -> None:
+        """Send one claimed delivery and record its outcome (see :meth:`pump_once`)."""
         halt = stop if stop is not None else threading.Event()
         deliverer = deliverers.get(delivery.kind)
         error: str | None = None
@@ -252,4 +289,3 @@ class Outbox(WorkQueue):
                 )
         except StateUpdateAbandonedError as exc:
             logger.warning("%s; delivery %d stays 'sending' and is resent after the next start", exc, delivery.id)
-        return True

@@ -10,10 +10,14 @@ job again, so a job or delivery never stays ``running``/``sending`` while the pr
 whose grace period is over abandons such a retry; the row is then re-queued by ``recover()`` at the next start.
 :meth:`WorkerPool.health` reports which threads are alive, for ``/healthz`` and ``/metrics``.
 
-Where the state is shared by several processes (PostgreSQL), a lease thread renews the leases of the jobs and
-deliveries this process holds and re-queues those of processes that stopped renewing theirs (``recover()``), and
-idle threads are woken by ``NOTIFY`` (polling stays the fallback). A pool may run only the job threads
-(``--role analyze``) or only the delivery thread (``--role deliver``).
+Idle threads wake on a commit instead of waiting out their poll interval: every commit that queues work (a job
+from the Store SCP, a delivery from the pipeline) sets the in-process wake-up of its table
+(:meth:`~dermnode.workqueue.db.StateDB.wakeup`), and where the state is shared by several processes (PostgreSQL)
+so does a ``NOTIFY`` from another process; polling stays the fallback. There, a lease thread also renews the leases
+of the jobs and deliveries this process holds and re-queues those of processes that stopped renewing theirs
+(``recover()``). The delivery threads (one per destination by default) send to independent destinations
+concurrently, each destination's deliveries one at a time (:meth:`Outbox.pump_once`). A pool may run only the job
+threads (``--role analyze``) or only the delivery threads (``--role deliver``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 from dermnode.errors import DecodeError, OutputError
 from dermnode.settings import WorkerSettings
 from dermnode.workqueue.base import StateUpdateAbandonedError, retry_state_update
+from dermnode.workqueue.db import Wakeup
 from dermnode.workqueue.jobs import Job, JobQueue
 from dermnode.workqueue.outbox import Deliverer, Outbox
 
@@ -123,9 +128,10 @@ class PoolHealth:
     workers_alive:
         Job threads alive now.
     outbox_alive:
-        Whether the delivery thread is alive.
+        Whether every delivery thread is alive.
     dead:
-        Components whose thread is not alive while running (``"worker-0"``, ``"outbox"``); empty when healthy.
+        Components whose thread is not alive while running (``"worker-0"``, ``"outbox"``, ``"outbox-1"``); empty
+        when healthy.
     """
 
     running: bool
@@ -141,7 +147,7 @@ class PoolHealth:
 
 
 class WorkerPool:
-    """``workers.count`` job threads plus one outbox thread.
+    """``workers.count`` job threads plus ``delivery_threads`` outbox threads.
 
     Parameters
     ----------
@@ -154,11 +160,13 @@ class WorkerPool:
     settings:
         ``[workers]`` settings.
     delivery_poll_s:
-        How often an idle outbox thread looks for due deliveries.
+        How often an idle outbox thread looks for due deliveries (it is woken at once by a queued delivery).
     analyze, deliver:
-        Whether to run the job threads and the delivery thread (the ``--role`` of the process).
+        Whether to run the job threads and the delivery threads (the ``--role`` of the process).
     notify_poll_s:
-        Where idle threads are woken by ``NOTIFY`` (shared state), how often they still poll.
+        Where idle threads are also woken by ``NOTIFY`` (shared state), how often they still poll.
+    delivery_threads:
+        Delivery threads: how many destinations are sent to at once (the service starts one per destination).
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class WorkerPool:
         analyze: bool = True,
         deliver: bool = True,
         notify_poll_s: float = 2.0,
+        delivery_threads: int = 1,
     ) -> None:
         self.queue = queue
         self.outbox = outbox
@@ -183,7 +192,8 @@ class WorkerPool:
         self._stop = threading.Event()  # take no more work
         self._abandon = threading.Event()  # grace period over: give up retrying state updates
         self._workers: dict[str, threading.Thread] = {}
-        self._outbox_thread: threading.Thread | None = None
+        self._outbox_threads: dict[str, threading.Thread] = {}
+        self.delivery_threads = max(1, delivery_threads)
         self._lease_thread: threading.Thread | None = None
         self._lease_stop = threading.Event()  # set once the job and delivery threads are gone
         self._started = False
@@ -195,10 +205,7 @@ class WorkerPool:
 
     @property
     def _threads(self) -> list[threading.Thread]:
-        out = list(self._workers.values())
-        if self._outbox_thread is not None:
-            out.append(self._outbox_thread)
-        return out
+        return [*self._workers.values(), *self._outbox_threads.values()]
 
     def owner_id(self, index: int) -> str:
         """The owner recorded on the jobs worker ``index`` claims: unique per process (it holds the pid; and the host
@@ -224,10 +231,12 @@ class WorkerPool:
             self._workers[f"worker-{i}"] = t
             t.start()
         if self.deliver:
-            t = threading.Thread(target=self._delivery_loop, name="dermnode-outbox")
-            t.daemon = True
-            self._outbox_thread = t
-            t.start()
+            for i in range(self.delivery_threads):
+                name = "outbox" if i == 0 else f"outbox-{i}"
+                t = threading.Thread(target=self._delivery_loop, name=f"dermnode-{name}")
+                t.daemon = True
+                self._outbox_threads[name] = t
+                t.start()
         if self.queue.state_db.leases:
             t = threading.Thread(target=self._lease_loop, name="dermnode-lease")
             t.daemon = True
@@ -238,12 +247,13 @@ class WorkerPool:
         """Which threads are alive; a thread that is not alive while the pool runs is named in ``dead``."""
         running = self._started and not self._stop.is_set()
         alive = {name: t.is_alive() for name, t in self._workers.items()}
-        outbox_alive = self._outbox_thread is not None and self._outbox_thread.is_alive()
+        outbox = {name: t.is_alive() for name, t in self._outbox_threads.items()}
+        outbox_alive = bool(outbox) and all(outbox.values())
         dead: list[str] = []
         if running:
             dead = [name for name, ok in alive.items() if not ok]
-            if self.deliver and not outbox_alive:
-                dead.append("outbox")
+            if self.deliver:
+                dead += [name for name, ok in outbox.items() if not ok] or ([] if outbox else ["outbox"])
             if self._lease_thread is not None and not self._lease_thread.is_alive():
                 dead.append("lease")
         return PoolHealth(
@@ -255,14 +265,16 @@ class WorkerPool:
         )
 
     def _job_loop(self, owner: str) -> None:
+        wake = self.queue.state_db.wakeup(self.queue.channel)
         while not self._stop.is_set():
+            seen = wake.mark()  # before the claim: a job committed after it wakes the wait below
             try:
                 job = self.queue.claim(owner)
             except Exception:
                 logger.exception("cannot claim a job")
                 job = None
             if job is None:
-                self._idle("dermnode_jobs", self.settings.poll_interval_s)
+                self._idle(wake, self.settings.poll_interval_s, seen)
                 continue
             try:
                 run_job(self.queue, job, self.processor, stop=self._abandon)
@@ -271,24 +283,23 @@ class WorkerPool:
                 self._stop.wait(LOOP_ERROR_PAUSE_S)
 
     def _delivery_loop(self) -> None:
+        wake = self.outbox.state_db.wakeup(self.outbox.channel)
         while not self._stop.is_set():
+            seen = wake.mark()  # before the claim: a delivery queued (or a destination freed) after it wakes us
             try:
                 busy = self.outbox.pump_once(self.deliverers, stop=self._abandon)
             except Exception:
                 logger.exception("outbox pump failed")
                 busy = False
             if not busy:
-                self._idle("dermnode_deliveries", self.delivery_poll_s)
+                self._idle(wake, self.delivery_poll_s, seen)
 
-    def _idle(self, channel: str, poll_s: float) -> None:
-        """Wait for work: the poll interval, or (shared state) until a ``NOTIFY`` on ``channel`` or the longer
-        ``notify_poll_s`` fallback."""
-        if self._notifier is None:
-            self._stop.wait(poll_s)
-            return
-        wake = self._notifier.event(channel)
-        if wake.wait(max(poll_s, self.notify_poll_s)):
-            wake.clear()
+    def _idle(self, wake: Wakeup, poll_s: float, seen: int) -> None:
+        """Wait for work on the channel of ``wake``: until a commit in this process queues some (or, shared state, a
+        ``NOTIFY`` from another process) after the mark ``seen``, or the poll interval (``poll_s``; where
+        ``NOTIFY`` wakes the threads, the longer ``notify_poll_s``), or :meth:`stop`."""
+        timeout = poll_s if self._notifier is None else max(poll_s, self.notify_poll_s)
+        wake.wait(seen, timeout)
 
     def _lease_loop(self) -> None:
         """Renew the leases of what this process holds; re-queue what processes that stopped renewing left."""
@@ -322,6 +333,8 @@ class WorkerPool:
             Seconds running jobs get; ``None``: ``workers.shutdown_grace_s``.
         """
         self._stop.set()
+        for q in (self.queue, self.outbox):
+            q.state_db.wakeup(q.channel).set()  # idle threads see the stop at once
         if self._notifier is not None:
             self._notifier.wake_all()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
