@@ -4,7 +4,8 @@
   Minkowski ``p``-norm mean of each channel (``p = 6``), every channel is scaled so that its estimate equals the
   mean of the three, with the gains clipped to ``gain_limits``. The classifier uses gains in [0.5, 2.0] on the
   whole crop; the quality gate judges skin colour after a milder correction ([0.6, 1.6]) estimated on the
-  non-vignette pixels only.
+  non-vignette pixels only. :func:`shades_of_gray_u8` gives the same correction rounded to uint8 through a lookup
+  table (the gate's path).
 * :func:`max_side_scale`, :func:`resize_by`, :func:`resize_max_side` — "reduce so that the longer side is at
   most N pixels" with one rounding rule for the output size.
 * :func:`sigmoid`, :func:`sigmoid_scalar`, :func:`softmax` — probabilities from logits.
@@ -56,6 +57,70 @@ def shades_of_gray(
     illum = np.power(np.mean(np.power(pixels, p), axis=0), 1.0 / p) + 1e-6
     gain = np.clip(illum.mean() / illum, gain_limits[0], gain_limits[1])
     return np.clip(x * gain[None, None, :], 0.0, 1.0).astype(np.float32)
+
+
+def shades_of_gray_gains(
+    rgb: npt.NDArray[np.uint8],
+    *,
+    p: float = 6.0,
+    gain_limits: tuple[float, float] = CLASSIFIER_GAIN_LIMITS,
+    mask: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.float32]:
+    """The per-channel gains of :func:`shades_of_gray`, from 256-bin histograms of the (masked) pixels.
+
+    The Minkowski mean of a channel is ``sum_v hist[v] (v / 255)^p / n``: the same estimate as the mean over the
+    pixels (in float64 instead of float32, so it may differ in the last float32 bits), without a float copy
+    of the image.
+
+    Parameters
+    ----------
+    rgb:
+        uint8 image ``(H, W, 3)``.
+    p:
+        Minkowski norm order.
+    gain_limits:
+        ``(low, high)`` clip of the per-channel gains.
+    mask:
+        ``(H, W)`` pixels the illuminant is estimated on; ``None`` or an empty mask: every pixel.
+
+    Returns
+    -------
+    ndarray
+        float32 gains ``(3,)``.
+    """
+    img = np.ascontiguousarray(rgb)
+    m = None if mask is None or not mask.any() else np.asarray(mask, dtype=np.uint8)
+    weights = (np.arange(256, dtype=np.float64) / 255.0) ** p
+    illum = np.empty(3, dtype=np.float64)
+    for c in range(3):
+        hist = cv2.calcHist([img], [c], m, [256], [0, 256]).ravel().astype(np.float64)
+        illum[c] = float(hist @ weights) / max(float(hist.sum()), 1.0)
+    est = np.power(illum, 1.0 / p) + 1e-6
+    return np.asarray(np.clip(est.mean() / est, gain_limits[0], gain_limits[1]), dtype=np.float32)
+
+
+def shades_of_gray_u8(
+    rgb: npt.NDArray[np.uint8],
+    *,
+    p: float = 6.0,
+    gain_limits: tuple[float, float] = CLASSIFIER_GAIN_LIMITS,
+    mask: npt.NDArray[np.bool_] | None = None,
+) -> npt.NDArray[np.uint8]:
+    """:func:`shades_of_gray` rounded to uint8 (``clip(x * 255 + 0.5)``), through a per-channel lookup table.
+
+    Same parameters as :func:`shades_of_gray` (gains from :func:`shades_of_gray_gains`); about 1 ms for a
+    512 x 384 image instead of ~15 ms for the float path.
+
+    Returns
+    -------
+    ndarray
+        uint8 image ``(H, W, 3)``.
+    """
+    gain = shades_of_gray_gains(rgb, p=p, gain_limits=gain_limits, mask=mask)
+    levels = np.arange(256, dtype=np.float32) / 255.0
+    x = np.clip(levels[:, None] * gain[None, :], 0.0, 1.0).astype(np.float32)
+    lut = np.asarray(np.clip(x * 255.0 + 0.5, 0, 255), dtype=np.uint8).reshape(1, 256, 3)
+    return np.asarray(cv2.LUT(np.ascontiguousarray(rgb), lut), dtype=np.uint8)
 
 
 def max_side_scale(shape: tuple[int, ...], max_side: float) -> float:
