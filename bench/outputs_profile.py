@@ -1,0 +1,318 @@
+"""Where the outputs stage goes: overlay, SEG, presentation state, SR, FHIR bundle, result.json, file writes.
+
+Usage::
+
+    .venv/bin/python bench/outputs_profile.py [--images 8] [--repeats 3] [--baseline REV] [--profile N]
+                                             [--out bench/results/outputs_profile.md]
+
+Builds ``--images`` realistic 768x576 Dermoscopic Photography Images (the real photographs of
+:func:`common.source_images`, JPEG baseline as a modality sends them, 0.02 mm/pixel, a Patient ID so a FHIR
+bundle is written), analyses each once with the shipped models and then times
+:func:`dermnode.pipeline.write_outputs` on them ``--repeats`` times each with the default settings (fsync on,
+FHIR bundle with the overlay). Each call is split into what it spends per output by timing the builders the
+pipeline module calls (exclusive times: a nested call is counted once, in the inner output):
+
+- ``overlay``: drawing and encoding the overlay picture;
+- ``seg`` / ``pr`` / ``sr``: building the SEG, the presentation state (and key image when configured), the SR,
+  and encoding each to DICOM bytes;
+- ``fhir``: building, validating and serialising the bundle;
+- ``files``: writing every file, with its fsyncs;
+- ``other``: everything else (``result.json``, bookkeeping).
+
+With ``--baseline REV`` the same measurement runs first in a subprocess on ``git archive REV src`` (the code
+before the change), so *before* and *after* come from one run on the same inputs. A torchvision resnet18
+forward (224 px, 2 threads) is timed in the same run, before and after the outputs, as the yardstick: every
+total is also given as a multiple of it. ``--profile N`` prints the N costliest functions (cProfile, cumulative)
+of the current code. Writes a markdown table to ``--out`` (and the raw numbers next to it as JSON).
+Timings are medians; the machine is shared, so compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import dataclasses
+import io
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+#: Output categories, in table order.
+CATEGORIES = ("overlay", "seg", "pr", "sr", "fhir", "files", "other")
+#: Module-level names of ``dermnode.pipeline`` timed as one output each (absent names are skipped, so the same
+#: instrumentation measures the code before and after the change).
+_BUILDERS = {
+    "render_overlay": "overlay",
+    "encode_png": "overlay",
+    "encode_overlay": "overlay",
+    "build_segmentation": "seg",
+    "build_outline_objects": "pr",
+    "build_report": "sr",
+    "build_bundle": "fhir",
+    "atomic_write": "files",
+    "write_durably": "files",
+}
+#: DICOM encoding helpers (first argument: the dataset); the output is told by its Modality.
+_ENCODERS = ("_save", "_dicom_bytes")
+_MODALITY = {"SEG": "seg", "SR": "sr", "PR": "pr"}
+
+
+class Timer:
+    """Exclusive wall time per category: time inside a nested timed call is counted for the inner one only."""
+
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = defaultdict(float)
+        self._stack: list[list[float]] = []
+
+    @contextlib.contextmanager
+    def section(self, category: str) -> Iterator[None]:
+        frame = [0.0]  # time of nested sections
+        self._stack.append(frame)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - t0
+            self._stack.pop()
+            self.acc[category] += elapsed - frame[0]
+            if self._stack:
+                self._stack[-1][0] += elapsed
+
+    def wrap(self, category: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            name = category(*args, **kwargs) if callable(category) else category
+            with self.section(name):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+
+def _instrument(timer: Timer) -> None:
+    import dermnode.pipeline as pl
+
+    for name, category in _BUILDERS.items():
+        if hasattr(pl, name):
+            setattr(pl, name, timer.wrap(category, getattr(pl, name)))
+    for name in _ENCODERS:
+        if hasattr(pl, name):
+            setattr(pl, name, timer.wrap(lambda ds, *a, **k: _MODALITY.get(str(ds.get("Modality")), "pr"),
+                                         getattr(pl, name)))
+    # the bundle and result.json serialised inline with json.dumps (the code before the change)
+    real_json = pl.json
+
+    class _Json:
+        loads = staticmethod(real_json.loads)
+
+        @staticmethod
+        def dumps(obj: Any, **kwargs: Any) -> str:
+            is_bundle = isinstance(obj, dict) and obj.get("resourceType") == "Bundle"
+            with timer.section("fhir" if is_bundle else "other"):
+                return real_json.dumps(obj, **kwargs)
+
+    pl.json = _Json  # type: ignore[assignment]
+
+
+def _resnet18_ms(repeats: int = 30) -> float:
+    import torch
+    import torchvision
+
+    torch.set_num_threads(2)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            t = time.perf_counter()
+            model(x)
+            if i >= 5:
+                times.append((time.perf_counter() - t) * 1000.0)
+    return statistics.median(times)
+
+
+def _jobs(n_images: int) -> tuple[list[tuple[Any, Any]], Any, str]:
+    """``n_images`` (dataset, analysis result) pairs of realistic 768x576 images and the settings to write them."""
+    import pydicom
+    from common import source_images
+
+    from dermnode.dicom_io.reading import to_source_image
+    from dermnode.dicom_io.wrap import WrapOptions, wrap_rgb
+    from dermnode.inference.analyzer import Analyzer
+    from dermnode.settings import Settings
+
+    images, description = source_images(n_images)
+    s = Settings()
+    settings = dataclasses.replace(
+        s,
+        fhir=dataclasses.replace(s.fhir, base_url="http://127.0.0.1:9/fhir",
+                                 patient_identifier_system="http://hospital.example/mrn"),
+    )
+    analyzer = Analyzer(settings.analysis)
+    jobs = []
+    for i, rgb in enumerate(images[:n_images]):
+        ds = wrap_rgb(rgb, WrapOptions(patient_id=f"BENCH{i:05d}", patient_name="Bench^Patient",
+                                       pixel_spacing_mm=0.02, jpeg=True))
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)  # as received: read back from its file bytes
+        ds = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+        result = analyzer.analyze(to_source_image(ds, settings.analysis.calibrations))
+        jobs.append((ds, result))
+    statuses = sorted({r.status.value for _, r in jobs})
+    return jobs, settings, f"{description}; statuses {', '.join(statuses)}"
+
+
+def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]:
+    """Per-output and total medians (ms) of ``write_outputs`` on ``n_images`` images, ``repeats`` times each."""
+    import dermnode.pipeline as pl
+
+    jobs, settings, description = _jobs(n_images)
+    timer = Timer()
+    _instrument(timer)
+    r18_before = _resnet18_ms()
+    per_call: dict[str, list[float]] = defaultdict(list)
+    sizes: dict[str, list[int]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="dermnode-outputs-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        root = Path(tmp)
+        pl.write_outputs(*jobs[0], settings, root / "warm-up")  # lazy imports, FHIR models, codecs
+        for rep in range(repeats):
+            for j, (ds, result) in enumerate(jobs):
+                timer.acc.clear()
+                t0 = time.perf_counter()
+                files = pl.write_outputs(ds, result, settings, root / f"{rep}-{j}")
+                total = (time.perf_counter() - t0) * 1000.0
+                per_call["total"].append(total)
+                measured = 0.0
+                for cat in CATEGORIES[:-1]:
+                    ms = timer.acc.get(cat, 0.0) * 1000.0
+                    per_call[cat].append(ms)
+                    measured += ms
+                per_call["other"].append(max(0.0, total - measured))  # result.json, bookkeeping
+                if rep == 0:
+                    for p in sorted(files.directory.iterdir()):
+                        sizes[p.name].append(p.stat().st_size)
+        profile_text = ""
+        if profile_top:
+            prof = cProfile.Profile()
+            prof.enable()
+            for j, (ds, result) in enumerate(jobs):
+                pl.write_outputs(ds, result, settings, root / f"profile-{j}")
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(profile_top)
+            profile_text = out.getvalue()
+    r18_after = _resnet18_ms()
+    return {
+        "images": description,
+        "calls": len(per_call["total"]),
+        "median_ms": {k: round(statistics.median(v), 2) for k, v in per_call.items()},
+        "file_kb": {k: round(statistics.median(v) / 1024, 1) for k, v in sizes.items()},
+        "resnet18_ms": round(statistics.median([r18_before, r18_after]), 2),
+        "resnet18_before_after_ms": [round(r18_before, 2), round(r18_after, 2)],
+        "profile": profile_text,
+    }
+
+
+def _baseline(rev: str, n_images: int, repeats: int) -> dict[str, Any]:
+    """:func:`measure` on the ``src`` tree of ``rev``, in a subprocess (that tree first on ``sys.path``)."""
+    with tempfile.TemporaryDirectory(prefix="dermnode-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        models = Path(tmp) / "src" / "dermnode" / "models"  # a relative link to <repo>/models in the tree
+        if models.is_symlink():
+            models.unlink()
+            models.symlink_to(REPO / "models", target_is_directory=True)
+        env = dict(os.environ, PYTHONPATH=str(Path(tmp) / "src"))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--images", str(n_images), "--repeats", str(repeats), "--json-only"],
+            env=env, check=True, capture_output=True, text=True,
+        )
+    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    doc["revision"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+    return doc
+
+
+def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
+    lines = [
+        "# Outputs stage: per-output cost (bench/outputs_profile.py)",
+        "",
+        f"Inputs: {after['images']}; `write_outputs` with the default settings (fsync on, FHIR bundle with "
+        f"the overlay), {after['calls']} calls, medians in ms. Exclusive times per output (see the script's "
+        "docstring); `total` is the wall time of one `write_outputs` call.",
+        "",
+    ]
+    head = "| output | after ms | after x resnet18 |"
+    rule = "|---|---:|---:|"
+    if before is not None:
+        head = f"| output | before ms ({before['revision']}) | after ms | before x resnet18 | after x resnet18 |"
+        rule = "|---|---:|---:|---:|---:|"
+    lines += [head, rule]
+    r18a = after["resnet18_ms"]
+    for cat in (*CATEGORIES, "total"):
+        a = after["median_ms"].get(cat, 0.0)
+        if before is None:
+            lines.append(f"| {cat} | {a:.1f} | {a / r18a:.2f} |")
+        else:
+            b = before["median_ms"].get(cat, 0.0)
+            r18b = before["resnet18_ms"]
+            lines.append(f"| {cat} | {b:.1f} | {a:.1f} | {b / r18b:.2f} | {a / r18a:.2f} |")
+    lines += ["", "Per-output medians do not add up to the total's median (each is a median on its own).", ""]
+    r18 = f"resnet18 (224 px, 2 threads) median: after run {r18a:.1f} ms"
+    if before is not None:
+        r18 += f", before run {before['resnet18_ms']:.1f} ms"
+    lines += [r18 + " (each timed before and after its outputs, same process).", ""]
+    lines += ["File sizes (median KB):", "", "| file | before KB | after KB |" if before else "| file | KB |",
+              "|---|---:|---:|" if before else "|---|---:|"]
+    names = sorted(set(after["file_kb"]) | set(before["file_kb"] if before else {}))
+    for name in names:
+        a_kb = after["file_kb"].get(name)
+        if before is None:
+            lines.append(f"| {name} | {a_kb} |")
+        else:
+            lines.append(f"| {name} | {before['file_kb'].get(name, '-')} | {a_kb if a_kb is not None else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", default=None, help="git revision whose src/ gives the 'before' numbers")
+    ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions (cProfile)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "outputs_profile.md")
+    ap.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    import logging
+
+    logging.disable(logging.WARNING)
+    if args.json_only:
+        print(json.dumps(measure(args.images, args.repeats)))
+        return 0
+    before = _baseline(args.baseline, args.images, args.repeats) if args.baseline else None
+    after = measure(args.images, args.repeats, args.profile)
+    if after["profile"]:
+        print(after["profile"])
+    text = _markdown(after, before)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    raw = {"before": before, "after": {k: v for k, v in after.items() if k != "profile"}}
+    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
