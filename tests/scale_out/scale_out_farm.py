@@ -165,7 +165,8 @@ class Farm:
             self._conn = psycopg.connect(self.cluster.dsn, password=PASSWORD, autocommit=True, row_factory=dict_row,
                                          connect_timeout=5)
         try:
-            return list(self._conn.execute(query, tuple(args)).fetchall())  # type: ignore[arg-type]
+            cur = self._conn.execute(query, tuple(args))  # type: ignore[arg-type]
+            return list(cur.fetchall()) if cur.description is not None else []
         except psycopg.OperationalError:
             self._conn.close()
             raise

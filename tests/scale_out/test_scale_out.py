@@ -168,6 +168,9 @@ def test_kill9_of_an_analyzer_mid_job_and_of_a_receiver_mid_association(farm: Fa
     queued = [r["sop_instance_uid"] for r in farm.jobs(burst_uids)]
     assert set(acked) <= set(queued)
 
+    print(f"orphan job {orphan['id']} claimed by {orphan['owner']} (attempt {orphan['attempts']}), killed; taken "
+          f"over {taken[0] - lease_end:+.2f} s after its lease end, finished on attempt {final['attempts']}; receiver "
+          f"killed after {len(acked)} of {len(burst)} acknowledged ({len(queued)} queued)")
     everything = uids + queued
     farm.wait_processed(everything, timeout=150)
     check_once(farm, everything, analysed_at_most_twice=[orphan["sop_instance_uid"]])
@@ -201,7 +204,8 @@ def test_postgresql_restart_under_load(farm: Farm, tmp_path: Path) -> None:
     assert [s for _, s in res] == [STATUS_SUCCESS] * 12, res
     everything = before_uids + [u for u, _ in res]
     farm.wait_processed(everything, timeout=150)
-    check_once(farm, everything)
+    report = check_once(farm, everything)
+    print(f"PostgreSQL restart: {len(refused)} refused with 0xA700 while down; {report}")
 
 
 def _alive(pid: int | None) -> bool:
