@@ -220,6 +220,31 @@ def _drop_segment_frame_numbers(items: Sequence[Dataset]) -> int:
     return dropped
 
 
+def _referenced_instances(items: Sequence[Dataset]) -> set[str]:
+    """SOP Instance UIDs referenced by the IMAGE and COMPOSITE content items of ``items`` and their children."""
+    found: set[str] = set()
+    for item in items:
+        if item.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            found.update(str(ref.ReferencedSOPInstanceUID) for ref in item.get("ReferencedSOPSequence", []))
+        found |= _referenced_instances(item.get("ContentSequence", []))
+    return found
+
+
+def _check_evidence(root: Dataset, evidence: Sequence[Dataset]) -> None:
+    """Raise when the content tree under ``root`` references an instance that is not in ``evidence``.
+
+    The check highdicom's SR constructor makes (it searches for IMAGE and COMPOSITE items), done here in one walk.
+
+    Raises
+    ------
+    OutputError
+        When a referenced instance is missing from the evidence.
+    """
+    missing = _referenced_instances(root.get("ContentSequence", [])) - {str(e.SOPInstanceUID) for e in evidence}
+    if missing:
+        raise OutputError(f"the report references instances that are not in its evidence: {sorted(missing)}")
+
+
 def build_report(
     source: pydicom.Dataset,
     result: AnalysisResult,
@@ -376,24 +401,39 @@ def build_report(
                 if extra.StudyInstanceUID != source.StudyInstanceUID:
                     raise OutputError(f"{extra.SOPInstanceUID} belongs to another study than the source image")
                 evidence.append(extra)
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=series_uid,
-            series_number=settings.sr_series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
-            is_complete=True,
-            # decision support awaiting a clinician's review is not final: PRELIMINARY, like the FHIR report's
-            # status "preliminary" (docs/dicom-conformance.md)
-            is_final=False,
-            is_verified=False,
-            institution_name=settings.institution_name or None,
-            contributing_equipment=[
-                contributing_equipment(result.models, settings, software_version, "AI dermoscopy report")
-            ],
-        )
+        _check_evidence(report[0], evidence)
+        # highdicom's constructor deep-copies the whole content tree, converts the copy back into content items
+        # and searches it twice for references (about three quarters of the SR's build time, none of it needed:
+        # the tree was just built by highdicom's templates and its references were checked above). It gets the
+        # root container without its children; the children are attached afterwards. Every piece of evidence is
+        # recorded either way (all of it is in the source's study: Current Requested Procedure Evidence).
+        root = report[0]
+        children = root.ContentSequence
+        root.ContentSequence = hd.sr.ContentSequence()
+        try:
+            sr = hd.sr.Comprehensive3DSR(
+                evidence=evidence,
+                content=report,
+                series_instance_uid=series_uid,
+                series_number=settings.sr_series_number,
+                sop_instance_uid=sop_uid,
+                instance_number=instance_number,
+                manufacturer=manufacturer,
+                is_complete=True,
+                # decision support awaiting a clinician's review is not final: PRELIMINARY, like the FHIR report's
+                # status "preliminary" (docs/dicom-conformance.md)
+                is_final=False,
+                is_verified=False,
+                institution_name=settings.institution_name or None,
+                contributing_equipment=[
+                    contributing_equipment(result.models, settings, software_version, "AI dermoscopy report")
+                ],
+            )
+        finally:
+            root.ContentSequence = children
+        sr.ContentSequence = children
+        # what ``sr.content`` returns: the same tree (highdicom keeps a converted deep copy there)
+        sr._content = hd.sr.ContentSequence([root], is_root=True)
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"cannot build the measurement report: {exc}") from exc
 
