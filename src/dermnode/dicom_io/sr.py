@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import highdicom as hd
 import pydicom
@@ -433,7 +434,7 @@ def build_report(
             root.ContentSequence = children
         sr.ContentSequence = children
         # what ``sr.content`` returns: the same tree (highdicom keeps a converted deep copy there)
-        sr._content = hd.sr.ContentSequence([root], is_root=True)
+        sr._content = hd.sr.ContentSequence([cast(hd.sr.ContentItem, root)], is_root=True)
     except (ValueError, TypeError, AttributeError) as exc:
         raise OutputError(f"cannot build the measurement report: {exc}") from exc
 
