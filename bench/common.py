@@ -106,10 +106,18 @@ def write_dicoms(out: Path, n: int, *, jpeg: bool, images: Sequence[np.ndarray],
     return files
 
 
+def dcmtk_tool(name: str) -> str:
+    """The DCMTK program ``name`` (``storescu``, ``storescp``) on ``PATH``, skipping the virtual environment's
+    ``bin`` folder: pynetdicom installs Python apps of the same names there, which an activated venv puts first."""
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    folders = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin]
+    return shutil.which(name, path=os.pathsep.join(folders)) or f"/usr/bin/{name}"
+
+
 def storescu_args(port: int, files: Sequence[Path], *, jpeg: bool, called_aet: str,
                   calling_aet: str = CALLING_AET) -> list[str]:
-    """``storescu -v -R -xy|-xe``: contexts for what the files hold (JPEG Baseline or uncompressed)."""
-    return ["storescu", "-v", "-aet", calling_aet, "-aec", called_aet, "-R", "-xy" if jpeg else "-xe",
+    """DCMTK ``storescu -v -R -xy|-xe``: contexts for what the files hold (JPEG Baseline or uncompressed)."""
+    return [dcmtk_tool("storescu"), "-v", "-aet", calling_aet, "-aec", called_aet, "-R", "-xy" if jpeg else "-xe",
             "127.0.0.1", str(port), *map(str, files)]
 
 
@@ -492,7 +500,7 @@ def machine_info() -> dict[str, Any]:
         "pynetdicom": pynetdicom.__version__,
         "numpy": np.__version__,
         "sqlite": sqlite3.sqlite_version,
-        "dcmtk": _cmd_version(["storescu", "--version"], r"storescu v([\d.]+)"),
+        "dcmtk": _cmd_version([dcmtk_tool("storescu"), "--version"], r"storescu v([\d.]+)"),
         "orthanc": _cmd_version([orthanc_binary(), "--version"], r"Orthanc ([\d.]+)"),
     }
     try:

@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
           f"acknowledged; per image: wall {res.wall_s / n * 1000:.2f} ms, process CPU {cpu / n * 1000:.2f} ms")
     for name, secs in sorted(ACC.items(), key=lambda kv: -kv[1]):
         print(f"  {name:48s} {secs / n * 1000:6.2f} ms/image (wall)")
+    if res.success_responses != n:
+        print(res.errors[:1500])
     return 0 if res.success_responses == n else 1
 
 

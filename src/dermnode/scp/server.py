@@ -1,8 +1,9 @@
 """The DICOM Store SCP: association policy, C-ECHO and a durable C-STORE handler.
 
-Handlers are thin: they check the policy, write the instance to the spool, record the job and return a DICOM
-status. Dependencies (spool, queue) are bound to the handlers with pynetdicom's handler arguments; there are
-no module-level globals.
+Handlers are thin: they check the policy, write the instance to the spool, record the job
+(:func:`dermnode.scp.store.store_and_queue`, the write path the console's uploads share) and return a DICOM
+status. The received dataset is parsed once to check it and written as received, never re-encoded. Dependencies
+(spool, queue) are bound to the handlers with pynetdicom's handler arguments; there are no module-level globals.
 
 Statuses returned by C-STORE (PS3.4 Annex B.2.3 and PS3.7 Annex C):
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dermnode.dicom_io.uids import (
@@ -41,8 +43,9 @@ from dermnode.dicom_io.uids import (
 )
 from dermnode.errors import InsufficientSpaceError, StorageError
 from dermnode.scp.spool import Spool
+from dermnode.scp.store import StoreOutcome, admit, store_and_queue
 from dermnode.settings import ScpSettings, TLSSettings
-from dermnode.workqueue.diskspace import LowDiskWarner, disk_space, register_minimum
+from dermnode.workqueue.diskspace import LowDiskWarner, register_minimum
 from dermnode.workqueue.jobs import JobQueue
 
 logger = logging.getLogger(__name__)
@@ -121,11 +124,9 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         )
 
     try:
-        ctx.spool.check_space()
-        _warn_if_disk_low(ctx)
-        existing = ctx.queue.state(sop_uid)
+        existing = admit(ctx.spool, ctx.queue, sop_uid, disk_warner=ctx.disk_warner)  # one statvfs, one SELECT
         if existing is not None and existing != "dead":
-            return answer(STATUS_SUCCESS, "duplicate SOP Instance UID: already stored, not processed again")
+            return answer(STATUS_SUCCESS, StoreOutcome.DUPLICATE.value)
     except InsufficientSpaceError as exc:
         logger.error("refusing C-STORE: %s", exc)
         return answer(STATUS_OUT_OF_RESOURCES, "low disk space")
@@ -147,43 +148,32 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
     if ds_sop_uid != sop_uid or ds_sop_class != sop_class:
         return answer(STATUS_UID_MISMATCH, "dataset SOP Instance/Class UID differ from the C-STORE request")
 
+    parts = received_file(event)
     try:
-        path = ctx.spool.store(sop_uid, event.encoded_dataset())  # atomic: replaces the copy of a dead job
-        if existing == "dead":
-            created = ctx.queue.requeue_dead(
-                sop_uid, sop_class, path, study_instance_uid=study_uid, calling_aet=calling, peer=address
-            )
-            if created:
-                logger.warning(
-                    "SOP Instance %s re-received from %s (%s) after its job was dead-lettered: stored again and"
-                    " re-queued with a fresh attempt count",
-                    sop_uid,
-                    calling,
-                    address,
-                )
-        else:
-            created = ctx.queue.enqueue(
-                sop_uid, sop_class, path, study_instance_uid=study_uid, calling_aet=calling, peer=address
-            )
+        outcome, _path = store_and_queue(
+            ctx.spool, ctx.queue, sop_instance_uid=sop_uid, sop_class_uid=sop_class, study_instance_uid=study_uid,
+            data=parts, calling_aet=calling, peer=address, existing=existing,
+        )
     except InsufficientSpaceError as exc:
         logger.error("refusing C-STORE: %s", exc)
         return answer(STATUS_OUT_OF_RESOURCES, "low disk space")
     except StorageError as exc:
         logger.error("refusing C-STORE, instance not stored: %s", exc)
         return answer(STATUS_OUT_OF_RESOURCES, "spool or queue write failed")
-    if existing == "dead" and created:
-        return answer(STATUS_SUCCESS, "re-received after dead-letter: stored again and re-queued")
-    return answer(STATUS_SUCCESS, "stored and queued" if created else "duplicate (concurrent), stored once")
+    finally:
+        for part in parts:  # give pynetdicom its receive buffer back
+            if isinstance(part, memoryview):
+                part.release()
+    return answer(STATUS_SUCCESS, outcome.value)
 
 
-def _warn_if_disk_low(ctx: StoreContext) -> None:
-    """Rate-limited log warning when free disk approaches ``storage.min_free_mb`` (before refusals begin)."""
-    try:
-        space = disk_space(ctx.spool.directory, ctx.spool.min_free_mb)
-    except OSError as exc:
-        logger.debug("cannot read free disk of %s: %s", ctx.spool.directory, exc)
-        return
-    ctx.disk_warner.check(space, ctx.spool.directory.parent)
+def received_file(event: Any) -> list[bytes | memoryview]:
+    """The DICOM file of a C-STORE as two buffers: preamble, ``DICM`` and the file meta information, then the
+    dataset exactly as the peer sent it (a view of pynetdicom's receive buffer: neither re-encoded nor copied)."""
+    head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    stream = event.request.DataSet
+    body = stream.getbuffer() if hasattr(stream, "getbuffer") else event.encoded_dataset(include_meta=False)
+    return [head, body]
 
 
 def _on_conn_open(event: Any) -> None:

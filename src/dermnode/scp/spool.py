@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dermnode.errors import InsufficientSpaceError, StorageError
 from dermnode.workqueue.durable import atomic_write
 
 logger = logging.getLogger(__name__)
+
 
 class Spool:
     """Durable storage of received DICOM files under ``<root>/spool``.
@@ -72,8 +73,22 @@ class Spool:
                 f"free disk space {free:.0f} MB is below storage.min_free_mb={self.min_free_mb}"
             )
 
-    def store(self, sop_instance_uid: str, encoded: bytes) -> Path:
+    def store(
+        self, sop_instance_uid: str, encoded: bytes | memoryview | Sequence[bytes | memoryview], *,
+        check_space: bool = True,
+    ) -> Path:
         """Durably store one encoded DICOM file (preamble, file meta and dataset).
+
+        Parameters
+        ----------
+        sop_instance_uid:
+            Names the file (:meth:`path_for`).
+        encoded:
+            The file's bytes, or its parts in order (e.g. preamble and file meta, then the dataset exactly as
+            received), written without joining them.
+        check_space:
+            Whether to check the free disk space first; ``False`` where the caller just did
+            (:func:`dermnode.scp.store.store_and_queue`).
 
         Raises
         ------
@@ -82,7 +97,8 @@ class Spool:
         StorageError
             When the file cannot be written.
         """
-        self.check_space()
+        if check_space:
+            self.check_space()
         path = self.path_for(sop_instance_uid)
         atomic_write(path, encoded, fsync=self.fsync)
         return path

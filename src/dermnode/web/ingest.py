@@ -3,10 +3,10 @@
 A photograph (JPEG or PNG) is wrapped as a Dermoscopic Photography Image with
 :func:`dermnode.dicom_io.wrap.wrap_file`, exactly as ``dermnode wrap`` does (native RGB, the patient ID and
 optional pixel spacing from the form). A DICOM file is checked as the Store SCP checks a C-STORE: a storage SOP
-class and transfer syntax the SCP accepts, valid and consistent UIDs. Then :func:`store_instance` does what the
-SCP's C-STORE handler does after parsing (:func:`dermnode.scp.server.handle_store`): free-space check, duplicate
-check, :meth:`Spool.store` (temporary file, fsync, rename) and :meth:`JobQueue.enqueue` (or
-:meth:`JobQueue.requeue_dead` for an instance whose job was dead-lettered).
+class and transfer syntax the SCP accepts, valid and consistent UIDs. Then :func:`store_instance` stores it through
+the SCP's own write path, :func:`dermnode.scp.store.store_and_queue`: free-space check, duplicate check,
+:meth:`Spool.store` (temporary file, fsync, rename) and :meth:`JobQueue.enqueue` (or :meth:`JobQueue.requeue_dead`
+for an instance whose job was dead-lettered).
 
 Whether a photo shows skin is decided where it is for every C-STORE: by the quality gate of the analysis. A photo
 that is not a dermoscopy image is stored, analysed and reported *not analysable* with the gate's reason, which
@@ -30,6 +30,7 @@ from dermnode.dicom_io.uids import ACCEPTED_STORAGE_CLASSES, ACCEPTED_TRANSFER_S
 from dermnode.dicom_io.wrap import WrapOptions, wrap_file
 from dermnode.errors import DecodeError, InsufficientSpaceError, StorageError
 from dermnode.scp.spool import Spool
+from dermnode.scp.store import StoreOutcome, store_and_queue
 from dermnode.workqueue.jobs import JobQueue
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,16 @@ def parse_pixel_spacing(text: str) -> tuple[float | None, str | None]:
     return value, None
 
 
+#: What the console tells the user for each outcome of :func:`~dermnode.scp.store.store_and_queue`.
+NOTES = {
+    StoreOutcome.STORED: "stored and queued",
+    StoreOutcome.DUPLICATE: "already received: stored once, not processed again",
+    StoreOutcome.DUPLICATE_CONCURRENT: "already received (concurrently): stored once",
+    StoreOutcome.REQUEUED: "received again after it was dead-lettered: stored and re-queued",
+    StoreOutcome.REQUEUED_CONCURRENT: "stored once",
+}
+
+
 def store_instance(
     spool: Spool,
     queue: JobQueue,
@@ -91,7 +102,8 @@ def store_instance(
     *,
     peer: str,
 ) -> str:
-    """Spool and queue one parsed instance, as the Store SCP's C-STORE handler does; returns what happened.
+    """Spool and queue one parsed instance with the Store SCP's write path
+    (:func:`~dermnode.scp.store.store_and_queue`); returns what happened, for the user.
 
     Raises
     ------
@@ -100,22 +112,11 @@ def store_instance(
     StorageError
         When the spool or the state database cannot be written.
     """
-    spool.check_space()
-    existing = queue.state(sop_instance_uid)
-    if existing is not None and existing != "dead":
-        return "already received: stored once, not processed again"
-    path = spool.store(sop_instance_uid, encoded)  # atomic: replaces the copy of a dead job
-    if existing == "dead":
-        requeued = queue.requeue_dead(
-            sop_instance_uid, sop_class_uid, path, study_instance_uid=study_instance_uid, calling_aet=CALLING_AET,
-            peer=peer,
-        )
-        return "received again after it was dead-lettered: stored and re-queued" if requeued else "stored once"
-    created = queue.enqueue(
-        sop_instance_uid, sop_class_uid, path, study_instance_uid=study_instance_uid, calling_aet=CALLING_AET,
-        peer=peer,
+    outcome, _path = store_and_queue(
+        spool, queue, sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+        study_instance_uid=study_instance_uid, data=encoded, calling_aet=CALLING_AET, peer=peer,
     )
-    return "stored and queued" if created else "already received (concurrently): stored once"
+    return NOTES[outcome]
 
 
 class Ingest:
