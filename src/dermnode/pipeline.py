@@ -10,9 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +29,11 @@ from dermnode.dicom_io.seg import build_segmentation
 from dermnode.dicom_io.sr import build_report
 from dermnode.dicom_io.uids import content_digest, derived_uid, is_valid_uid
 from dermnode.drift import DeviceDrift, DriftMonitor
-from dermnode.errors import DecodeError, OutputError
-from dermnode.fhir.bundle import DerivedInstance, build_bundle, has_patient_id
+from dermnode.errors import DecodeError, OutputError, StorageError
+from dermnode.fhir.bundle import DerivedInstance, encode_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.calibration import BandCalibration
-from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_png, render_overlay
+from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_jpeg, encode_png, render_overlay
 from dermnode.metrics import StageMetrics
 from dermnode.settings import Settings
 from dermnode.vocabulary import (
@@ -42,7 +46,6 @@ from dermnode.vocabulary import (
     format_percent,
     not_analysable_statement,
 )
-from dermnode.workqueue.durable import atomic_write
 from dermnode.workqueue.jobs import Job
 from dermnode.workqueue.outbox import Outbox
 from dermnode.workqueue.workers import Processor
@@ -97,12 +100,133 @@ def _uid_or_none(ds: pydicom.Dataset | None) -> str | None:
     return None if ds is None else str(ds.SOPInstanceUID)
 
 
-def _save(ds: pydicom.Dataset, path: Path) -> None:
-    from io import BytesIO
-
+def _dicom_bytes(ds: pydicom.Dataset) -> bytes:
+    """``ds`` encoded as a DICOM file (preamble, file meta)."""
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+#: Threads that encode the overlay PNG beside the DICOM builders (``cv2.imencode`` releases the GIL) and run the
+#: fsyncs of one output folder together (the file system commits them in one journal transaction instead of
+#: one after another). Shared by every worker thread of the process; threads are started when first needed.
+_OUTPUT_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dermnode-outputs")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_folder(directory: Path) -> list[Path]:
+    """Create ``directory`` (and missing parents) owner-only; the folders that were created, outermost first."""
+    created: list[Path] = []
+    folder = directory
+    while not folder.is_dir():
+        created.append(folder)
+        folder = folder.parent
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return created[::-1]
+
+
+class _DurableFolder:
+    """Write the files of one output folder so that each is complete or absent after a crash, with few fsyncs.
+
+    Every file is written to a temporary name in the folder and, with ``fsync``, ``fsync``-ed; the fsyncs of
+    the files of one :meth:`stage` call run in parallel threads, so that the file system commits them together
+    instead of one journal commit after another. :meth:`commit` renames every staged file into place and then
+    ``fsync``-s the folder once (and the parent of every folder created for it, so that the folder's own entry
+    is durable too). Only after :meth:`commit` returns is every file durable under its final name; deliveries
+    are queued after that. Without ``fsync`` (``storage.fsync = false``) files are only written and renamed: a
+    crash may lose them. Files and temporary files are owner-only (they hold PHI).
+    """
+
+    def __init__(self, directory: Path, *, fsync: bool) -> None:
+        self.directory = directory
+        self.fsync = fsync
+        self.created: list[Path] = []
+        self._staged: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def make(self) -> None:
+        """Create the folder (and missing parents), owner-only.
+
+        Raises
+        ------
+        StorageError
+            When the folder cannot be created.
+        """
+        try:
+            self.created = _make_folder(self.directory)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self.directory}: {exc.strerror or exc}") from exc
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def stage(self, files: Sequence[tuple[str, bytes]]) -> None:
+        """Write ``(name, data)`` files to temporary names (and fsync them, in parallel).
+
+        Raises
+        ------
+        StorageError
+            When a file cannot be written; the temporary files of this folder are removed.
+        """
+        pending = [(self.directory / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp",
+                    self.directory / name, data) for name, data in files]
+        self._staged.extend((tmp, final) for tmp, final, _ in pending)
+        try:
+            if self.fsync and len(pending) > 1:
+                futures = [_OUTPUT_THREADS.submit(self._write, tmp, data) for tmp, _, data in pending]
+                errors = [f.exception() for f in futures]  # wait for every write before any cleanup
+                for error in errors:
+                    if error is not None:
+                        raise error
+            else:
+                for tmp, _, data in pending:
+                    self._write(tmp, data)
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"cannot write into {self.directory}: {exc.strerror or exc}") from exc
+
+    def commit(self) -> None:
+        """Rename every staged file into place, then make the names durable (one folder fsync).
+
+        Raises
+        ------
+        StorageError
+            When a rename or an fsync fails.
+        """
+        try:
+            for tmp, final in self._staged:
+                os.replace(tmp, final)
+            self._staged.clear()
+            if self.fsync:
+                # the new names in the folder; a folder made for these outputs, in its parent
+                for folder in dict.fromkeys([self.directory, *(c.parent for c in self.created)]):
+                    _fsync_path(folder)
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"cannot write into {self.directory}: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Remove the temporary files not yet renamed."""
+        for tmp, _ in self._staged:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                logger.warning("could not remove temporary file %s", tmp)
+        self._staged.clear()
 
 
 def write_outputs(
@@ -111,15 +235,21 @@ def write_outputs(
 ) -> OutputFiles:
     """Build and write every output object of one result into ``directory``.
 
-    The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``). When
-    ``source_file`` is given (``dermnode analyze``: the input path as given), ``result.json`` records it as
-    ``source_file``. Besides SEG and SR, the presentation state (``pr.dcm``, ``output.presentation_state``) and the
-    key image (``key-image.dcm``, ``output.burned_in_image``) are written; one of those that cannot be built is
-    logged and named under ``outputs.errors`` in ``result.json`` instead of failing the job. The UIDs of every
-    object depend on the settings their content depends on
+    The time spent is recorded as ``result.timings_ms["outputs"]`` (and so in ``result.json``): everything but
+    writing ``result.json`` itself. When ``source_file`` is given (``dermnode analyze``: the input path as
+    given), ``result.json`` records it as ``source_file``. Besides SEG and SR, the presentation state (``pr.dcm``,
+    ``output.presentation_state``) and the key image (``key-image.dcm``, ``output.burned_in_image``) are written;
+    one of those that cannot be built is logged and named under ``outputs.errors`` in ``result.json`` instead of
+    failing the job. The UIDs of every object depend on the settings their content depends on
     (:func:`~dermnode.dicom_io.uids.content_digest`), so a re-run with other settings never reuses a UID. A
     source without Patient ID gets SEG, SR and result.json but no FHIR bundle (a report needs a subject):
     ``OutputFiles.fhir_bundle`` is ``None`` and ``result.json`` says why.
+
+    The overlay is drawn once, at most :data:`~dermnode.inference.overlay.OVERLAY_MAX_SIDE` pixels on its longer
+    side: ``overlay.png`` (lossless; encoded in a thread while the DICOM objects are built) and, attached to the
+    FHIR report, the same picture as JPEG. The FHIR bundle is validated and serialised once. With
+    ``storage.fsync`` every file is durable when this returns: each is written to a temporary name and fsynced
+    (in parallel), then all are renamed and the folder is fsynced once; without it nothing is fsynced.
 
     Raises
     ------
@@ -129,13 +259,14 @@ def write_outputs(
         When a file cannot be written.
     """
     t_outputs = time.perf_counter()
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = _DurableFolder(directory, fsync=settings.storage.fsync)
+    folder.make()
     notice = None
     if result.status is AnalysisStatus.NOT_ANALYSABLE:  # said on the picture too, not only in the SR and FHIR
         notice = "NOT ANALYSABLE\n" + not_analysable_statement(result.reason or result.quality.reason)
-    overlay = encode_png(render_overlay(result.source.rgb, result.mask, min_side=OVERLAY_MIN_SIDE, notice=notice))
-    overlay_path = directory / "overlay.png"
-    atomic_write(overlay_path, overlay)
+    picture = render_overlay(result.source.rgb, result.mask, min_side=OVERLAY_MIN_SIDE, notice=notice)
+    png: Future[bytes] = _OUTPUT_THREADS.submit(encode_png, picture)  # C code without the GIL, beside the builders
+    files: list[tuple[str, bytes]] = []  # (file name, contents)
     seg = None
     seg_path = None
     digest = content_digest(settings.analysis, settings.output)
@@ -144,7 +275,7 @@ def write_outputs(
             ds, result, settings.output, software_version=SOFTWARE_VERSION, config_digest=digest
         )
         seg_path = directory / "seg.dcm"
-        _save(seg, seg_path)
+        files.append((seg_path.name, _dicom_bytes(seg)))
     # the outline for viewers that show no SEG: a presentation state (and a key image when configured); one that
     # cannot be built is logged and recorded in result.json, the other outputs still go out
     outline = build_outline_objects(
@@ -154,16 +285,16 @@ def write_outputs(
     pr_path = ki_path = None
     if outline.presentation_state is not None:
         pr_path = directory / PRESENTATION_STATE_FILE
-        _save(outline.presentation_state, pr_path)
+        files.append((pr_path.name, _dicom_bytes(outline.presentation_state)))
     if outline.key_image is not None:
         ki_path = directory / KEY_IMAGE_FILE
-        _save(outline.key_image, ki_path)
+        files.append((ki_path.name, _dicom_bytes(outline.key_image)))
     sr = build_report(
         ds, result, seg, settings.output, software_version=SOFTWARE_VERSION, config_digest=digest,
         presentation_state=outline.presentation_state, key_image=outline.key_image,
     )
     sr_path = directory / "sr.dcm"
-    _save(sr, sr_path)
+    files.append((sr_path.name, _dicom_bytes(sr)))
     derived = [
         DerivedInstance(
             sop_instance_uid=str(obj.SOPInstanceUID), sop_class_uid=str(obj.SOPClassUID),
@@ -176,12 +307,13 @@ def write_outputs(
     bundle_path: Path | None = None
     no_bundle_reason = None
     if has_patient_id(ds):
-        bundle = build_bundle(
+        attach = settings.fhir.include_overlay and result.status is AnalysisStatus.ANALYSED
+        bundle = encode_bundle(
             ds,
             result,
             sr_sop_instance_uid=str(sr.SOPInstanceUID),
             seg_sop_instance_uid=None if seg is None else str(seg.SOPInstanceUID),
-            overlay_png=overlay,
+            overlay_jpeg=encode_jpeg(picture) if attach else None,  # about a tenth of the PNG
             settings=settings.fhir,
             sr_series_instance_uid=str(sr.SeriesInstanceUID),
             seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
@@ -189,11 +321,15 @@ def write_outputs(
             derived_instances=derived,
         )
         bundle_path = directory / "diagnostic-report.json"
-        atomic_write(bundle_path, json.dumps(bundle, indent=2).encode("utf-8"))
+        files.append((bundle_path.name, bundle))
     else:
         no_bundle_reason = "the source image has no Patient ID: a FHIR report cannot name its subject"
         logger.warning("no FHIR report for %s: %s (SEG and SR are still written)",
                        result.source.sop_instance_uid, no_bundle_reason)
+    overlay_path = directory / "overlay.png"
+    files.insert(0, (overlay_path.name, png.result()))
+    # every file but result.json written (and fsynced) now, so that the outputs time includes it; renamed below
+    folder.stage(files)
     result.timings_ms["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
     doc = result.to_json()
     doc["outputs"] = {
@@ -202,10 +338,7 @@ def write_outputs(
         "fhir_bundle": None if bundle_path is None else bundle_path.name,
         "presentation_state_sop_instance_uid": _uid_or_none(outline.presentation_state),
         "key_image_sop_instance_uid": _uid_or_none(outline.key_image),
-        "files": sorted(
-            [p.name for p in (overlay_path, seg_path, pr_path, ki_path, sr_path, bundle_path) if p is not None]
-            + ["result.json"]
-        ),
+        "files": sorted([name for name, _ in files] + ["result.json"]),
     }
     if outline.errors:
         doc["outputs"]["errors"] = dict(outline.errors)
@@ -214,7 +347,10 @@ def write_outputs(
     if source_file is not None:
         doc["source_file"] = source_file
     result_path = directory / "result.json"
-    atomic_write(result_path, json.dumps(doc, indent=2).encode("utf-8"))
+    folder.stage([(result_path.name, json.dumps(doc, indent=2).encode("utf-8"))])
+    # every file complete (and, with storage.fsync, on disk) under its temporary name: now the final names, made
+    # durable by one fsync of the folder; only then may the caller queue deliveries of these files
+    folder.commit()
     return OutputFiles(
         directory=directory,
         result_json=result_path,

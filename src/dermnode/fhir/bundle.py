@@ -488,7 +488,7 @@ class _Builder:
         parts.append("Results must be confirmed by a qualified clinician.")
         return " ".join(parts)
 
-    def report(self, results: list[JsonDict], overlay_png: bytes | None) -> None:
+    def report(self, results: list[JsonDict], overlay: bytes | None, overlay_type: str = "image/png") -> None:
         r = self.result
         if self.sr_uid:
             ident = {"system": C.DICOM_UID_SYSTEM, "value": f"urn:oid:{self.sr_uid}"}
@@ -525,20 +525,25 @@ class _Builder:
             resource["result"] = results
         if r.status is AnalysisStatus.ANALYSED and cls is not None:
             resource["conclusionCode"] = [C.diagnosis_class(cls.top_diagnosis).concept()]
-        if overlay_png and self.settings.include_overlay and r.status is AnalysisStatus.ANALYSED:
+        if overlay and self.settings.include_overlay and r.status is AnalysisStatus.ANALYSED:
             resource["presentedForm"] = [
                 {
-                    "contentType": "image/png",
-                    "data": base64.b64encode(overlay_png).decode("ascii"),
+                    "contentType": overlay_type,
+                    "data": base64.b64encode(overlay).decode("ascii"),
                     "title": f"Lesion segmentation overlay ({DISCLAIMER})",
-                    "hash": base64.b64encode(hashlib.sha1(overlay_png).digest()).decode("ascii"),
-                    "size": len(overlay_png),
+                    "hash": base64.b64encode(hashlib.sha1(overlay).digest()).decode("ascii"),
+                    "size": len(overlay),
                 }
             ]
         self.add("report", resource, ident)
 
 
-def _validate(bundle: JsonDict, version: str) -> JsonDict:
+def _validated_json(bundle: JsonDict, version: str) -> str:
+    """``bundle`` validated by the fhir.resources model of ``version``, as the model's compact JSON.
+
+    The one validation and the one serialisation of a bundle: :func:`build_bundle` parses this text,
+    :func:`encode_bundle` writes it as it is.
+    """
     from fhir.resources.bundle import Bundle as BundleR5
     from fhir.resources.R4B.bundle import Bundle as BundleR4B
 
@@ -547,7 +552,54 @@ def _validate(bundle: JsonDict, version: str) -> JsonDict:
         model = model_cls.model_validate(bundle)
     except (ValidationError, ValueError, TypeError) as exc:
         raise OutputError(f"the FHIR {version} bundle failed model validation: {exc}") from exc
-    out: JsonDict = json.loads(model.model_dump_json(exclude_none=True))
+    text: str = model.model_dump_json(exclude_none=True)
+    return text
+
+
+def _build(
+    source: Dataset,
+    result: AnalysisResult,
+    *,
+    sr_sop_instance_uid: str | None,
+    seg_sop_instance_uid: str | None,
+    overlay_png: bytes | None,
+    overlay_jpeg: bytes | None,
+    settings: FhirSettings,
+    issued: dt.datetime | None,
+    sr_series_instance_uid: str | None,
+    seg_series_instance_uid: str | None,
+    sr_sop_class_uid: str,
+    derived_instances: Sequence[DerivedInstance],
+) -> str:
+    """The validated bundle as JSON text (see :func:`build_bundle`)."""
+    if settings.version not in ("R4", "R5"):
+        raise OutputError(f"unsupported FHIR version {settings.version!r} (R4 or R5)")
+    when = issued or dt.datetime.now(dt.UTC)
+    b = _Builder(source, result, settings, sr_sop_instance_uid, seg_sop_instance_uid, when)
+    b.patient()
+    if result.status is AnalysisStatus.ANALYSED:
+        b.device()
+    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid, derived_instances)
+    results = b.observations() if result.status is AnalysisStatus.ANALYSED else []
+    if overlay_jpeg is not None:
+        b.report(results, overlay_jpeg, "image/jpeg")
+    else:
+        b.report(results, overlay_png, "image/png")
+    bundle: JsonDict = {
+        "resourceType": "Bundle",
+        "identifier": {"system": C.URI_SYSTEM, "value": _urn(b.src_uid, f"bundle|{b.digest}")},
+        "type": "transaction",
+        "timestamp": b.issued,
+        "entry": b.entries,
+    }
+    out = _validated_json(bundle, settings.version)
+    logger.info(
+        "built FHIR %s transaction bundle for %s: %d entries, report %s",
+        settings.version,
+        b.src_uid,
+        len(b.entries),
+        b.entries[-1]["resource"]["status"],
+    )
     return out
 
 
@@ -557,13 +609,14 @@ def build_bundle(
     *,
     sr_sop_instance_uid: str | None,
     seg_sop_instance_uid: str | None,
-    overlay_png: bytes | None,
+    overlay_png: bytes | None = None,
     settings: FhirSettings,
     issued: dt.datetime | None = None,
     sr_series_instance_uid: str | None = None,
     seg_series_instance_uid: str | None = None,
     sr_sop_class_uid: str = COMPREHENSIVE_3D_SR_STORAGE,
     derived_instances: Sequence[DerivedInstance] = (),
+    overlay_jpeg: bytes | None = None,
 ) -> JsonDict:
     """Build the transaction Bundle reporting ``result`` for the FHIR version in ``settings.version``.
 
@@ -577,7 +630,8 @@ def build_bundle(
         SOP Instance UIDs of the DICOM SR and SEG written for this result, or ``None`` when not produced.
         The SR UID becomes the DiagnosticReport identifier and the namespace of the Observation identifiers.
     overlay_png:
-        PNG overlay of the segmentation, attached as ``presentedForm`` when ``settings.include_overlay``.
+        PNG overlay of the segmentation, attached as ``presentedForm`` (``image/png``) when
+        ``settings.include_overlay`` and no ``overlay_jpeg`` is given.
     settings:
         FHIR settings (version, patient identifier system, ImagingStudy and preliminary options).
     issued:
@@ -589,40 +643,64 @@ def build_bundle(
     derived_instances:
         The presentation state and key image written for the result: each is listed in the ImagingStudy as an
         instance of its own series (nothing when ``fhir.imaging_study_resource`` is off).
+    overlay_jpeg:
+        JPEG overlay, attached as ``presentedForm`` (``image/jpeg``) instead of ``overlay_png`` when given (what
+        the pipeline attaches: a tenth of the PNG's size).
 
     Returns
     -------
     dict
-        The Bundle as a JSON-compatible dict (R4-compatible JSON from the R4B models, or R5).
+        The Bundle as a JSON-compatible dict (R4-compatible JSON from the R4B models, or R5), as validated.
 
     Raises
     ------
     OutputError
         When the source has no Patient ID, the version is unknown or the bundle fails model validation.
     """
-    if settings.version not in ("R4", "R5"):
-        raise OutputError(f"unsupported FHIR version {settings.version!r} (R4 or R5)")
-    when = issued or dt.datetime.now(dt.UTC)
-    b = _Builder(source, result, settings, sr_sop_instance_uid, seg_sop_instance_uid, when)
-    b.patient()
-    if result.status is AnalysisStatus.ANALYSED:
-        b.device()
-    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid, derived_instances)
-    results = b.observations() if result.status is AnalysisStatus.ANALYSED else []
-    b.report(results, overlay_png)
-    bundle: JsonDict = {
-        "resourceType": "Bundle",
-        "identifier": {"system": C.URI_SYSTEM, "value": _urn(b.src_uid, f"bundle|{b.digest}")},
-        "type": "transaction",
-        "timestamp": b.issued,
-        "entry": b.entries,
-    }
-    out = _validate(bundle, settings.version)
-    logger.info(
-        "built FHIR %s transaction bundle for %s: %d entries, report %s",
-        settings.version,
-        b.src_uid,
-        len(b.entries),
-        b.entries[-1]["resource"]["status"],
+    out: JsonDict = json.loads(
+        _build(
+            source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
+            overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
+            sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
+            sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
+        )
     )
     return out
+
+
+def encode_bundle(
+    source: Dataset,
+    result: AnalysisResult,
+    *,
+    sr_sop_instance_uid: str | None,
+    seg_sop_instance_uid: str | None,
+    overlay_png: bytes | None = None,
+    settings: FhirSettings,
+    issued: dt.datetime | None = None,
+    sr_series_instance_uid: str | None = None,
+    seg_series_instance_uid: str | None = None,
+    sr_sop_class_uid: str = COMPREHENSIVE_3D_SR_STORAGE,
+    derived_instances: Sequence[DerivedInstance] = (),
+    overlay_jpeg: bytes | None = None,
+) -> bytes:
+    """The bundle of :func:`build_bundle` as the UTF-8 JSON file the pipeline writes and the outbox posts.
+
+    Validated once and serialised once (the model's compact JSON, exactly what :func:`build_bundle` parses):
+    no dict round trip, no second ``json.dumps``. Parameters as :func:`build_bundle`.
+
+    Returns
+    -------
+    bytes
+        The bundle's JSON text, UTF-8.
+
+    Raises
+    ------
+    OutputError
+        When the source has no Patient ID, the version is unknown or the bundle fails model validation.
+    """
+    return _build(
+        source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
+        overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
+        sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
+        sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
+    ).encode("utf-8")

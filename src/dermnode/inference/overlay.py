@@ -25,6 +25,8 @@ OVERLAY_MAX_SIDE = 1024
 #: Longer side, in pixels, below which the pipeline's overlay is enlarged before drawing, so that the label and a
 #: notice stay legible and do not cover the whole picture of a small image (a 40 x 30 thumbnail).
 OVERLAY_MIN_SIDE = 512
+#: JPEG quality of the overlay attached to the FHIR report (about a tenth of the PNG's size, ~1 ms to encode).
+OVERLAY_JPEG_QUALITY = 90
 
 
 def _wrap(text: str, scale: float, width: int) -> list[str]:
@@ -169,4 +171,38 @@ def encode_png(arr: npt.NDArray[np.uint8]) -> bytes:
     ok, buf = cv2.imencode(".png", bgr)
     if not ok:
         raise OutputError("PNG encoding failed")
+    return bytes(buf.tobytes())
+
+
+def encode_jpeg(arr: npt.NDArray[np.uint8], quality: int = OVERLAY_JPEG_QUALITY) -> bytes:
+    """Encode an RGB (``(H, W, 3)``) or grey (``(H, W)``) uint8 array as baseline JPEG.
+
+    A picture for a person (the overlay attached to the FHIR report): lossy, about a tenth of the PNG's size and
+    a twentieth of its encoding time; the lossless PNG stays in the results folder.
+
+    Parameters
+    ----------
+    arr:
+        Image to encode (RGB channel order).
+    quality:
+        JPEG quality, 1-100.
+
+    Returns
+    -------
+    bytes
+        JPEG file contents.
+
+    Raises
+    ------
+    OutputError
+        When the array cannot be encoded or ``quality`` is out of range.
+    """
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise OutputError(f"cannot encode an array of {arr.dtype} {arr.shape} as JPEG")
+    if not 1 <= quality <= 100:
+        raise OutputError(f"JPEG quality must be within 1-100, got {quality}")
+    bgr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR) if arr.ndim == 3 else arr
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise OutputError("JPEG encoding failed")
     return bytes(buf.tobytes())
