@@ -229,3 +229,52 @@ def test_health_names_each_delivery_thread(tmp_path: Path, pools: list[WorkerPoo
     health = pool.health()
     assert health.ok and health.outbox_alive
     assert {t.name for t in threading.enumerate()} >= {"dermnode-outbox", "dermnode-outbox-1", "dermnode-outbox-2"}
+
+
+def test_concurrent_enqueues_share_one_commit(state_db: StateDB | Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one enqueue commits, the others queue up and the next of them commits them all together."""
+    queue = JobQueue(state_db)
+    batches: list[list[str]] = []
+    first_in, release_first = threading.Event(), threading.Event()
+    real = JobQueue._commit_inserts
+
+    def commit(self: JobQueue, batch: list) -> None:  # type: ignore[type-arg]
+        batches.append([str(item.args[0]) for item in batch])
+        if len(batches) == 1:
+            first_in.set()
+            assert release_first.wait(BOUND_S)
+        real(self, batch)
+
+    monkeypatch.setattr(JobQueue, "_commit_inserts", commit)
+    created: dict[str, bool] = {}
+
+    def enqueue(uid: str) -> None:
+        created[uid] = queue.enqueue(uid, "1.2", tmp_path / f"{uid}.dcm")
+
+    first = threading.Thread(target=enqueue, args=("1.1",))
+    first.start()
+    assert first_in.wait(BOUND_S)
+    others = [threading.Thread(target=enqueue, args=(f"1.{i}",)) for i in (2, 3, 4)]
+    for t in others:
+        t.start()
+    wait_until(lambda: len(queue._group_queue) == 3)  # all three wait for the commit in progress
+    release_first.set()
+    for t in (first, *others):
+        t.join(BOUND_S)
+    assert batches[0] == ["1.1"] and sorted(batches[1]) == ["1.2", "1.3", "1.4"] and len(batches) == 2
+    assert created == {"1.1": True, "1.2": True, "1.3": True, "1.4": True}
+    assert all(queue.state(uid) == "pending" for uid in created)
+    assert not queue.enqueue("1.3", "1.2", tmp_path / "again.dcm")  # a duplicate is still told apart
+
+
+def test_a_failed_group_commit_fails_only_the_bad_insert(tmp_path: Path) -> None:
+    from dermnode.workqueue.jobs import _Insert
+
+    queue = JobQueue(tmp_path / "state.db")
+    good = _Insert(("1.1", "1.2", "", str(tmp_path / "a"), "", "", 0.0, 0.0))
+    bad = _Insert(("1.2", None, "", str(tmp_path / "b"), "", "", 0.0, 0.0))  # sop_class_uid NOT NULL
+    queue._commit_inserts([good, bad])
+    assert good.created and good.error is None
+    assert bad.error is not None and not bad.created
+    assert queue.state("1.1") == "pending" and queue.state("1.2") is None

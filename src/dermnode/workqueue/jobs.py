@@ -26,6 +26,7 @@ database error, so the SCP can answer "out of resources".
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,22 @@ class Job:
     attempts: int
     #: The owner recorded by the claim (the lease holder where the state is shared).
     owner: str | None = None
+
+
+_INSERT_JOB = (
+    "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, path, calling_aet, peer, received_at,"
+    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+
+
+@dataclass
+class _Insert:
+    """One caller's job insert waiting for its group commit (:meth:`JobQueue.enqueue`)."""
+
+    args: tuple[object, ...]
+    done: bool = False
+    created: bool = False
+    error: Exception | None = None
 
 
 #: Longest pause between two attempts of a job (``workers.retry_delay_max_s``'s default).
@@ -92,6 +109,10 @@ class JobQueue(WorkQueue):
         super().__init__(
             db_path, max_attempts=max_attempts, backoff_initial_s=retry_delay_s, backoff_max_s=retry_delay_max_s
         )
+        # group commit of concurrent enqueues (:meth:`enqueue`): who commits now, and what waits for the next commit
+        self._group = threading.Condition(threading.Lock())
+        self._group_leading = False
+        self._group_queue: list[_Insert] = []
 
     @property
     def retry_delay_s(self) -> float:
@@ -139,6 +160,11 @@ class JobQueue(WorkQueue):
     ) -> bool:
         """Record a spooled instance as a pending job (durably committed on return).
 
+        Concurrent calls (the Store SCP's associations) share commits: while one caller commits, the inserts of
+        the others queue up and the next of them commits them all in one transaction (group commit: one WAL sync
+        on SQLite, one round trip on PostgreSQL, and no writer waiting on SQLite's lock). Each caller still returns
+        only once its own insert is committed, and a failure is raised to the caller whose insert failed.
+
         Returns
         -------
         bool
@@ -150,19 +176,54 @@ class JobQueue(WorkQueue):
             When the job cannot be committed.
         """
         now = time.time()
+        insert = _Insert((sop_instance_uid, sop_class_uid, study_instance_uid, str(path), calling_aet, peer, now, now))
+        with self._group:
+            self._group_queue.append(insert)
+            while self._group_leading and not insert.done:
+                self._group.wait()
+            lead = not insert.done
+            if lead:  # take every insert queued meanwhile, this one included, and commit them together
+                self._group_leading = True
+                batch, self._group_queue = self._group_queue, []
+        if lead:
+            try:
+                self._commit_inserts(batch)
+            finally:
+                with self._group:
+                    self._group_leading = False
+                    for item in batch:
+                        item.done = True
+                    self._group.notify_all()
+        if insert.error is not None:
+            if isinstance(insert.error, DB_ERRORS):
+                raise StorageError(f"cannot record job for an instance: {insert.error}") from insert.error
+            raise insert.error
+        return insert.created
+
+    def _commit_inserts(self, batch: list[_Insert]) -> None:
+        """Commit the job inserts of ``batch`` (group commit: one transaction, one WAL sync, for all of them) and
+        record each one's outcome on it; if the transaction fails, each insert is tried on its own so that one
+        bad insert fails alone. Wakes idle workers once when any job was created. Never raises."""
         try:
-            cur = self._conn().execute(
-                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, study_instance_uid, path,"
-                " calling_aet, peer, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT DO NOTHING",
-                (sop_instance_uid, sop_class_uid, study_instance_uid, str(path), calling_aet, peer, now, now),
-            )
-        except DB_ERRORS as exc:
-            raise StorageError(f"cannot record job for an instance: {exc}") from exc
-        created = cur.rowcount == 1
-        if created:
+            conn = self._conn()
+            if len(batch) == 1:
+                batch[0].created = conn.execute(_INSERT_JOB, batch[0].args).rowcount == 1
+            else:
+                with conn.transaction():
+                    for item in batch:
+                        item.created = conn.execute(_INSERT_JOB, item.args).rowcount == 1
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
+                logger.warning("group commit of %d jobs failed, committing them one by one: %s", len(batch), exc)
+                for item in batch:
+                    try:
+                        item.created = self._conn().execute(_INSERT_JOB, item.args).rowcount == 1
+                    except Exception as one:
+                        item.error = one
+        if any(item.created for item in batch):
             self.notify()
-        return created
 
     def requeue_dead(
         self,
