@@ -32,7 +32,7 @@ from dermnode.errors import ModelError
 from dermnode.inference.artefacts import remove_artefacts
 from dermnode.inference.classification import Classifier
 from dermnode.inference.imaging import resize_max_side
-from dermnode.inference.measurements import measure
+from dermnode.inference.measurements import measure, measurement_box
 from dermnode.inference.quality import assess_quality
 from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.segmentation import Segmenter
@@ -180,7 +180,8 @@ class Analyzer:
         if seg.empty or not mask.any():
             return AnalysisResult(source, AnalysisStatus.NOT_ANALYSABLE, "no lesion found in the image",
                                   self.models, quality, probability_map=probability, timings_ms=timings)
-        measurements = measure(seg.mask, cleaned.image, spacing)
+        # hair is inpainted only where the measurements read (the lesion and its surroundings), not everywhere
+        measurements = measure(seg.mask, cleaned.image_within(measurement_box(seg.mask)), spacing)
         if scale != 1.0:
             measurements = _measurements_in_source_pixels(measurements, mask, source.spacing, scale)
         lap("measurements")

@@ -217,18 +217,50 @@ def _lightness(rgb: npt.NDArray[np.uint8]) -> FloatArray:
     return _L_STAR[cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[..., 0]]
 
 
-def _bbox_crop(
-    rgb: npt.NDArray[np.uint8] | None, mask: BoolArray, margin: float
-) -> tuple[npt.NDArray[np.uint8] | None, BoolArray]:
-    """Crop to the mask bounding box enlarged by ``margin`` of its size (+4 px) on every side."""
+def _bbox(mask: BoolArray, margin: float) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)``: the mask bounding box enlarged by ``margin`` of its size (+4 px) on every side."""
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     py = int(margin * (y1 - y0)) + 4
     px = int(margin * (x1 - x0)) + 4
-    y0, y1 = max(0, y0 - py), min(mask.shape[0], y1 + py)
-    x0, x1 = max(0, x0 - px), min(mask.shape[1], x1 + px)
+    return max(0, y0 - py), min(mask.shape[0], y1 + py), max(0, x0 - px), min(mask.shape[1], x1 + px)
+
+
+def _bbox_crop(
+    rgb: npt.NDArray[np.uint8] | None, mask: BoolArray, margin: float
+) -> tuple[npt.NDArray[np.uint8] | None, BoolArray]:
+    """Crop to the mask bounding box enlarged by ``margin`` of its size (+4 px) on every side."""
+    y0, y1, x0, x1 = _bbox(mask, margin)
     return (None if rgb is None else rgb[y0:y1, x0:x1]), mask[y0:y1, x0:x1]
+
+
+#: Margin (fraction of the lesion's bounding box) of the widest crop the measurements read: the colours'.
+COLOUR_CROP_MARGIN = 0.5
+BORDER_CROP_MARGIN = 0.3
+
+
+def measurement_box(mask: BoolArray) -> tuple[int, int, int, int]:
+    """The region of the image :func:`measure` reads for a lesion mask (the pixels outside it do not matter).
+
+    Parameters
+    ----------
+    mask : ndarray
+        Boolean lesion mask (H, W), not empty.
+
+    Returns
+    -------
+    tuple of int
+        ``(y0, y1, x0, x1)``: rows ``y0:y1``, columns ``x0:x1`` (the colour crop, the widest).
+
+    Raises
+    ------
+    ValueError
+        When the mask is empty.
+    """
+    if not mask.any():
+        raise ValueError("empty mask")
+    return _bbox(mask, max(COLOUR_CROP_MARGIN, BORDER_CROP_MARGIN))
 
 
 def _working_scale(mask: BoolArray, target_diameter: float = 256.0) -> float:
@@ -285,7 +317,7 @@ def border_rise_widths(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> list[floa
     inf = float("inf")
     if not mask.any():
         return [inf] * 8
-    crop, cm = _bbox_crop(rgb, mask, 0.3)
+    crop, cm = _bbox_crop(rgb, mask, BORDER_CROP_MARGIN)
     assert crop is not None
     r, m = _resize_pair(np.ascontiguousarray(crop), cm, _working_scale(cm))
     if not m.any():
@@ -400,7 +432,7 @@ def color_fractions(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> dict[str, fl
     out = dict.fromkeys(COLOR_NAMES, 0.0)
     if not mask.any():
         return out
-    crop, cm = _bbox_crop(rgb, mask, 0.5)
+    crop, cm = _bbox_crop(rgb, mask, COLOUR_CROP_MARGIN)
     assert crop is not None
     r, m = _resize_pair(np.ascontiguousarray(crop), cm, _working_scale(cm, 384.0))
     r = skin_normalised(r, m)
