@@ -303,8 +303,16 @@ def lesion_outline(
     if arr.ndim != 2:
         raise OutputError(f"the mask must be 2-D, got shape {arr.shape}")
     binary = _as_mask(arr, (arr.shape[0], arr.shape[1]))
-    component = _largest_component(binary)
-    contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    left, top, width, height = cv2.boundingRect(binary)  # of every lesion pixel (all components)
+    if width == 0 or height == 0:
+        raise OutputError("the mask is empty")
+    bbox = (float(left), float(top), float(left + width), float(top + height))
+    # components and border are traced in the box around the lesion, one background pixel wider where the image
+    # allows (the same contours as in the whole image, in image coordinates through the offset), not the image
+    x0, y0 = max(0, left - 1), max(0, top - 1)
+    x1, y1 = min(binary.shape[1], left + width + 1), min(binary.shape[0], top + height + 1)
+    component = _largest_component(np.ascontiguousarray(binary[y0:y1, x0:x1]))
+    contours, _ = cv2.findContours(component, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(x0, y0))
     contour = np.asarray(max(contours, key=len), dtype=np.int32)
     border = contour.reshape(-1, 2).astype(np.float64) + 0.5
 
@@ -320,8 +328,6 @@ def lesion_outline(
         if distance > tolerance_px:
             last_error = f"{distance:.2f} px from the mask border at a tolerance of {eps} px"
             continue
-        ys, xs = np.nonzero(binary)
-        bbox = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
         return LesionOutline(polyline, _max_diameter(component, contour), border, distance, eps, bbox)
     raise OutputError(f"cannot simplify the lesion outline within {tolerance_px} px: {last_error}")
 
