@@ -190,3 +190,70 @@ def test_hair_on_real_isic_image() -> None:
     for method in ("blackhat", "multiscale"):
         res = remove_hair(hairy, method)
         assert (res.hair_mask & truth).sum() / truth.sum() > 0.9
+
+
+# ------------------------------------------------------------------ the fast paths equal the formulas (issue 12)
+
+
+def _reference_hair_mask(gray: np.ndarray) -> np.ndarray:
+    """hair_mask_multiscale as first written: black-hat per kernel and a pixel scan per component."""
+    smooth = cv2.GaussianBlur(gray, (3, 3), 0)
+    response = np.zeros_like(smooth)
+    for length in (9, 17):
+        for i in range(12):
+            closed = cv2.morphologyEx(smooth, cv2.MORPH_CLOSE, line_kernel(length, 180.0 * i / 12))
+            np.maximum(response, cv2.subtract(closed, smooth), out=response)
+    raw = (response > 12).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)
+    keep = np.zeros(n, dtype=bool)
+    min_area = max(8, int(0.00002 * raw.size))
+    for lab in range(1, n):
+        area = int(stats[lab, cv2.CC_STAT_AREA])
+        if area < min_area:
+            continue
+        bw, bh = int(stats[lab, cv2.CC_STAT_WIDTH]), int(stats[lab, cv2.CC_STAT_HEIGHT])
+        if area < 0.25 * bw * bh and max(bw, bh) > 20:
+            keep[lab] = True
+            continue
+        x0, y0 = int(stats[lab, cv2.CC_STAT_LEFT]), int(stats[lab, cv2.CC_STAT_TOP])
+        ys, xs = np.nonzero(labels[y0 : y0 + bh, x0 : x0 + bw] == lab)
+        (_, _), (rw, rh), _ = cv2.minAreaRect(np.column_stack([xs, ys]).astype(np.float32))
+        keep[lab] = max(rw, rh) / max(1.0, min(rw, rh)) >= 3.0
+    mask = (keep[labels] * 255).astype(np.uint8)
+    return np.asarray(cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hair_mask_equals_the_per_component_scan(seed: int) -> None:
+    from dermnode.inference.artefacts import hair_mask_multiscale, luminance
+
+    hairy, _ = _with_hair(_skin(seed=seed))
+    rng = np.random.default_rng(seed)
+    for _ in range(40):  # dots, blobs and short strokes: components kept and dropped by the elongation test
+        x, y = (int(v) for v in rng.integers(10, 380, 2))
+        if rng.random() < 0.5:
+            cv2.circle(hairy, (x, y % 290), int(rng.integers(1, 6)), (40, 30, 25), -1)
+        else:
+            cv2.line(hairy, (x, y % 290), (x + int(rng.integers(-15, 15)), y % 290 + 4), (35, 25, 20), 2)
+    cv2.circle(hairy, (200, 150), 30, (200, 160, 140), 2)  # a ring: a component with a hole
+    cv2.circle(hairy, (200, 150), 5, (30, 20, 15), -1)  # ... and one inside its hole
+    gray = luminance(hairy)
+    assert np.array_equal(hair_mask_multiscale(gray), _reference_hair_mask(gray))
+
+
+def test_cleaned_image_is_inpainted_on_demand_and_exact_within_a_region() -> None:
+    img, _ = _vignette(_skin(360, 480))
+    hairy, _ = _with_hair(img)
+    res = remove_artefacts(hairy, AnalysisSettings(hair_removal="multiscale"))
+    expected = remove_hair(res.framed, "multiscale").image
+    box = (100, 260, 150, 330)
+    part = res.image_within(box)
+    y0, y1, x0, x1 = box
+    assert np.array_equal(part[y0:y1, x0:x1], expected[y0:y1, x0:x1])
+    assert not np.array_equal(part, expected)  # hair far outside the box is left alone
+    assert np.array_equal(res.image, expected)
+    assert res.image_within(box) is res.image  # once the whole image exists it is used
+    with pytest.raises(ValueError):
+        res.image_within((10, 10, 0, 5))
+    plain = remove_artefacts(hairy, AnalysisSettings(hair_removal="none"))
+    assert np.array_equal(plain.image_within(box), plain.framed) and np.array_equal(plain.image, plain.framed)

@@ -64,3 +64,19 @@ def test_sigmoid_and_softmax() -> None:
     assert p[1, 0] == 1.0  # stable for large logits
     assert np.allclose(p[0], np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum())
     assert np.array_equal(softmax(z32[0]), p[0])  # 1-D: along the only axis
+
+
+def test_shades_of_gray_u8_is_the_float_path_rounded() -> None:
+    from dermnode.inference.imaging import shades_of_gray, shades_of_gray_gains, shades_of_gray_u8
+
+    rng = np.random.default_rng(3)
+    img = np.clip(rng.normal((150, 120, 180), 40, (120, 160, 3)), 0, 255).astype(np.uint8)
+    mask = np.zeros(img.shape[:2], bool)
+    mask[20:100, 30:140] = True
+    for m, limits in ((None, (0.5, 2.0)), (mask, (0.6, 1.6)), (np.zeros_like(mask), (0.6, 1.6))):
+        ref = np.asarray(np.clip(shades_of_gray(img, gain_limits=limits, mask=m) * 255.0 + 0.5, 0, 255), np.uint8)
+        got = shades_of_gray_u8(img, gain_limits=limits, mask=m)
+        # the gains come from float64 histograms instead of float32 means: equal up to a rare rounding step
+        assert np.abs(got.astype(int) - ref).max() <= 1
+        assert (got == ref).mean() > 0.999
+        assert shades_of_gray_gains(img, gain_limits=limits, mask=m).dtype == np.float32

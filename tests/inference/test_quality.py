@@ -196,3 +196,26 @@ def test_greyscale_copies_of_real_dermoscopy_are_refused(shared_data: Path) -> N
         assert ok
         rep = assess_quality(cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
         assert rep.reason is not None and "no colour" in rep.reason, (f.name, rep.reason)
+
+
+def test_fast_statistics_equal_their_definitions() -> None:
+    from dermnode.inference.quality import _mean_std, _tables, _top_colours_fraction
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 6, (96, 128, 3)).astype(np.uint8) * 40  # few exact colours, many repeats
+    keep = rng.random(img.shape[:2]) < 0.7
+    px = img[keep]
+    codes = px[:, 0].astype(np.int64) << 16 | px[:, 1].astype(np.int64) << 8 | px[:, 2]
+    counts = np.unique(codes, return_counts=True)[1]
+    assert _top_colours_fraction(img, keep) == pytest.approx(float(np.sort(counts)[-8:].sum()) / len(codes), abs=0)
+    grey = rng.integers(0, 256, (50, 70)).astype(np.uint8)
+    mean, std = _mean_std(grey)
+    assert mean == pytest.approx(grey.mean(), rel=1e-12) and std == pytest.approx(grey.std(), rel=1e-12)
+    # the per-pixel tables are the float32 rules of the docstring on every (hue, saturation) byte pair
+    hsv = np.stack(np.meshgrid(np.arange(256), np.arange(256), indexing="ij"), axis=-1).reshape(-1, 2)
+    hue = hsv[:, 0].astype(np.float32) * (360.0 / 256.0)
+    sat = hsv[:, 1].astype(np.float32) / 255.0
+    t = _tables()
+    assert np.array_equal(t["skin"], (((hue >= 330) | (hue < 60)) & (sat >= 0.05) & (sat <= 0.85)) | (sat < 0.2))
+    assert np.array_equal(t["foreign"], (hue >= 75) & (hue < 300) & (sat >= 0.45))
+    assert np.array_equal(t["dark"], np.arange(256, dtype=np.float32) / 255.0 < 0.12)
