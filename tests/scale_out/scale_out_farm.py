@@ -60,10 +60,12 @@ def sop_uid(path: Path) -> str:
 
 def send_each(port: int, files: Sequence[Path], *, called_aet: str = "DERMNODE",
               before_each: Callable[[int], None] | None = None,
-              out: list[tuple[str, int | None]] | None = None) -> list[tuple[str, int | None]]:
+              out: list[tuple[str, int | None]] | None = None,
+              timeout_s: float = 30.0) -> list[tuple[str, int | None]]:
     """Send ``files`` over one pynetdicom association; ``(SOP Instance UID, status or None)`` per file sent (None:
     no answer, e.g. the receiver was killed; files after a broken association are not listed), appended to ``out``
-    as they come (another thread may watch it) and returned."""
+    as they come (another thread may watch it) and returned. ``timeout_s``: ACSE, DIMSE and network timeouts (a
+    killed receiver's association may only end with them)."""
     import pydicom
     from pydicom.uid import JPEGBaseline8Bit
     from pynetdicom import AE
@@ -71,7 +73,7 @@ def send_each(port: int, files: Sequence[Path], *, called_aet: str = "DERMNODE",
     from dermnode.dicom_io.uids import DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE
 
     ae = AE(ae_title=CALLING_AET)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(DERMOSCOPIC_PHOTOGRAPHY_IMAGE_STORAGE, JPEGBaseline8Bit)
     out = [] if out is None else out
     assoc = ae.associate("127.0.0.1", port, ae_title=called_aet)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from scale_out_farm import (
     STATUS_OUT_OF_RESOURCES,
@@ -38,7 +39,7 @@ from scale_out_farm import (
     write_sources,
 )
 
-from pg import find_pg_bin
+from pg import PASSWORD, find_pg_bin
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -104,7 +105,7 @@ def test_kill9_of_an_analyzer_mid_job_and_of_a_receiver_mid_association(farm: Fa
     victim, survivor = farm.by_role("analyze")
     r_victim, r_other = farm.by_role("receive")
     files = write_sources(tmp_path / "jobs", 8, tag="kill-a")
-    burst = write_sources(tmp_path / "burst", 16, tag="kill-r")
+    burst = write_sources(tmp_path / "burst", 24, tag="kill-r")
     uids = [sop_uid(f) for f in files]
     res = send_each(r_other.port, files)
     assert [s for _, s in res] == [STATUS_SUCCESS] * len(files)
@@ -123,12 +124,30 @@ def test_kill9_of_an_analyzer_mid_job_and_of_a_receiver_mid_association(farm: Fa
     victim.kill9()
     lease_end = farm.sql("SELECT lease_expires_at FROM jobs WHERE id = %s", (orphan["id"],))[0]["lease_expires_at"]
 
-    # kill -9 a receiver in the middle of an association (after 4 acknowledged images, while more are sent)
+    # watch the orphan until it is done (own connection, beside the receiver kill below): who holds it, since when
+    seen: list[tuple[float, str, str | None, int]] = []
+
+    def watch() -> None:
+        with psycopg.connect(farm.cluster.dsn, password=PASSWORD, autocommit=True) as conn:
+            end = time.monotonic() + 120
+            while time.monotonic() < end:
+                state, owner, attempts = conn.execute(
+                    "SELECT state, owner, attempts FROM jobs WHERE id = %s", (orphan["id"],)).fetchone()
+                seen.append((time.time(), state, owner, attempts))
+                if state == "done":
+                    return
+                time.sleep(0.03)
+
+    watcher = threading.Thread(target=watch, name="orphan-watch")
+    watcher.start()
+
+    # kill -9 a receiver in the middle of an association: after 4 acknowledged images, while the next C-STOREs are
+    # sent back to back (the kill may land in one: stored and queued, or not, but unanswered)
     sent: list[tuple[str, int | None]] = []
 
     def sender() -> None:
         with contextlib.suppress(Exception):  # the association dies with the receiver
-            send_each(r_victim.port, burst, before_each=lambda i: time.sleep(0.05), out=sent)
+            send_each(r_victim.port, burst, out=sent, timeout_s=5)
 
     burst_thread = threading.Thread(target=sender, name="burst")
     burst_thread.start()
@@ -139,15 +158,7 @@ def test_kill9_of_an_analyzer_mid_job_and_of_a_receiver_mid_association(farm: Fa
     burst_thread.join(60)
     assert not burst_thread.is_alive()
 
-    # watch the orphan until it is done: who holds it, and since when
-    seen: list[tuple[float, str, str | None, int]] = []
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        row = farm.sql("SELECT state, owner, attempts FROM jobs WHERE id = %s", (orphan["id"],))[0]
-        seen.append((time.time(), row["state"], row["owner"], row["attempts"]))
-        if row["state"] == "done":
-            break
-        time.sleep(0.03)
+    watcher.join(130)
     taken = [t for t, state, owner, _ in seen if not (state == "running" and _owned_by(owner, victim.pid))]
     assert taken and seen[-1][1] == "done", seen[-5:]
     # never taken from the dead worker before its lease ran out (observed after the fact: >= the real moment)
