@@ -9,6 +9,7 @@ process and a description of the machine.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -22,7 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -104,6 +105,26 @@ def write_dicoms(out: Path, n: int, *, jpeg: bool, images: Sequence[np.ndarray],
         ds.save_as(path, enforce_file_format=True)
         files.append(SourceFile(path, str(ds.SOPInstanceUID), path.stat().st_size))
     return files
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` added to ``os.environ`` for what is started inside (the Orthanc of ``tests/peers`` inherits it)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+#: The environment of a DCMTK program (storescu, storescp, Orthanc) with Nagle's algorithm off: DCMTK >= 3.6.2
+#: leaves it on unless ``TCP_NODELAY=1`` is set, and then stalls small writes on the peer's delayed ACK (~40 ms).
+DCMTK_NODELAY = {"TCP_NODELAY": "1"}
 
 
 def dcmtk_tool(name: str) -> str:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/end_to_end.py [--sequential 20] [--load 10x5] [--pynetdicom-associations K]
+    .venv/bin/python bench/end_to_end.py [--sequential 20] [--load 20x50] [--pynetdicom-associations K]
                                          [--client-nodelay] [--throughput-images 30]
                                          [--throughput-configs 1 2 2:2] [--out bench/results/x.json]
 
@@ -55,6 +55,7 @@ Phases
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -70,10 +71,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    DCMTK_NODELAY,
     REPO,
     SourceFile,
     busy_processes,
     db_rows,
+    environment,
     machine_info,
     proc_status_kb,
     send_mixed,
@@ -168,9 +171,13 @@ def dermnode_process(work: Path, *, workers: int, torch_threads: int | None = No
     return DermnodeProcess(root, port, dermnode_env(root, port, extra), config=cfg)
 
 
-def start_stack(work: Path, **kwargs: Any) -> Stack:
-    """Orthanc, the FHIR server and dermnode (models loaded) on free loopback ports; all stopped on failure."""
-    orthanc = start_orthanc(work / "orthanc")
+def start_stack(work: Path, *, orthanc_nodelay: bool = True, **kwargs: Any) -> Stack:
+    """Orthanc, the FHIR server and dermnode (models loaded) on free loopback ports; all stopped on failure.
+
+    ``orthanc_nodelay``: Orthanc (DCMTK inside) runs with ``TCP_NODELAY=1``, as every DCMTK program of the
+    benchmarks; else with DCMTK's default (Nagle on), which adds a delayed-ACK stall to each delivery."""
+    with environment(DCMTK_NODELAY if orthanc_nodelay else {}):
+        orthanc = start_orthanc(work / "orthanc")
     fhir = None
     try:
         fhir = FhirTestServer().start()
@@ -204,8 +211,16 @@ def delivery_rows(db: Path) -> list[dict[str, Any]]:
     return [dict(r) for r in db_rows(db, "SELECT * FROM deliveries ORDER BY id")]
 
 
-def expected_deliveries(outcome: str | None) -> int:
-    return 3 if outcome == "analysed" else 2  # SEG + SR + FHIR, or SR + FHIR
+def min_deliveries(outcome: str | None) -> int:
+    """Fewest results a finished job queues: SEG + SR + FHIR when analysed, SR + FHIR when not analysable (the
+    pipeline may add more PACS objects, e.g. the presentation state and a key image)."""
+    return 3 if outcome == "analysed" else 2
+
+
+def complete(job: dict[str, Any]) -> bool:
+    """A finished job whose results were all delivered (the pipeline queues them all before the job is done)."""
+    return (job["state"] == "done" and job["n_deliveries"] >= min_deliveries(job["outcome"])
+            and job["n_delivered"] == job["n_deliveries"])
 
 
 def all_finished(db: Path, expected_jobs: int) -> bool:
@@ -300,7 +315,9 @@ def check_exactly_once(stack: Stack, sent: Sequence[SourceFile], acknowledged: S
         "job_attempts_gt1": sum(1 for j in jobs if j["job_attempts"] > 1),
         "outcomes": {str(o): sum(1 for j in jobs if j["outcome"] == o) for o in {j["outcome"] for j in jobs}},
         "deliveries": len(deliveries),
-        "deliveries_expected": sum(expected_deliveries(j["outcome"]) for j in jobs),
+        "deliveries_expected": sum(j["n_deliveries"] for j in jobs),
+        "jobs_with_fewer_results_than_expected": sum(1 for j in jobs
+                                                     if j["n_deliveries"] < min_deliveries(j["outcome"])),
         "deliveries_done": sum(1 for d in deliveries if d["state"] == "done"),
         "delivery_attempts_gt1": sum(1 for d in deliveries if d["attempts"] > 1),
         "orthanc_instances": len(in_orthanc),
@@ -313,6 +330,7 @@ def check_exactly_once(stack: Stack, sent: Sequence[SourceFile], acknowledged: S
     checks["ok"] = bool(
         n > 0 and checks["jobs_match_acknowledged"] and checks["jobs_done"] == n
         and checks["deliveries"] == checks["deliveries_expected"] == checks["deliveries_done"]
+        and checks["jobs_with_fewer_results_than_expected"] == 0
         and checks["delivery_attempts_gt1"] == 0
         and checks["orthanc_matches_deliveries"] and checks["orthanc_duplicates"] == 0
         and checks["fhir_posts"] == n_fhir == checks["fhir_diagnostic_reports"] == n
@@ -331,7 +349,7 @@ def latencies(jobs: Sequence[dict[str, Any]], uids: set[str]) -> dict[str, list[
     for j in jobs:
         if j["sop_instance_uid"] not in uids or j["last_delivered_at"] is None:
             continue
-        if j["n_delivered"] != expected_deliveries(j["outcome"]):
+        if not complete(j):
             continue
         out["total_s"].append(j["last_delivered_at"] - j["received_at"])
         out["received_to_done_s"].append(j["done_at"] - j["received_at"])
@@ -361,22 +379,28 @@ def phase_sequential(work: Path, images: Sequence[Any], k: int, *, jpeg: bool, s
         uids = {f.sop_instance_uid for f in measured}
         jobs = job_rows(stack.db)
         deliveries = delivery_rows(stack.db)
-        # Orthanc holds the SEG and SR of every measured job
+        # Orthanc holds every DICOM result (SEG, SR, presentation state, ...) of every measured job
         dicom = [d for d in deliveries if d["kind"] == "dicom"]
         in_orthanc = sum(1 for d in dicom if orthanc_has(stack.orthanc, d["object_key"]))
-        # delivery breakdown (the outbox sends one job's objects back to back, SEG, SR, then FHIR)
+        # delivery breakdown: one delivery thread per destination, so the PACS objects go one after the other
+        # (oldest first) while the FHIR bundle goes beside them
         by_job: dict[int, list[dict[str, Any]]] = {}
         for d in deliveries:
             by_job.setdefault(d["job_id"], []).append(d)
-        seg_wait, sr_send, fhir_send = [], [], []
+        first_wait, next_send, pacs_chain, fhir_send, n_pacs = [], [], [], [], []
         uid_of = {j["id"]: j["sop_instance_uid"] for j in jobs}
         for job_id, ds in by_job.items():
-            if uid_of.get(job_id) not in uids or len(ds) != 3 or any(d["delivered_at"] is None for d in ds):
+            if uid_of.get(job_id) not in uids or any(d["delivered_at"] is None for d in ds):
                 continue
-            seg, sr, fh = sorted(ds, key=lambda d: d["id"])
-            seg_wait.append((seg["delivered_at"] - seg["created_at"]) * 1000)
-            sr_send.append((sr["delivered_at"] - seg["delivered_at"]) * 1000)
-            fhir_send.append((fh["delivered_at"] - sr["delivered_at"]) * 1000)
+            pacs = sorted((d for d in ds if d["kind"] == "dicom"), key=lambda d: d["id"])
+            fhir = [d for d in ds if d["kind"] == "fhir"]
+            if not pacs or len(fhir) != 1:
+                continue
+            n_pacs.append(len(pacs))
+            first_wait.append((pacs[0]["delivered_at"] - pacs[0]["created_at"]) * 1000)
+            next_send += [(b["delivered_at"] - a["delivered_at"]) * 1000 for a, b in itertools.pairwise(pacs)]
+            pacs_chain.append((pacs[-1]["delivered_at"] - pacs[0]["created_at"]) * 1000)
+            fhir_send.append((fhir[0]["delivered_at"] - fhir[0]["created_at"]) * 1000)
         lat = latencies(jobs, uids)
         return {
             "k": k,
@@ -384,8 +408,9 @@ def phase_sequential(work: Path, images: Sequence[Any], k: int, *, jpeg: bool, s
             "latency_values_s": lat["total_s"],
             "storescu_return_minus_received_at_s": summary(ack_minus_received[1:]),
             "stages_ms": stage_timings(stack, sorted(uids)),
-            "delivery_ms": {"outbox_wait_plus_seg_cstore": summary(seg_wait), "sr_cstore": summary(sr_send),
-                            "fhir_post": summary(fhir_send)},
+            "delivery_ms": {"outbox_wait_plus_first_cstore": summary(first_wait), "next_cstore": summary(next_send),
+                            "pacs_all_objects": summary(pacs_chain), "fhir_queued_to_accepted": summary(fhir_send)},
+            "pacs_objects_per_job": summary(n_pacs),
             "orthanc_has_delivered_dicom": f"{in_orthanc}/{len(dicom)}",
             "exactly_once": check_exactly_once(stack, files, files),
             "peak_rss_mb": (proc_status_kb(stack.pid, "VmHWM") or 0) / 1024,
@@ -524,15 +549,16 @@ def phase_throughput(work: Path, images: Sequence[Any], t: int, workers: int, to
         stack.stop()
 
 
-def run(sequential: int = 20, load: tuple[int, int] = (10, 5), throughput_images: int = 30,
+def run(sequential: int = 20, load: tuple[int, int] = (20, 50), throughput_images: int = 30,
         throughput_configs: Sequence[tuple[int, int | None]] = ((1, None), (2, None)), jpeg: bool = True,
         models_dir: Path | None = None, fast_poll: bool = False, log: Any = print,
-        pynetdicom_associations: int | None = None, client_nodelay: bool = False) -> dict[str, Any]:
+        pynetdicom_associations: int | None = None, client_nodelay: bool = False,
+        orthanc_nodelay: bool = True) -> dict[str, Any]:
     models = models_dir or REPO / "models"
     if not models_present(models):
         raise SystemExit(f"models not found in {models} (segmentation.json, classifier.json): cannot run")
     images, described = source_images(60)
-    stack_kw: dict[str, Any] = {"fast_poll": fast_poll, "models_dir": models_dir}
+    stack_kw: dict[str, Any] = {"fast_poll": fast_poll, "models_dir": models_dir, "orthanc_nodelay": orthanc_nodelay}
     k = default_pynetdicom_associations(load[0]) if pynetdicom_associations is None else pynetdicom_associations
     if load[0] > 0 and load[1] > 0 and not 0 <= k <= load[0]:
         raise SystemExit(f"--pynetdicom-associations {k}: must be between 0 and N = {load[0]}")
@@ -541,8 +567,11 @@ def run(sequential: int = 20, load: tuple[int, int] = (10, 5), throughput_images
                                                       "pynetdicom_associations": k, "client_nodelay": client_nodelay},
                    "throughput_images": throughput_images, "throughput_configs": [list(c) for c in throughput_configs],
                    "encoding": "jpeg" if jpeg else "native", "images": described,
-                   "polls": "test (0.1/0.2 s)" if fast_poll else "defaults (job 0.1 s, outbox 0.2 s)",
-                   "models_dir": str(models)},
+                   "polls": "test (0.1/0.2 s)" if fast_poll else
+                   "defaults (job 0.1 s, outbox 0.2 s, as fallbacks: workers and outbox wake on a commit)",
+                   "models_dir": str(models),
+                   "orthanc": "TCP_NODELAY=1 (as every DCMTK program of the benchmarks)" if orthanc_nodelay
+                   else "DCMTK default (Nagle on)"},
         "busy_at_start": busy_processes(),
     }
     with tempfile.TemporaryDirectory(prefix="dermnode-bench-e2e-") as tmp:
@@ -574,9 +603,10 @@ def markdown(res: dict[str, Any]) -> str:
     p = res["params"]
     lines: list[str] = []
     seq, load = res.get("sequential"), res.get("load")
-    lines += [f"Inputs: {p['encoding']} files, {p['images']}; dermnode polls: {p['polls']}.", "",
+    lines += [f"Inputs: {p['encoding']} files, {p['images']}; dermnode polls: {p['polls']}; Orthanc: "
+              f"{p.get('orthanc', 'DCMTK default (Nagle on)')}.", "",
               "**Latency** from the C-STORE acknowledgement (`jobs.received_at`) to the last result delivered "
-              "(SEG and SR stored in Orthanc, FHIR bundle accepted):", "",
+              "(every DICOM result — SEG, SR, presentation state — stored in Orthanc, FHIR bundle accepted):", "",
               "| scenario | images | p50 | p95 | max | of which received → analysed (p50) | "
               "analysed → delivered (p50) | peak RSS | exactly once |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -601,7 +631,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"(done {e['jobs_done']}, dead {e['jobs_dead']}, outcomes {e['outcomes']}), deliveries "
                   f"{e['deliveries_done']}/{e['deliveries_expected']} done ({e['delivery_attempts_gt1']} needed a "
                   f"retry), Orthanc instances {e['orthanc_instances']} (duplicates {e['orthanc_duplicates']}, "
-                  f"match the delivered SEG/SR: {e['orthanc_matches_deliveries']}), FHIR POSTs {e['fhir_posts']}, "
+                  f"match the delivered DICOM results: {e['orthanc_matches_deliveries']}), "
+                  f"FHIR POSTs {e['fhir_posts']}, "
                   f"DiagnosticReports {e['fhir_diagnostic_reports']}. All {load['images']} sent in "
                   f"{load['send_wall_s']:.1f} s; first send → last delivery {load['first_send_to_last_delivery_s']:.1f}"
                   f" s. RSS after start (models loaded, idle) {load['rss_idle_after_start_mb']:.0f} MB."]
@@ -632,13 +663,18 @@ def markdown(res: dict[str, Any]) -> str:
             a, b = s_st.get(st, {}), l_st.get(st, {})
             lines.append(f"| {st} | {_fmt(a.get('mean'), 1, 1)} | {_fmt(a.get('p50'), 1, 1)} | "
                          f"{_fmt(b.get('mean'), 1, 1)} | {_fmt(b.get('p50'), 1, 1)} |")
-        if seq:
+        if seq and "pacs_all_objects" in seq["delivery_ms"]:
             d = seq["delivery_ms"]
-            lines += ["", "Delivery (sequential phase, ms): outbox wait + SEG C-STORE mean "
-                      f"{_fmt(d['outbox_wait_plus_seg_cstore']['mean'], 1, 0)} / p50 "
-                      f"{_fmt(d['outbox_wait_plus_seg_cstore']['p50'], 1, 0)}; SR C-STORE mean "
-                      f"{_fmt(d['sr_cstore']['mean'], 1, 0)} / p50 {_fmt(d['sr_cstore']['p50'], 1, 0)}; FHIR POST mean "
-                      f"{_fmt(d['fhir_post']['mean'], 1, 0)} / p50 {_fmt(d['fhir_post']['p50'], 1, 0)}."]
+
+            def ms(key: str) -> str:
+                return f"mean {_fmt(d[key]['mean'], 1, 0)} / p50 {_fmt(d[key]['p50'], 1, 0)}"
+
+            n_pacs = seq.get("pacs_objects_per_job", {}).get("p50")
+            lines += ["", f"Delivery (sequential phase, ms; {_fmt(n_pacs, 1, 0)} DICOM objects per job to the PACS "
+                      "one after the other, the FHIR bundle beside them): outbox wait + first C-STORE "
+                      f"{ms('outbox_wait_plus_first_cstore')}; each further C-STORE {ms('next_cstore')}; all PACS "
+                      f"objects {ms('pacs_all_objects')}; FHIR bundle queued → accepted "
+                      f"{ms('fhir_queued_to_accepted')}."]
     if res.get("throughput"):
         lines += ["", f"**Throughput** ({p['throughput_images']} images queued first, then analysed):", "",
                   "| workers | torch threads | analysed/min (steady) | analysed/min (from ready) | "
@@ -674,8 +710,8 @@ def default_threads() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sequential", type=int, default=20, help="images sent one at a time (default 20; 0: skip)")
-    ap.add_argument("--load", type=_pair, default=(10, 5), help="NxM: N concurrent associations of M images "
-                    "(default 10x5; 0x0: skip)")
+    ap.add_argument("--load", type=_pair, default=(20, 50), help="NxM: N concurrent associations of M images "
+                    "(default 20x50; 0x0: skip)")
     ap.add_argument("--pynetdicom-associations", type=int, default=None, metavar="K",
                     help="how many of the N load associations come from pynetdicom client processes (default: "
                     "N // 4, at least 1 when N >= 2); the others are storescu")
@@ -687,6 +723,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="WORKERS[:TORCH_THREADS] (no threads: the service default analysis.torch_threads; 0: "
                     "torch's own default); default 1 2")
     ap.add_argument("--native", action="store_true", help="send native RGB instead of JPEG Baseline")
+    ap.add_argument("--orthanc-dcmtk-default", action="store_true", help="run Orthanc with DCMTK's default (Nagle "
+                    "on) instead of TCP_NODELAY=1")
     ap.add_argument("--models", type=Path, help="models folder (default: the shipped models/)")
     ap.add_argument("--fast-poll", action="store_true", help="the tests' poll intervals (0.1/0.2 s) instead of "
                     "the defaults (0.1/0.2 s)")
@@ -696,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
            "end_to_end": run(args.sequential, args.load, args.throughput_images, args.throughput_configs,
                              not args.native, args.models, args.fast_poll, log=lambda s: print(s, flush=True),
                              pynetdicom_associations=args.pynetdicom_associations,
-                             client_nodelay=args.client_nodelay)}
+                             client_nodelay=args.client_nodelay, orthanc_nodelay=not args.orthanc_dcmtk_default)}
     print(markdown(res["end_to_end"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ included) and client (storescu) CPU seconds are recorded as well.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -46,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +57,7 @@ from common import (
     busy_processes,
     db_rows,
     dcmtk_tool,
+    environment,
     machine_info,
     send_parallel,
     source_images,
@@ -160,21 +160,6 @@ def run_storescp(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceF
         shutil.rmtree(directory.parent, ignore_errors=True)
     out["ok"] = out["received"] == len(files) and out["success_responses"] == len(files)
     return out
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """``env`` added to ``os.environ`` for what is started inside (the Orthanc of ``tests/peers`` inherits it)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_orthanc(work: Path, files: Sequence[SourceFile], warm: Sequence[SourceFile], *, jpeg: bool,

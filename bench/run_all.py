@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/run_all.py            # full run (~15-25 min on 2 cores): writes
+    .venv/bin/python bench/run_all.py            # full run (~30-45 min on 2 cores): writes
                                                  # bench/results/<UTC time>.json and docs/performance.md
     .venv/bin/python bench/run_all.py --quick    # tiny sizes, a smoke test of the harness (no doc update)
     make bench                                   # the same as the first line
@@ -70,29 +70,35 @@ Everything runs on this one machine over loopback; every server is started fresh
 resized; unique UIDs per file), in two encodings: native RGB (Explicit VR Little Endian) and JPEG Baseline
 (YBR_FULL_422, quality 92). They are sent with DCMTK `storescu -R -xe` (native) / `storescu -R -xy` (JPEG), over
 one association, and split round-robin over 4 `storescu` processes started together (4 concurrent associations).
-DCMTK ≥ 3.6.2 leaves Nagle's algorithm on unless `TCP_NODELAY=1` is set in the environment; with it on, each image
-stalls on the ~40 ms delayed-ACK timer, so the main table runs storescu and storescp with `TCP_NODELAY=1` (the
-receiver is what is measured) and a second table keeps DCMTK's defaults. The time runs from the start of the first
-`storescu` to the exit of the last, i.e. to the last C-STORE response; images/s = N / time, MB/s = file bytes /
-10⁶ / time. Receivers: `dermnode serve` in receive-only mode (`workers.count = 0`, default settings: temp file +
-fsync + rename + directory fsync, then the job committed in SQLite WAL with synchronous=FULL, before the
-response), and the C++ reference `storescp -od DIR +xa` (with `--fork` for 4 associations; storescp does not
-fsync). A diagnostic row runs dermnode with `storage.fsync = false` (SQLite still syncs). Each case: a fresh
-receiver, a 4-file warm-up, `sync`, then the timed send; repeated, the median is reported; every response must be
-a success and every instance must have arrived (a job in the database / a file in the storescp folder). CPU
+The same files go to every receiver of a run. DCMTK ≥ 3.6.2 leaves Nagle's algorithm on unless `TCP_NODELAY=1` is
+set in the environment; with it on, each image stalls on the ~40 ms delayed-ACK timer, so the main table runs every
+DCMTK program (storescu, storescp, and Orthanc, which is built on DCMTK) with `TCP_NODELAY=1` (the receiver is what
+is measured) and a second table keeps DCMTK's defaults. The time runs from the start of the first `storescu` to the
+exit of the last, i.e. to the last C-STORE response; images/s = N / time, MB/s = file bytes / 10⁶ / time.
+Receivers: `dermnode serve` in receive-only mode (`workers.count = 0`, default settings: the instance written as
+received to a temp file + fsync + rename + directory fsync, then its job committed in SQLite WAL with
+synchronous=FULL — concurrent associations share commits — before the response); Orthanc 1.10 (`Orthanc --no-jobs
+CONFIG.json` as `tests/peers.start_orthanc` starts it, default storage and index settings: a PACS that also indexes
+what it stores; this version has no option to fsync its storage area and does not); and the C++ reference
+`storescp -od DIR +xa` (with `--fork` for 4 associations; storescp does not fsync). A diagnostic row runs dermnode
+with `storage.fsync = false` (SQLite still syncs). Each case: a fresh receiver, a 4-file warm-up, `sync`, then the
+timed send; repeated, the median is reported; every response must be a success and every instance must have
+arrived (a job in the database / an instance in Orthanc's `/statistics` / a file in the storescp folder). CPU
 ms/image are utime+stime of the receiver process (children included) and of the storescu processes during the
 timed send.
 
 **End to end** (`bench/end_to_end.py`). Orthanc 1.10 (PACS), the loopback FHIR server of the tests (EHR) and
 `dermnode serve` (one `[[pacs]]` table to Orthanc, `fhir.base_url` to the FHIR server, `workers.count = 1`,
-otherwise defaults: job poll 0.1 s, outbox poll 0.2 s, `analysis.torch_threads`). JPEG Baseline inputs. Latency =
-last `deliveries.delivered_at` of the job (SEG and SR accepted by Orthanc, FHIR transaction answered) −
+otherwise defaults: workers and the outbox wake on the commit that queues their work, with job poll 0.1 s and outbox
+poll 0.2 s as the fallback; one delivery thread per destination, so the PACS and the FHIR server are sent to
+concurrently; `analysis.torch_threads`). JPEG Baseline inputs. Latency = last `deliveries.delivered_at` of the job
+(every DICOM result — SEG, SR, presentation state — accepted by Orthanc, FHIR transaction answered) −
 `jobs.received_at` (committed just before the C-STORE response), both from `var/dermnode.db`. (a) sequential: one
 image at a time after one warm-up image; (b) load: N concurrent associations × M images each, from `storescu`
 processes and K of them (`--pynetdicom-associations`, default N // 4) from pynetdicom clients (sent 31 s
 after start, once the harness's own readiness probe has expired, see the notes), peak RSS = `VmHWM` of the
 dermnode process, and exactly-once checks (every acknowledged image has one job, done; each result delivered on
-the first attempt; Orthanc's `/instances` holds exactly the delivered SEG/SR UIDs; one FHIR POST per bundle); (c)
+the first attempt; Orthanc's `/instances` holds exactly the delivered DICOM results; one FHIR POST per bundle); (c)
 per-stage times from each job's `result.json` `timings_ms` (decode and outputs, which result.json lacks, from the
 service's `analysed …` log line) and the delivery steps from the database timestamps of the sequential phase; (d)
 throughput: T images queued with a receive-only dermnode, then dermnode restarted on the same storage with W
@@ -129,10 +135,12 @@ def write_doc(path: Path, res: dict[str, Any], json_name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the harness")
-    ap.add_argument("--ingest-n", type=int, default=200)
+    ap.add_argument("--ingest-n", type=int, default=100)
     ap.add_argument("--ingest-repeats", type=int, default=3)
+    ap.add_argument("--ingest-senders", nargs="+", default=list(ingest.SENDERS), choices=list(ingest.SENDERS),
+                    help="DCMTK configurations of the ingest runs (default: both; nodelay is the main table)")
     ap.add_argument("--sequential", type=int, default=20)
-    ap.add_argument("--load", type=end_to_end._pair, default=(10, 5))
+    ap.add_argument("--load", type=end_to_end._pair, default=(20, 50))
     ap.add_argument("--throughput-images", type=int, default=30)
     ap.add_argument("--throughput-configs", type=end_to_end._config, nargs="*", default=[(1, None), (2, None), (1, 2)])
     ap.add_argument("--models", type=Path, help="models folder (default: the shipped models/)")
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         log("warning: other CPU-heavy processes are running, numbers will be disturbed:\n  "
             + "\n  ".join(res["busy_at_start"]))
     if not args.skip_ingest:
-        res["ingest"] = ingest.run(args.ingest_n, args.ingest_repeats, (1, 4), no_fsync=True, log=log)
+        res["ingest"] = ingest.run(args.ingest_n, args.ingest_repeats, (1, 4), no_fsync=True,
+                                   senders=args.ingest_senders, log=log)
     models = args.models or REPO / "models"
     if args.skip_e2e:
         res["end_to_end_skipped"] = "--skip-e2e"
