@@ -225,3 +225,22 @@ def test_cli_status_and_replay_read_the_shared_state(pg_settings: Settings, tmp_
             else:
                 os.environ[k] = v
     assert queue.counts()["pending"] == 1 and not (tmp_path / "else").exists()
+
+
+def test_one_delivery_thread_per_destination(tmp_path: Path, services: list[Service]) -> None:
+    """Every PACS and the FHIR server get their own delivery thread, so a slow one holds back no other."""
+    from dataclasses import replace
+
+    from dermnode.service import delivery_destinations
+    from dermnode.settings import FhirSettings, PacsDestination
+
+    base = settings_for(tmp_path)
+    assert delivery_destinations(base) == 1  # nothing configured: one thread (results stay queued)
+    two_pacs = replace(base, pacs=(PacsDestination(name="a", ae_title="A", host="127.0.0.1", port=104),
+                                   PacsDestination(name="b", ae_title="B", host="127.0.0.1", port=105)))
+    assert delivery_destinations(two_pacs) == 2
+    full = replace(two_pacs, fhir=FhirSettings(base_url="http://127.0.0.1:1/fhir"))
+    assert delivery_destinations(full) == 3
+    service = Service(full, {})
+    services.append(service)
+    assert service.pool.delivery_threads == 3
