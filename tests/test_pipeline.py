@@ -338,3 +338,157 @@ def test_presentation_state_can_be_switched_off(tmp_path: Path, analyzer: Analyz
     assert _process(tmp_path, settings, analyzer, ds, src) == ["dicom:pacs:main"] * 2 + ["fhir:fhir"]
     out = settings.storage_root / "results" / str(ds.SOPInstanceUID)
     assert not (out / "pr.dcm").exists() and not (out / "key-image.dcm").exists()
+
+
+# --- issue 12: the outputs stage: overlay size, one bundle validation, durable writes with few fsyncs ------------
+def _analysed(tmp_path: Path, analyzer: Analyzer, rows: int = 240, cols: int = 320) -> tuple[pydicom.Dataset, object]:
+    from dermnode.dicom_io.reading import to_source_image
+
+    ds = wrap_rgb(synthetic_dermoscopy(rows, cols), WrapOptions(patient_id="MRN12", pixel_spacing_mm=0.05))
+    result = analyzer.analyze(to_source_image(ds, Settings().analysis.calibrations))
+    return ds, result
+
+
+def _with_fsync(settings: Settings, fsync: bool) -> Settings:
+    return dataclasses.replace(settings, storage=dataclasses.replace(settings.storage, fsync=fsync))
+
+
+def _record_fsyncs_and_renames(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Log every ``os.fsync`` (of a file or a folder, by name) and ``os.replace``, in order, from every thread."""
+    import os
+    import stat
+    import threading
+
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        real_fsync(fd)
+        with lock:
+            events.append((f"fsync-{kind}", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def replace(src: object, dst: object) -> None:
+        real_replace(src, dst)  # type: ignore[arg-type]
+        with lock:
+            events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_outputs_are_durable_with_one_folder_fsync(tmp_path: Path, analyzer: Analyzer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """storage.fsync on: every file is fsynced under its temporary name before any rename, and after the renames
+    the output folder is fsynced once (with the parents of the folders made for it); no temporary file is left."""
+    from dermnode.pipeline import write_outputs
+
+    ds, result = _analysed(tmp_path, analyzer)
+    settings = _with_fsync(_settings(tmp_path), True)
+    events = _record_fsyncs_and_renames(monkeypatch)
+    out = tmp_path / "results" / str(ds.SOPInstanceUID)  # results/ and the instance folder are both new
+    files = write_outputs(ds, result, settings, out)  # type: ignore[arg-type]
+
+    names = {p.name for p in out.iterdir()}
+    assert names == {"overlay.png", "seg.dcm", "pr.dcm", "sr.dcm", "diagnostic-report.json", "result.json"}
+    assert files.fhir_bundle is not None
+    file_syncs = [path for kind, path in events if kind == "fsync-file"]
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    dir_syncs = [(i, path) for i, (kind, path) in enumerate(events) if kind == "fsync-dir"]
+    assert len(file_syncs) == len(names) == len(renames)  # each file once, under its temporary name
+    assert all(Path(p).name.startswith(".") and p.endswith(".tmp") for p in file_syncs)
+    assert max(i for i, (kind, _) in enumerate(events) if kind == "fsync-file") < min(renames)
+    assert all(i > max(renames) for i, _ in dir_syncs)  # the names are made durable after the last rename
+    assert [p for _, p in dir_syncs] == [str(out), str(out.parent), str(tmp_path)]  # folder, then new entries
+
+
+def test_outputs_are_not_fsynced_when_storage_fsync_is_off(tmp_path: Path, analyzer: Analyzer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from dermnode.pipeline import write_outputs
+
+    ds, result = _analysed(tmp_path, analyzer)
+    events = _record_fsyncs_and_renames(monkeypatch)
+    out = tmp_path / "out"
+    write_outputs(ds, result, _with_fsync(_settings(tmp_path), False), out)  # type: ignore[arg-type]
+    assert [kind for kind, _ in events if kind.startswith("fsync")] == []
+    assert len([kind for kind, _ in events if kind == "rename"]) == len(list(out.iterdir())) == 6
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_write_leaves_no_temporary_file(tmp_path: Path, analyzer: Analyzer,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from dermnode.errors import StorageError
+    from dermnode.pipeline import write_outputs
+
+    ds, result = _analysed(tmp_path, analyzer)
+    real_replace = os.replace
+
+    def failing_replace(src: object, dst: object) -> None:
+        if str(dst).endswith("sr.dcm"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    out = tmp_path / "out"
+    with pytest.raises(StorageError, match="No space left"):
+        write_outputs(ds, result, _with_fsync(_settings(tmp_path), True), out)  # type: ignore[arg-type]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_fhir_bundle_is_validated_once_and_written_as_validated(tmp_path: Path, analyzer: Analyzer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from fhir.resources.R4B.bundle import Bundle as BundleR4B
+
+    from dermnode.pipeline import write_outputs
+
+    ds, result = _analysed(tmp_path, analyzer)
+    calls: list[int] = []
+    real = BundleR4B.model_validate
+
+    def counting(obj: object, *args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(obj, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(BundleR4B, "model_validate", staticmethod(counting))
+    files = write_outputs(ds, result, _settings(tmp_path), tmp_path / "out")  # type: ignore[arg-type]
+    assert len(calls) == 1
+    assert files.fhir_bundle is not None
+    text = files.fhir_bundle.read_text()
+    monkeypatch.undo()
+    assert json.loads(BundleR4B.model_validate(json.loads(text)).model_dump_json(exclude_none=True)) == json.loads(text)
+
+
+def test_overlay_is_capped_and_attached_as_jpeg_while_the_seg_keeps_full_resolution(
+    tmp_path: Path, analyzer: Analyzer
+) -> None:
+    """Issue 12: overlay.png at most 1024 px on its longer side (a 1500 x 2000 source); the FHIR report carries the
+    same picture as JPEG; the SEG keeps the source's resolution."""
+    import base64
+
+    import cv2
+    import numpy as np
+
+    from dermnode.inference.overlay import OVERLAY_MAX_SIDE
+    from dermnode.pipeline import write_outputs
+
+    ds, result = _analysed(tmp_path, analyzer, rows=1500, cols=2000)
+    files = write_outputs(ds, result, _settings(tmp_path), tmp_path / "out")  # type: ignore[arg-type]
+    png = cv2.imread(str(files.overlay_png))
+    assert png.shape[:2] == (768, OVERLAY_MAX_SIDE)
+    assert files.seg is not None
+    seg = pydicom.dcmread(files.seg)
+    assert (seg.Rows, seg.Columns) == (1500, 2000)
+    assert files.fhir_bundle is not None
+    bundle = json.loads(files.fhir_bundle.read_text())
+    (report,) = [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport"]
+    (form,) = report["presentedForm"]
+    data = base64.b64decode(form["data"])
+    assert form["contentType"] == "image/jpeg" and form["size"] == len(data) and data[:2] == b"\xff\xd8"
+    jpeg = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert jpeg.shape == png.shape
+    assert np.abs(jpeg.astype(int) - png.astype(int)).mean() < 3  # the same picture
+    assert len(data) < files.overlay_png.stat().st_size / 3

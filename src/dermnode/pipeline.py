@@ -122,14 +122,14 @@ def _fsync_path(path: Path) -> None:
 
 
 def _make_folder(directory: Path) -> list[Path]:
-    """Create ``directory`` (and missing parents) owner-only; the folders that were created, outermost first."""
+    """Create ``directory`` (and missing parents) owner-only; the folders that were created, innermost first."""
     created: list[Path] = []
     folder = directory
     while not folder.is_dir():
         created.append(folder)
         folder = folder.parent
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return created[::-1]
+    return created
 
 
 class _DurableFolder:

@@ -4,6 +4,7 @@ placement beside the lesion, not analysable variant, refusals."""
 from __future__ import annotations
 
 import io
+import itertools
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -276,3 +277,37 @@ def test_icc_profile_of_the_source_is_kept_as_an_input_profile(save: Save) -> No
     pr = pydicom.dcmread(save(build(source, mask), "pr-icc.dcm"))
     assert bytes(pr.ICCProfile) == kept
     ImageCms.ImageCmsProfile(io.BytesIO(bytes(pr.ICCProfile)))  # still a valid profile
+
+
+def _brute_directed(a: np.ndarray, b: np.ndarray, step: float = 0.2) -> float:
+    """Directed sampled Hausdorff distance by brute force: every sample against every edge of ``b``."""
+    a = np.vstack([a, a[:1]]) if not np.array_equal(a[0], a[-1]) else a
+    b = np.vstack([b, b[:1]]) if not np.array_equal(b[0], b[-1]) else b
+    starts, ends = b[:-1], b[1:]
+    worst = 0.0
+    for p, q in itertools.pairwise(a):
+        n = max(1, int(np.ceil(np.linalg.norm(q - p) / step)))
+        samples = p + np.linspace(0.0, 1.0, n + 1)[:, None] * (q - p)
+        d = ends - starts
+        len2 = np.maximum((d * d).sum(axis=1), 1e-300)
+        t = np.clip(((samples[:, None, :] - starts) * d).sum(axis=2) / len2, 0.0, 1.0)
+        nearest = starts + t[..., None] * d
+        worst = max(worst, float(np.linalg.norm(samples[:, None, :] - nearest, axis=2).min(axis=1).max()))
+    return worst
+
+
+def test_hausdorff_matches_brute_force_near_and_far() -> None:
+    """The vectorised check is exact: outlines within a pixel of their border, and polygons far apart (where the
+    nearest edge is outside the first candidate window)."""
+    rng = np.random.default_rng(7)
+    _, mask = source_and_mask("irregular")
+    outline = lesion_outline(mask)
+    cases = [(outline.polyline, outline.border)]
+    for _ in range(12):
+        a = rng.uniform(0, 60, (int(rng.integers(2, 15)), 2))
+        b = rng.uniform(0, 60, (int(rng.integers(2, 15)), 2)) + rng.uniform(-40, 40, 2)
+        cases.append((a, b))
+    for a, b in cases:
+        expected = max(_brute_directed(a, b), _brute_directed(b, a))
+        assert hausdorff_px(a, b) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    assert hausdorff_px([[1.0, 1.0]], [[4.0, 5.0]]) == pytest.approx(5.0)

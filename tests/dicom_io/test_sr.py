@@ -191,3 +191,22 @@ def test_uncoded_top_diagnosis_is_left_out() -> None:
     sr = build_report(case.source, result, None, SETTINGS, software_version="0.1.0")
     assert _named(sr, "111023", "DCM") == []
     assert len(_named(sr, "RISKBAND", codes.PRIVATE_SCHEME)) == 1
+
+
+def test_report_content_is_the_written_tree_and_references_need_evidence(analysed_case) -> None:  # type: ignore[no-untyped-def]
+    """``sr.content`` is the tree that is written (highdicom is given the root only, see build_report); an IMAGE
+    item referencing an instance that is not in the evidence is refused."""
+    import pytest
+
+    from dermnode.dicom_io.sr import _check_evidence
+    from dermnode.errors import OutputError
+
+    source, result = analysed_case.source, analysed_case.result
+    seg = build_segmentation(source, result, SETTINGS, software_version="0.1.0")
+    sr = build_report(source, result, seg, SETTINGS, software_version="0.1.0")
+    (root,) = sr.content
+    assert root.ContentSequence is sr.ContentSequence and len(sr.ContentSequence) > 3
+    assert root.ConceptNameCodeSequence == sr.ConceptNameCodeSequence
+    _check_evidence(root, [source, seg])
+    with pytest.raises(OutputError, match="not in its evidence"):
+        _check_evidence(root, [source])  # the SEG is referenced

@@ -249,3 +249,32 @@ def test_effective_datetime() -> None:
 def test_unsupported_version_raises() -> None:
     with pytest.raises(OutputError):
         build("calibrated", settings={"version": "STU3"})
+
+
+@pytest.mark.parametrize("version", ["R4", "R5"])
+def test_encode_bundle_is_the_validated_json_of_build_bundle(version: str) -> None:
+    """The file the pipeline writes: the same bundle as build_bundle, validated once, serialised once (compact)."""
+    import json
+
+    from dermnode.fhir.bundle import encode_bundle
+
+    ds = make_source(calibrated=True)
+    kwargs: dict[str, Any] = {
+        "sr_sop_instance_uid": SR_UID, "seg_sop_instance_uid": SEG_UID, "overlay_png": overlay_png(),
+        "settings": FhirSettings(version=version), "issued": ISSUED,
+    }
+    result = make_result(ds, "calibrated")
+    data = encode_bundle(ds, result, **kwargs)
+    assert isinstance(data, bytes) and b"\n" not in data
+    assert json.loads(data) == build_bundle(ds, result, **kwargs)
+
+
+def test_jpeg_overlay_is_attached_as_jpeg() -> None:
+    jpeg = b"\xff\xd8\xff\xe0" + bytes(range(64)) + b"\xff\xd9"
+    dr = report(build("calibrated", overlay_jpeg=jpeg))
+    (form,) = dr["presentedForm"]
+    assert form["contentType"] == "image/jpeg" and base64.b64decode(form["data"]) == jpeg
+    assert form["size"] == len(jpeg)
+    # not attached when the settings say so
+    assert "presentedForm" not in report(build("calibrated", overlay_jpeg=jpeg,
+                                               settings={"include_overlay": False}))

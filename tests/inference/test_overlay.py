@@ -59,3 +59,29 @@ def test_large_images_are_drawn_reduced_to_the_overlay_size() -> None:
     full = render_overlay(img[:300, :400], mask[:300, :400], max_side=None)
     assert full.shape == (300, 400, 3)
     assert render_overlay(img, None, max_side=2000).shape == (1500, 2000, 3)
+
+
+def test_encode_jpeg_roundtrip_and_size() -> None:
+    from dermnode.inference.overlay import encode_jpeg
+
+    img = np.full((300, 400, 3), 180, np.uint8)
+    mask = np.zeros((300, 400), bool)
+    mask[80:220, 100:300] = True
+    picture = render_overlay(img, mask)
+    data = encode_jpeg(picture)
+    assert data[:2] == b"\xff\xd8"
+    back = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert back.shape == picture.shape
+    assert np.abs(back.astype(int) - picture.astype(int)).mean() < 3
+    with pytest.raises(OutputError):
+        encode_jpeg(picture, quality=0)
+    with pytest.raises(OutputError):
+        encode_jpeg(picture.astype(np.float32))  # type: ignore[arg-type]
+
+
+def test_overlay_of_a_large_image_is_capped_at_1024_px() -> None:
+    from dermnode.inference.overlay import OVERLAY_MAX_SIDE, OVERLAY_MIN_SIDE
+
+    img = np.full((3000, 4000, 3), 120, np.uint8)
+    out = render_overlay(img, np.zeros((3000, 4000), bool), min_side=OVERLAY_MIN_SIDE)
+    assert max(out.shape[:2]) == OVERLAY_MAX_SIDE == 1024 and out.shape[:2] == (768, 1024)

@@ -184,8 +184,8 @@ def _directed_hausdorff(a: FloatArray, b: FloatArray, sample_step: float) -> flo
     b_closed = np.vstack([b, b[:1]]) if not np.array_equal(b[0], b[-1]) else b
     b_starts, b_ends = b_closed[:-1], b_closed[1:]
     p, q = a_closed[:-1], a_closed[1:]
-    if len(p) == 0:  # ``a`` is a single point: no edge to sample
-        return 0.0
+    if len(p) == 0:  # ``a`` is a single point: a degenerate edge (its one sample is the point)
+        p, q = a_closed[:1], a_closed[:1]
     if len(b_starts) == 0:  # ``b`` is a single point: a degenerate edge
         b_starts, b_ends = b_closed[:1], b_closed[:1]
     # the samples: edge e gives n_e + 1 points p + k/n_e (q - p), k = 0..n_e
