@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from peers import _wait_listening
+from peers import PYNETDICOM_APP_NAMES, _wait_listening, dcmtk_tool
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def require(binary: str) -> str:
-    path = shutil.which(binary)
+    """The path of ``binary`` (DCMTK's for the names pynetdicom's apps share), or skip the test."""
+    path = dcmtk_tool(binary) if binary in PYNETDICOM_APP_NAMES else shutil.which(binary)
     if path is None:
         pytest.skip(f"{binary} is not installed (make setup installs dcmtk and orthanc)")
     return path
@@ -130,6 +131,9 @@ def dermnode_env(root: Path, port: int, extra: Mapping[str, str] | None = None) 
 
 
 def run_tool(args: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run a tool; ``storescu``, ``echoscu``, ... are DCMTK's even in an activated virtualenv (see ``require``)."""
+    if args and args[0] in PYNETDICOM_APP_NAMES:
+        args = [dcmtk_tool(args[0]) or args[0], *args[1:]]
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
 
 

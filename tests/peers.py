@@ -37,9 +37,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: DCMTK programs that pynetdicom also installs, as Python apps of the same name, in the virtualenv's ``bin``
+#: (first on ``PATH`` once the venv is activated): the tests want DCMTK's.
+PYNETDICOM_APP_NAMES = frozenset(
+    {"echoscu", "echoscp", "findscu", "getscu", "movescu", "qrscp", "storescp", "storescu"}
+)
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """The DCMTK program ``name`` on ``PATH`` (then /usr/bin), skipping scripts: pynetdicom's Python apps of the
+    same names (``storescu``, ``storescp``, ``echoscu``, ...) come first on ``PATH`` in an activated virtualenv and
+    take other options. ``None`` when DCMTK's is not installed."""
+    import os
+
+    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
+        candidate = Path(folder or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            try:
+                with candidate.open("rb") as fh:
+                    if fh.read(2) == b"#!":
+                        continue
+            except OSError:
+                continue
+            return str(candidate)
+    return None
+
+
 def _which(*candidates: str) -> str:
     for name in candidates:
-        path = shutil.which(name)
+        path = dcmtk_tool(name) if name in PYNETDICOM_APP_NAMES else shutil.which(name)
         if path is not None:
             return path
     pytest.skip(f"{candidates[0]} is not installed")

@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from dermnode_proc import DermnodeProcess, dermnode_env
 from fhir_server import FhirTestServer
-from peers import Orthanc, free_port, start_orthanc
+from peers import Orthanc, dcmtk_tool, free_port, start_orthanc
 from pg import PASSWORD, Cluster, running_cluster
 
 CALLING_AET = "MODALITY"
@@ -93,17 +93,8 @@ def send_each(port: int, files: Sequence[Path], *, called_aet: str = "DERMNODE",
 
 
 def dcmtk_storescu() -> str | None:
-    """DCMTK's ``storescu`` (not pynetdicom's Python app of the same name that a virtualenv's ``bin`` puts first on
-    ``PATH``), or None."""
-    import os
-
-    for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
-        candidate = Path(folder) / "storescu"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            with candidate.open("rb") as fh:
-                if fh.read(2) != b"#!":
-                    return str(candidate)
-    return None
+    """DCMTK's ``storescu`` (not pynetdicom's Python app of the same name), or None."""
+    return dcmtk_tool("storescu")
 
 
 def storescu(port: int, files: Sequence[Path], *, called_aet: str = "DERMNODE") -> list[str]:
