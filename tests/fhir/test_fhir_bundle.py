@@ -278,3 +278,19 @@ def test_jpeg_overlay_is_attached_as_jpeg() -> None:
     # not attached when the settings say so
     assert "presentedForm" not in report(build("calibrated", overlay_jpeg=jpeg,
                                                settings={"include_overlay": False}))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("version", ["R4", "R5"])
+@pytest.mark.parametrize("imaging_study", [True, False])
+def test_bundle_is_what_its_models_would_write(kind: str, version: str, imaging_study: bool) -> None:
+    """The bundle is validated once and then written as built, not re-serialised by the models: so it must be
+    exactly the models' own serialisation of it (no None, instants as the models write them)."""
+    import datetime as dt
+    import json
+
+    model = BundleR5 if version == "R5" else BundleR4B
+    for issued in (ISSUED, dt.datetime(2026, 12, 2, 19, 3, 27, 123456, tzinfo=dt.UTC)):
+        bundle = build(kind, version, derived_instances=DERIVED, issued=issued,
+                       settings={"imaging_study_resource": imaging_study})
+        assert json.loads(model.model_validate(bundle).model_dump_json(exclude_none=True)) == bundle

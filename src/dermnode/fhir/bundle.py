@@ -211,9 +211,12 @@ def effective_datetime(ds: Dataset) -> str | None:
 
 
 def _instant(when: dt.datetime) -> str:
+    """``when`` as a FHIR instant, written as the fhir.resources models write it (UTC as ``Z``, microseconds when
+    there are any), so that the bundle dermnode writes is the models' own serialisation of it."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    return when.isoformat(timespec="milliseconds" if when.microsecond else "seconds")
+    text = when.isoformat(timespec="microseconds" if when.microsecond else "seconds")
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 # --- Resources ---------------------------------------------------------------------------------------------
@@ -538,22 +541,22 @@ class _Builder:
         self.add("report", resource, ident)
 
 
-def _validated_json(bundle: JsonDict, version: str) -> str:
-    """``bundle`` validated by the fhir.resources model of ``version``, as the model's compact JSON.
+def _validate(bundle: JsonDict, version: str) -> None:
+    """Validate ``bundle`` with the fhir.resources model of ``version``: the one validation of a bundle.
 
-    The one validation and the one serialisation of a bundle: :func:`build_bundle` parses this text,
-    :func:`encode_bundle` writes it as it is.
+    Raises
+    ------
+    OutputError
+        When the model rejects the bundle.
     """
     from fhir.resources.bundle import Bundle as BundleR5
     from fhir.resources.R4B.bundle import Bundle as BundleR4B
 
     model_cls: Any = BundleR5 if version == "R5" else BundleR4B
     try:
-        model = model_cls.model_validate(bundle)
+        model_cls.model_validate(bundle)
     except (ValidationError, ValueError, TypeError) as exc:
         raise OutputError(f"the FHIR {version} bundle failed model validation: {exc}") from exc
-    text: str = model.model_dump_json(exclude_none=True)
-    return text
 
 
 def _build(
@@ -570,8 +573,13 @@ def _build(
     seg_series_instance_uid: str | None,
     sr_sop_class_uid: str,
     derived_instances: Sequence[DerivedInstance],
-) -> str:
-    """The validated bundle as JSON text (see :func:`build_bundle`)."""
+) -> JsonDict:
+    """The validated bundle (see :func:`build_bundle`).
+
+    It is validated by the fhir.resources models once and then used as built: it holds nothing the models would
+    write otherwise (no ``None``, instants as the models write them; ``tests/fhir`` checks that the models'
+    serialisation of every kind of bundle is the bundle itself), so no model serialisation is needed.
+    """
     if settings.version not in ("R4", "R5"):
         raise OutputError(f"unsupported FHIR version {settings.version!r} (R4 or R5)")
     when = issued or dt.datetime.now(dt.UTC)
@@ -592,7 +600,7 @@ def _build(
         "timestamp": b.issued,
         "entry": b.entries,
     }
-    out = _validated_json(bundle, settings.version)
+    _validate(bundle, settings.version)
     logger.info(
         "built FHIR %s transaction bundle for %s: %d entries, report %s",
         settings.version,
@@ -600,7 +608,7 @@ def _build(
         len(b.entries),
         b.entries[-1]["resource"]["status"],
     )
-    return out
+    return bundle
 
 
 def build_bundle(
@@ -650,22 +658,19 @@ def build_bundle(
     Returns
     -------
     dict
-        The Bundle as a JSON-compatible dict (R4-compatible JSON from the R4B models, or R5), as validated.
+        The Bundle as a JSON-compatible dict (R4-compatible JSON, validated with the R4B models, or R5).
 
     Raises
     ------
     OutputError
         When the source has no Patient ID, the version is unknown or the bundle fails model validation.
     """
-    out: JsonDict = json.loads(
-        _build(
-            source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
-            overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
-            sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
-            sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
-        )
+    return _build(
+        source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
+        overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
+        sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
+        sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
     )
-    return out
 
 
 def encode_bundle(
@@ -685,8 +690,8 @@ def encode_bundle(
 ) -> bytes:
     """The bundle of :func:`build_bundle` as the UTF-8 JSON file the pipeline writes and the outbox posts.
 
-    Validated once and serialised once (the model's compact JSON, exactly what :func:`build_bundle` parses):
-    no dict round trip, no second ``json.dumps``. Parameters as :func:`build_bundle`.
+    Validated once (by the fhir.resources models) and serialised once (compact ``json.dumps``): no model
+    serialisation, no parse and re-serialisation. Parameters as :func:`build_bundle`.
 
     Returns
     -------
@@ -698,9 +703,10 @@ def encode_bundle(
     OutputError
         When the source has no Patient ID, the version is unknown or the bundle fails model validation.
     """
-    return _build(
+    bundle = _build(
         source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
         overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
         sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
         sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
-    ).encode("utf-8")
+    )
+    return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
