@@ -45,6 +45,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE_S = 3.0
+OUTAGE: list[bool] = []  # set by test_postgresql_restart_under_load
 
 
 def _models_present() -> bool:
@@ -205,11 +206,14 @@ def test_postgresql_restart_under_load(farm: Farm, tmp_path: Path) -> None:
                     (before_uids,))[0]["n"] > 0, "PostgreSQL should stop under load"
 
     farm.cluster.stop()  # fast shutdown by PID (pg_ctl stop -m fast)
+    down_at = time.monotonic()
     assert farm.cluster.pid() is None or not _alive(farm.cluster.pid())
     try:
         refused = send_each(receivers[0].port, during[:2]) + send_each(receivers[1].port, during[2:])
+        time.sleep(max(0.0, down_at + LEASE_S - time.monotonic()))  # down for at least 3 lease periods (lease_s / 3)
     finally:
         farm.cluster.start()  # the same data folder and port
+        OUTAGE.append(True)
     assert [s for _, s in refused] == [STATUS_OUT_OF_RESOURCES] * 4, refused
 
     # the modality sends the refused images again, and new ones
@@ -232,3 +236,14 @@ def _alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "while PostgreSQL is down, each analyze/deliver process logs its failed take-over of orphaned work with a full "
+    "traceback every lease_s / 3 (proposal: /tmp/scale-out-proposals/lease-loop-db-down.patch, one warning line)"))
+def test_postgresql_outage_is_logged_without_tracebacks(farm: Farm) -> None:
+    if not OUTAGE:
+        pytest.skip("no PostgreSQL outage in this run (test_postgresql_restart_under_load did not run)")
+    noisy = {name: len(re.findall(r"taking over orphaned work failed\nTraceback", proc.log()))
+             for name, proc in farm.processes.items()}
+    assert not any(noisy.values()), noisy
