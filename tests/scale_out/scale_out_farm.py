@@ -158,7 +158,7 @@ class Farm:
             self._conn = psycopg.connect(self.cluster.dsn, password=PASSWORD, autocommit=True, row_factory=dict_row,
                                          connect_timeout=5)
         try:
-            cur = self._conn.execute(query, tuple(args))  # type: ignore[arg-type]
+            cur = self._conn.execute(query, tuple(args))
             return list(cur.fetchall()) if cur.description is not None else []
         except psycopg.OperationalError:
             self._conn.close()
@@ -194,12 +194,11 @@ class Farm:
             time.sleep(0.25)
         try:
             jobs = self.jobs(uids)
-            summary = Counter((j["state"], j["outcome"]) for j in jobs)
-            dels = Counter(d["state"] for d in self.deliveries(uids))
+            state = f"jobs {dict(Counter((j['state'], j['outcome']) for j in jobs))} (of {len(jobs)}), deliveries " \
+                f"{dict(Counter(d['state'] for d in self.deliveries(uids)))}"
         except psycopg.OperationalError as exc:
-            summary, dels = Counter({str(exc): 1}), Counter()
-        raise TimeoutError(f"{len(set(uids))} images not all processed after {timeout}s: jobs {dict(summary)} "
-                           f"(of {len(jobs) if 'jobs' in locals() else '?'}), deliveries {dict(dels)}")
+            state = f"state database unavailable: {exc}"
+        raise TimeoutError(f"{len(set(uids))} images not all processed after {timeout}s: {state}")
 
     # -- peers ----------------------------------------------------------------------------------------------
     def orthanc_by_study(self) -> dict[str, list[str]]:

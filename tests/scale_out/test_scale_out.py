@@ -145,8 +145,10 @@ def test_kill9_of_an_analyzer_mid_job_and_of_a_receiver_mid_association(farm: Fa
         with psycopg.connect(farm.cluster.dsn, password=PASSWORD, autocommit=True) as conn:
             end = time.monotonic() + 120
             while time.monotonic() < end:
-                state, owner, attempts = conn.execute(
-                    "SELECT state, owner, attempts FROM jobs WHERE id = %s", (orphan["id"],)).fetchone()
+                found = conn.execute("SELECT state, owner, attempts FROM jobs WHERE id = %s",
+                                     (orphan["id"],)).fetchone()
+                assert found is not None
+                state, owner, attempts = found
                 seen.append((time.time(), state, owner, attempts))
                 if state == "done":
                     return
