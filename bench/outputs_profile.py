@@ -19,7 +19,9 @@ pipeline module calls (exclusive times: a nested call is counted once, in the in
 - ``files``: writing every file, with its fsyncs;
 - ``other``: everything else (``result.json``, bookkeeping, waiting for the overlay PNG's thread);
 - ``overlay (thread)``: the overlay PNG encoded in a pool thread beside the builders (CPU, not wall time);
-- ``total`` / ``total CPU``: wall time of one call, and the CPU time of the process (all threads) during it.
+- ``total``: one call; ``process CPU``: the CPU time of the whole process (every thread) during one call.
+
+Every row has a wall and a CPU column (``time.thread_time`` of the thread that did the work).
 
 With ``--baseline REV`` the same measurement runs first in a subprocess on ``git archive REV src`` (the code
 before the change), so *before* and *after* come from one run on the same inputs. A torchvision resnet18
@@ -79,38 +81,50 @@ _MODALITY = {"SEG": "seg", "SR": "sr", "PR": "pr"}
 
 
 class Timer:
-    """Exclusive wall time per category: time inside a nested timed call is counted for the inner one only."""
+    """Exclusive wall and CPU time per category: time inside a nested timed call counts for the inner one only.
+
+    CPU time is the calling thread's (``time.thread_time``): on a machine shared with other work it moves much
+    less than wall time, so it is the steadier before/after comparison.
+    """
 
     def __init__(self) -> None:
         self.acc: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
         self._stack: list[list[float]] = []
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        self.acc.clear()
+        self.cpu.clear()
+
     @contextlib.contextmanager
     def section(self, category: str) -> Iterator[None]:
-        frame = [0.0]  # time of nested sections
+        frame = [0.0, 0.0]  # wall and CPU time of nested sections
         self._stack.append(frame)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - t0
+            elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
             self._stack.pop()
             self.acc[category] += elapsed - frame[0]
+            self.cpu[category] += cpu - frame[1]
             if self._stack:
                 self._stack[-1][0] += elapsed
+                self._stack[-1][1] += cpu
 
     def wrap(self, category: str | Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             name = category(*args, **kwargs) if callable(category) else category
             if threading.current_thread() is not threading.main_thread():
-                # work the pipeline runs beside its own thread (the overlay PNG): CPU time, not on the wall
-                t0 = time.perf_counter()
+                # work the pipeline runs beside its own thread (the overlay PNG): not part of the call's wall time
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     return fn(*args, **kwargs)
                 finally:
                     with self._lock:
                         self.acc[f"{name} (thread)"] += time.perf_counter() - t0
+                        self.cpu[f"{name} (thread)"] += time.thread_time() - c0
             with self.section(name):
                 return fn(*args, **kwargs)
 
@@ -203,26 +217,33 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
     _instrument(timer)
     r18_before = _resnet18_ms()
     per_call: dict[str, list[float]] = defaultdict(list)
+    cpu_call: dict[str, list[float]] = defaultdict(list)
     sizes: dict[str, list[int]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="dermnode-outputs-", dir=os.environ.get("BENCH_TMP")) as tmp:
         root = Path(tmp)
         pl.write_outputs(*jobs[0], settings, root / "warm-up")  # lazy imports, FHIR models, codecs
         for rep in range(repeats):
             for j, (ds, result) in enumerate(jobs):
-                timer.acc.clear()
-                t0, c0 = time.perf_counter(), time.process_time()
+                timer.clear()
+                t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
                 files = pl.write_outputs(ds, result, settings, root / f"{rep}-{j}")
                 total = (time.perf_counter() - t0) * 1000.0
+                total_cpu = (time.thread_time() - m0) * 1000.0
                 per_call["total"].append(total)
-                per_call["total CPU"].append((time.process_time() - c0) * 1000.0)  # every thread of the process
-                measured = 0.0
+                cpu_call["total"].append(total_cpu)
+                per_call["process CPU"].append((time.process_time() - c0) * 1000.0)  # every thread of the process
+                measured = measured_cpu = 0.0
                 for cat in CATEGORIES[:-1]:
-                    ms = timer.acc.get(cat, 0.0) * 1000.0
+                    ms, cpu = timer.acc.get(cat, 0.0) * 1000.0, timer.cpu.get(cat, 0.0) * 1000.0
                     per_call[cat].append(ms)
+                    cpu_call[cat].append(cpu)
                     measured += ms
+                    measured_cpu += cpu
                 per_call["other"].append(max(0.0, total - measured))  # result.json, bookkeeping
+                cpu_call["other"].append(max(0.0, total_cpu - measured_cpu))
                 for cat in THREAD_CATEGORIES:
                     per_call[cat].append(timer.acc.get(cat, 0.0) * 1000.0)
+                    cpu_call[cat].append(timer.cpu.get(cat, 0.0) * 1000.0)
                 if rep == 0:
                     for p in sorted(files.directory.iterdir()):
                         sizes[p.name].append(p.stat().st_size)
@@ -241,6 +262,7 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
         "images": description,
         "calls": len(per_call["total"]),
         "median_ms": {k: round(statistics.median(v), 2) for k, v in per_call.items()},
+        "median_cpu_ms": {k: round(statistics.median(v), 2) for k, v in cpu_call.items()},
         "file_kb": {k: round(statistics.median(v) / 1024, 1) for k, v in sizes.items()},
         "resnet18_ms": round(statistics.median([r18_before, r18_after]), 2),
         "resnet18_before_after_ms": [round(r18_before, 2), round(r18_after, 2)],
@@ -278,26 +300,29 @@ def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
         "docstring); `total` is the wall time of one `write_outputs` call.",
         "",
     ]
-    head = "| output | after ms | after x resnet18 |"
-    rule = "|---|---:|---:|"
-    if before is not None:
-        head = f"| output | before ms ({before['revision']}) | after ms | before x resnet18 | after x resnet18 |"
-        rule = "|---|---:|---:|---:|---:|"
-    lines += [head, rule]
     r18a = after["resnet18_ms"]
-    for cat in (*CATEGORIES, "total", "total CPU", *THREAD_CATEGORIES):
-        a = after["median_ms"].get(cat, 0.0)
-        if before is None:
-            lines.append(f"| {cat} | {a:.1f} | {a / r18a:.2f} |")
-        else:
-            b = before["median_ms"].get(cat, 0.0)
-            r18b = before["resnet18_ms"]
-            lines.append(f"| {cat} | {b:.1f} | {a:.1f} | {b / r18b:.2f} | {a / r18a:.2f} |")
+    rows = (*CATEGORIES, "total", "process CPU", *THREAD_CATEGORIES)
+    if before is None:
+        lines += ["| output | wall ms | CPU ms | wall x resnet18 |", "|---|---:|---:|---:|"]
+        for cat in rows:
+            a, ac = after["median_ms"].get(cat, 0.0), after["median_cpu_ms"].get(cat)
+            lines.append(f"| {cat} | {a:.1f} | {'' if ac is None else f'{ac:.1f}'} | {a / r18a:.2f} |")
+    else:
+        r18b = before["resnet18_ms"]
+        lines += [f"| output | before wall ms ({before['revision']}) | after wall ms | before CPU ms | after CPU ms "
+                  "| before x resnet18 | after x resnet18 |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for cat in rows:
+            b, a = before["median_ms"].get(cat, 0.0), after["median_ms"].get(cat, 0.0)
+            bc, ac = before.get("median_cpu_ms", {}).get(cat), after["median_cpu_ms"].get(cat)
+            bcs, acs = ("" if v is None else f"{v:.1f}" for v in (bc, ac))
+            lines.append(f"| {cat} | {b:.1f} | {a:.1f} | {bcs} | {acs} | {b / r18b:.2f} | {a / r18a:.2f} |")
     lines += ["", "Per-output medians do not add up to the total's median (each is a median on its own). "
               "`overlay (thread)`: the overlay PNG encoded in a pool thread while the DICOM objects are built "
               "(CPU time beside the call, not part of its wall time; what is left of it to wait for is in "
-              "`other`). `total CPU`: CPU time of the process (all threads) during one call: on a machine shared "
-              "with other work it moves less than wall time.", ""]
+              "`other`). CPU ms: CPU time of the calling thread (`time.thread_time`; the pool thread's own for "
+              "`overlay (thread)`); `total` CPU is the calling thread's, `process CPU` (wall column) the whole "
+              "process's CPU time during one call, every thread. On a machine shared with other work CPU time "
+              "moves much less than wall time.", ""]
     r18 = f"resnet18 (224 px, 2 threads) median: after run {r18a:.1f} ms"
     if before is not None:
         r18 += f", before run {before['resnet18_ms']:.1f} ms"
