@@ -415,6 +415,17 @@ def line_kernel(length: int, angle_deg: float) -> npt.NDArray[np.uint8]:
     return kernel
 
 
+@functools.lru_cache(maxsize=8)
+def _line_kernels(lengths: tuple[int, ...], n_angles: int) -> tuple[npt.NDArray[np.uint8], ...]:
+    """The structuring elements of :func:`hair_mask_multiscale`, built once (read-only arrays)."""
+    kernels = [
+        _compact_kernel(line_kernel(length, 180.0 * i / n_angles)) for length in lengths for i in range(n_angles)
+    ]
+    for k in kernels:
+        k.setflags(write=False)
+    return tuple(kernels)
+
+
 def _compact_kernel(kernel: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """A horizontal or vertical line kernel as a 1 x N or N x 1 one (OpenCV's fast rectangular path; same result).
 
@@ -468,10 +479,8 @@ def hair_mask_multiscale(
     smooth = np.asarray(cv2.GaussianBlur(gray, (3, 3), 0), dtype=np.uint8)
     # a closing never darkens (closed >= smooth), so the largest black-hat is the largest closing minus smooth
     closed_max = smooth.copy()
-    for length in lengths:
-        for i in range(n_angles):
-            k = _compact_kernel(line_kernel(length, 180.0 * i / n_angles))
-            np.maximum(closed_max, cv2.morphologyEx(smooth, cv2.MORPH_CLOSE, k), out=closed_max)
+    for k in _line_kernels(tuple(lengths), n_angles):
+        cv2.max(closed_max, cv2.morphologyEx(smooth, cv2.MORPH_CLOSE, k), dst=closed_max)
     response = np.asarray(cv2.subtract(closed_max, smooth), dtype=np.uint8)
     raw = np.asarray(cv2.threshold(response, threshold, 1, cv2.THRESH_BINARY)[1], dtype=np.uint8)
     _n, labels, stats, _ = cv2.connectedComponentsWithStats(raw, connectivity=8)

@@ -144,6 +144,12 @@ def _tables() -> dict[str, npt.NDArray[np.bool_]]:
     }
 
 
+def _lookup(table: npt.NDArray[np.bool_], channel: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    """``table[channel]`` for a 256-entry boolean table (OpenCV's LUT: several times faster than indexing)."""
+    lut = table.astype(np.uint8)
+    return np.asarray(cv2.LUT(np.ascontiguousarray(channel), lut), dtype=np.uint8).view(np.bool_)
+
+
 def _hue_sat_code(hsv: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint16]:
     return np.asarray((hsv[..., 0].astype(np.uint16) << 8) | hsv[..., 1], dtype=np.uint16)
 
@@ -212,7 +218,7 @@ def quality_scores(rgb: npt.NDArray[np.uint8]) -> dict[str, float]:
     grey = np.asarray(cv2.cvtColor(work, cv2.COLOR_RGB2GRAY), dtype=np.uint8)
     hsv = np.asarray(cv2.cvtColor(work, cv2.COLOR_RGB2HSV_FULL), dtype=np.uint8)
     val8 = hsv[..., 2]
-    dark = tables["dark"][val8]
+    dark = _lookup(tables["dark"], val8)
     body = ~dark
     n_body_px = int(np.count_nonzero(body))
     n_body = max(n_body_px, 1)
@@ -229,13 +235,13 @@ def quality_scores(rgb: npt.NDArray[np.uint8]) -> dict[str, float]:
     sharpness = _sharpness(work)
 
     near_clipped = cv2.min(cv2.min(near[..., 0], near[..., 1]), near[..., 2]) >= 250
-    keep = ~tables["dark"][cv2.cvtColor(near, cv2.COLOR_RGB2HSV_FULL)[..., 2]] & ~near_clipped
+    keep = ~_lookup(tables["dark"], cv2.cvtColor(near, cv2.COLOR_RGB2HSV_FULL)[..., 2]) & ~near_clipped
     n_keep = int(np.count_nonzero(keep))
     flat = _top_colours_fraction(near, keep) if n_keep >= 0.02 * keep.size and n_keep > 0 else 1.0
     edges = cv2.Canny(grey, 100, 200)
     clipped = cv2.min(cv2.min(work[..., 0], work[..., 1]), work[..., 2]) >= 250
     mid = body & ~clipped
-    achrom = tables["achromatic"][hsv[..., 1]]
+    achrom = _lookup(tables["achromatic"], hsv[..., 1])
     val_sum = float(val8.sum(dtype=np.int64))
     return {
         "grey_std": grey_std,

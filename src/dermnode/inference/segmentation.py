@@ -135,20 +135,32 @@ def select_lesion(mask: npt.NDArray[np.bool_], min_fraction: float = MIN_LESION_
     numpy.ndarray
         Boolean mask with at most one component (all ``False`` when none is large enough).
     """
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    # labels without OpenCV's statistics (which cost 4x the labelling); areas from one bincount, centroids from
+    # the moments of the few competing components only
+    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     if n <= 1:
         return np.zeros_like(mask, dtype=bool)
-    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    areas = np.bincount(labels.ravel(), minlength=n)[1:].astype(np.float64)
     largest = float(areas.max())
     if largest < min_fraction * mask.size:
         return np.zeros_like(mask, dtype=bool)
     h, w = mask.shape
     candidates = np.flatnonzero(areas >= COMPETING_COMPONENT_RATIO * largest)
+    if len(candidates) == 1:
+        out: npt.NDArray[np.bool_] = labels == int(candidates[0]) + 1
+        return out
+    centroids = np.array([_centroid(labels == int(c) + 1) for c in candidates])
     centre = np.array([(w - 1) / 2.0, (h - 1) / 2.0])
-    dist = np.hypot(*((centroids[1:][candidates] - centre) / np.array([w, h])).T)
+    dist = np.hypot(*((centroids - centre) / np.array([w, h])).T)
     best = int(candidates[int(np.argmin(dist))]) + 1
-    out: npt.NDArray[np.bool_] = labels == best
+    out = labels == best
     return out
+
+
+def _centroid(component: npt.NDArray[np.bool_]) -> tuple[float, float]:
+    """``(x, y)`` mean of the pixels of a non-empty boolean mask (as OpenCV's component centroids)."""
+    m = cv2.moments(component.astype(np.uint8), binaryImage=True)
+    return m["m10"] / m["m00"], m["m01"] / m["m00"]
 
 
 def postprocess(probability: npt.NDArray[np.float32], threshold: float = 0.5) -> npt.NDArray[np.bool_]:
