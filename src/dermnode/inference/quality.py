@@ -235,7 +235,8 @@ def quality_scores(rgb: npt.NDArray[np.uint8]) -> dict[str, float]:
     sharpness = _sharpness(work)
 
     near_clipped = cv2.min(cv2.min(near[..., 0], near[..., 1]), near[..., 2]) >= 250
-    keep = ~_lookup(tables["dark"], cv2.cvtColor(near, cv2.COLOR_RGB2HSV_FULL)[..., 2]) & ~near_clipped
+    near_val = np.asarray(cv2.cvtColor(near, cv2.COLOR_RGB2HSV_FULL), dtype=np.uint8)[..., 2]
+    keep = ~_lookup(tables["dark"], near_val) & ~near_clipped
     n_keep = int(np.count_nonzero(keep))
     flat = _top_colours_fraction(near, keep) if n_keep >= 0.02 * keep.size and n_keep > 0 else 1.0
     edges = cv2.Canny(grey, 100, 200)
