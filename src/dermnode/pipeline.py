@@ -330,27 +330,31 @@ def write_outputs(
     files.insert(0, (overlay_path.name, png.result()))
     # every file but result.json written (and fsynced) now, so that the outputs time includes it; renamed below
     folder.stage(files)
-    result.timings_ms["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
-    doc = result.to_json()
-    doc["outputs"] = {
-        "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
-        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-        "fhir_bundle": None if bundle_path is None else bundle_path.name,
-        "presentation_state_sop_instance_uid": _uid_or_none(outline.presentation_state),
-        "key_image_sop_instance_uid": _uid_or_none(outline.key_image),
-        "files": sorted([name for name, _ in files] + ["result.json"]),
-    }
-    if outline.errors:
-        doc["outputs"]["errors"] = dict(outline.errors)
-    if no_bundle_reason is not None:
-        doc["outputs"]["fhir_bundle_reason"] = no_bundle_reason
-    if source_file is not None:
-        doc["source_file"] = source_file
-    result_path = directory / "result.json"
-    folder.stage([(result_path.name, json.dumps(doc, indent=2).encode("utf-8"))])
-    # every file complete (and, with storage.fsync, on disk) under its temporary name: now the final names, made
-    # durable by one fsync of the folder; only then may the caller queue deliveries of these files
-    folder.commit()
+    try:
+        result.timings_ms["outputs"] = round((time.perf_counter() - t_outputs) * 1000.0, 2)
+        doc = result.to_json()
+        doc["outputs"] = {
+            "seg_sop_instance_uid": None if seg is None else str(seg.SOPInstanceUID),
+            "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+            "fhir_bundle": None if bundle_path is None else bundle_path.name,
+            "presentation_state_sop_instance_uid": _uid_or_none(outline.presentation_state),
+            "key_image_sop_instance_uid": _uid_or_none(outline.key_image),
+            "files": sorted([name for name, _ in files] + ["result.json"]),
+        }
+        if outline.errors:
+            doc["outputs"]["errors"] = dict(outline.errors)
+        if no_bundle_reason is not None:
+            doc["outputs"]["fhir_bundle_reason"] = no_bundle_reason
+        if source_file is not None:
+            doc["source_file"] = source_file
+        result_path = directory / "result.json"
+        folder.stage([(result_path.name, json.dumps(doc, indent=2).encode("utf-8"))])
+        # every file complete (and, with storage.fsync, on disk) under its temporary name: now the final names, made
+        # durable by one fsync of the folder; only then may the caller queue deliveries of these files
+        folder.commit()
+    except BaseException:
+        folder.discard()  # no temporary file is left behind, whatever failed
+        raise
     return OutputFiles(
         directory=directory,
         result_json=result_path,
