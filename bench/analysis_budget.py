@@ -31,9 +31,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import csv
+import dataclasses
 import io
 import json
 import math
+import os
 import pstats
 import statistics
 import sys
@@ -56,15 +58,16 @@ from dermnode.settings import AnalysisSettings, Settings  # noqa: E402
 from dermnode.vocabulary import AnalysisStatus, SourceImage  # noqa: E402
 
 STAGES = ("decode", "gate", "artefacts", "segmentation", "measurements", "classification", "outputs")
-#: Budget of each stage in ms on the reference machine (2-core, resnet18 224 px ~ 21 ms): their sum is 6x that.
-BUDGET_MS: dict[str, float] = {
-    "decode": 3.0,
-    "gate": 8.0,
-    "artefacts": 15.0,
-    "segmentation": 25.0,
-    "measurements": 12.0,
-    "classification": 20.0,
-    "outputs": 42.0,
+#: Budget of each stage as a multiple of one resnet18 forward (224 px) timed in the same run: they add up to the
+#: target of issue 12 (the whole per-image call, outputs included, at most 6x resnet18).
+BUDGET_X: dict[str, float] = {
+    "decode": 0.1,
+    "gate": 0.3,
+    "artefacts": 0.5,
+    "segmentation": 1.2,
+    "measurements": 0.4,
+    "classification": 0.8,
+    "outputs": 2.7,
 }
 TARGET_MULTIPLE = 6.0
 COLOURS = ("white", "red", "light brown", "dark brown", "blue-gray", "black")
@@ -143,6 +146,13 @@ def _read(path: Path) -> dict[str, dict[str, str]]:
         return {r["image_id"]: r for r in csv.DictReader(fh)}
 
 
+def _pct(x: float) -> str:
+    """A relative change as a percentage: 0, a fixed-point value, or the tiny ones (float rounding) as 1e-x %."""
+    if x == 0.0:
+        return "0"
+    return f"{100 * x:.3f} %" if 100 * x >= 0.001 else f"{100 * x:.0e} %"
+
+
 def compare(before: Path, after: Path) -> str:
     """Markdown table: per feature, mean relative change and the worst image (see the module docstring)."""
     lines: list[str] = []
@@ -182,7 +192,7 @@ def compare(before: Path, after: Path) -> str:
             # a relative change of a mean of values near 0 (colour fractions) is read on the mean
             mean_rel = abs(ma - mb) / max(abs(mb), 1e-9)
             lines.append(
-                f"| {f} | {mb:.5g} | {ma:.5g} | {100 * mean_rel:.3f} % | {100 * max(rel, default=0.0):.2f} % "
+                f"| {f} | {mb:.5g} | {ma:.5g} | {_pct(mean_rel)} | {_pct(max(rel, default=0.0))} "
                 f"| {changed}/{len(pairs)} |"
             )
         lines += ["", f"Colour sets (the reported C) changed on {colour_sets} of {len(both)} images.", ""]
@@ -207,7 +217,10 @@ def _resnet18(threads: int) -> Any:
     return run
 
 
-def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> dict[str, Any]:
+def budget(
+    n_images: int, repeats: int, threads: int, top: int, out: Path, before: Path | None = None,
+    append: list[Path] | None = None, label: str = "",
+) -> dict[str, Any]:
     """Time every stage of the per-image call and a resnet18 forward in one run; write markdown + JSON."""
     from common import write_dicoms
 
@@ -215,8 +228,8 @@ def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> di
     from dermnode.pipeline import analyse_dataset
 
     images, origin = source_images(n_images)
-    settings = Settings()
-    settings.analysis.torch_threads = threads
+    base = Settings()  # the service defaults (outputs, fsync) with the thread count of this run
+    settings = dataclasses.replace(base, analysis=dataclasses.replace(base.analysis, torch_threads=threads))
     analyzer = Analyzer(settings.analysis)
     resnet = _resnet18(threads)
     work = Path(tempfile.mkdtemp(prefix="analysis-budget-"))
@@ -226,16 +239,20 @@ def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> di
 
     def one(i: int) -> dict[str, float]:
         ds = datasets[i]
+        c0 = time.process_time()
         t0 = time.perf_counter()
         result, _ = analyse_dataset(ds, analyzer, settings, results_root, started=t0)
         total = (time.perf_counter() - t0) * 1000.0
-        return {**result.timings_ms, "total": total, "status": float(result.status is AnalysisStatus.ANALYSED)}
+        cpu = (time.process_time() - c0) * 1000.0
+        return {**result.timings_ms, "total": total, "cpu": cpu,
+                "status": float(result.status is AnalysisStatus.ANALYSED)}
 
     for i in range(len(datasets)):  # warm-up: first calls, page cache
         one(i)
         resnet()
-    per_stage: dict[str, list[float]] = {s: [] for s in (*STAGES, "total")}
+    per_stage: dict[str, list[float]] = {s: [] for s in (*STAGES, "total", "cpu")}
     resnet_ms: list[float] = []
+    resnet_cpu_ms: list[float] = []
     analysed = 0
     for _ in range(repeats):
         for i in range(len(datasets)):
@@ -244,11 +261,14 @@ def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> di
             for s in per_stage:
                 per_stage[s].append(float(t.get(s, 0.0)))
             for _ in range(2):
+                c0 = time.process_time()
                 t0 = time.perf_counter()
                 resnet()
                 resnet_ms.append((time.perf_counter() - t0) * 1000.0)
+                resnet_cpu_ms.append((time.process_time() - c0) * 1000.0)
     med = {s: statistics.median(v) for s, v in per_stage.items()}
     r18 = statistics.median(resnet_ms)
+    r18_cpu = statistics.median(resnet_cpu_ms)
     # profile of one pass of the whole per-image call
     prof = cProfile.Profile()
     prof.enable()
@@ -259,7 +279,8 @@ def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> di
     pstats.Stats(prof, stream=buf_cum).strip_dirs().sort_stats("cumulative").print_stats(top)
     pstats.Stats(prof, stream=buf_own).strip_dirs().sort_stats("tottime").print_stats(top)
 
-    budget_total = sum(BUDGET_MS.values())
+    budget_ms = {k: v * r18 for k, v in BUDGET_X.items()}
+    budget_total = sum(budget_ms.values())
     stage_sum = sum(med[s] for s in STAGES)
     lines = [
         "## Per-image analysis budget (768x576)",
@@ -267,22 +288,31 @@ def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> di
         f"{origin}; {len(datasets)} images x {repeats} passes ({analysed} analysed results of "
         f"{repeats * len(datasets)}), torch threads {threads}, `analyse_dataset` (decode, analysis, all outputs) "
         f"with the shipped models and default settings. resnet18 (224 px, 1 image) median **{r18:.1f} ms**, "
-        "timed interleaved in the same process.",
+        f"timed interleaved in the same process. Load average at the end: {os.getloadavg()[0]:.1f} "
+        f"({os.cpu_count()} CPUs; other processes share the machine).",
         "",
-        "| stage | median ms | budget ms | share of stage sum | x resnet18 |",
-        "|---|---:|---:|---:|---:|",
+        "| stage | median ms | budget ms | share of stage sum | x resnet18 | budget x resnet18 | within |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for s in STAGES:
-        lines.append(f"| {s} | {med[s]:.1f} | {BUDGET_MS[s]:.0f} | {100 * med[s] / stage_sum:.0f} % "
-                     f"| {med[s] / r18:.2f} |")
+        lines.append(f"| {s} | {med[s]:.1f} | {budget_ms[s]:.0f} | {100 * med[s] / stage_sum:.0f} % "
+                     f"| {med[s] / r18:.2f} | {BUDGET_X[s]:.1f} | {'yes' if med[s] <= budget_ms[s] else '**no**'} |")
     lines += [
-        f"| **sum of stage medians** | **{stage_sum:.1f}** | {budget_total:.0f} | 100 % | **{stage_sum / r18:.2f}** |",
+        f"| **sum of stage medians** | **{stage_sum:.1f}** | {budget_total:.0f} | 100 % | **{stage_sum / r18:.2f}** "
+        f"| {sum(BUDGET_X.values()):.1f} | {'yes' if stage_sum <= budget_total else '**no**'} |",
         f"| median per-image call (measured) | {med['total']:.1f} | | | **{med['total'] / r18:.2f}** |",
+        f"| CPU time of the call (all threads) vs resnet18's CPU time ({r18_cpu:.1f} ms) | {med['cpu']:.1f} | | "
+        f"| {med['cpu'] / r18_cpu:.2f} |",
         "",
         f"Target: at most {TARGET_MULTIPLE:.0f}x resnet18 = {TARGET_MULTIPLE * r18:.0f} ms in this run; "
-        f"measured {med['total'] / r18:.2f}x. Budgets are in ms on the reference 2-core machine "
-        f"(resnet18 ~21 ms); their sum is {budget_total:.0f} ms = {budget_total / 21:.1f}x.",
+        f"measured {med['total'] / r18:.2f}x (wall) and {med['cpu'] / r18_cpu:.2f}x (CPU time, which other "
+        "processes on the machine disturb less). Each stage's budget is a multiple of resnet18 (column 'budget x "
+        "resnet18'), so it carries over to another machine; the stage times are those `result.json` records "
+        "(`timings_ms`). With a 2-core host shared by other work, wall times swing by 2-5x between runs: compare the "
+        "multiples of the same run.",
         "",
+        *(_before_after(json.loads(before.read_text()), med, r18, r18_cpu) if before is not None else []),
+        *(text for path in (append or []) for text in (path.read_text(), "")),
         f"### cProfile of one pass ({len(datasets)} per-image calls), top {top} by cumulative time",
         "",
         "```",
@@ -299,13 +329,44 @@ def budget(n_images: int, repeats: int, threads: int, top: int, out: Path) -> di
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     doc = {
-        "origin": origin, "images": len(datasets), "repeats": repeats, "threads": threads,
-        "resnet18_median_ms": r18, "median_ms": med, "budget_ms": BUDGET_MS,
-        "total_multiple_of_resnet18": med["total"] / r18, "stage_sum_multiple_of_resnet18": stage_sum / r18,
+        "label": label,
+        "origin": origin,
+        "images": len(datasets),
+        "repeats": repeats,
+        "threads": threads,
+        "loadavg": os.getloadavg()[0],
+        "resnet18_median_ms": r18,
+        "resnet18_cpu_median_ms": r18_cpu,
+        "median_ms": med,
+        "budget_x_resnet18": BUDGET_X,
+        "total_multiple_of_resnet18": med["total"] / r18,
+        "cpu_multiple_of_resnet18_cpu": med["cpu"] / r18_cpu,
+        "stage_sum_multiple_of_resnet18": stage_sum / r18,
     }
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
-    print("\n".join(lines[:16 + len(STAGES)]))
+    print("\n".join(lines[:18 + len(STAGES)]))
     return doc
+
+
+def _before_after(doc: dict[str, Any], med: dict[str, float], r18: float, r18_cpu: float) -> list[str]:
+    """Rows comparing this run with an earlier one's JSON (each as ms and as a multiple of its own resnet18)."""
+    b18, b18_cpu = float(doc["resnet18_median_ms"]), float(doc["resnet18_cpu_median_ms"])
+    bmed = doc["median_ms"]
+    lines = [
+        f"### Before / after ({doc.get('label') or 'before'}: resnet18 {b18:.1f} ms in its run, load average "
+        f"{doc.get('loadavg', float('nan')):.1f}; this run: {r18:.1f} ms)",
+        "",
+        "| stage | before ms | after ms | before x resnet18 | after x resnet18 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for s in (*STAGES, "total"):
+        lines.append(f"| {s} | {bmed[s]:.1f} | {med[s]:.1f} | {bmed[s] / b18:.2f} | {med[s] / r18:.2f} |")
+    lines += [
+        f"| CPU time of the call (x resnet18's CPU time) | {bmed['cpu']:.1f} | {med['cpu']:.1f} "
+        f"| {bmed['cpu'] / b18_cpu:.2f} | {med['cpu'] / r18_cpu:.2f} |",
+        "",
+    ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,9 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     for p in (ap, b):
         p.add_argument("--images", type=int, default=20)
         p.add_argument("--repeats", type=int, default=3)
-        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads of the analyser and of resnet18 (default 1: the service's default; "
+                       "2 threads stall when other processes load the 2-core machine)")
         p.add_argument("--top", type=int, default=25)
         p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "analysis_budget.md")
+        p.add_argument("--label", default="", help="name of this run in the JSON (e.g. a commit)")
+        p.add_argument("--before", type=Path, default=None, help="JSON of an earlier run: before/after table")
+        p.add_argument("--append", type=Path, action="append", default=None,
+                       help="markdown appended before the profile (compare's output, notes); repeatable")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--size", default="native", help="native or WxH (e.g. 768x576)")
     q.add_argument("--limit", type=int, default=None)
@@ -335,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.md is not None:
             args.md.write_text(text + "\n")
     else:
-        budget(args.images, args.repeats, args.threads, args.top, args.out)
+        budget(args.images, args.repeats, args.threads, args.top, args.out, args.before, args.append,
+               args.label)
     return 0
 
 

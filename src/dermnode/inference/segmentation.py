@@ -322,7 +322,8 @@ class Segmenter:
             mask = upsample_mask(mask_work, (h, w))
             prob = np.asarray(cv2.resize(prob_small, (w, h), interpolation=cv2.INTER_LINEAR), dtype=np.float32)
         if valid_mask is not None:
-            mask &= valid_mask
-            prob = np.where(valid_mask, prob, np.float32(0.0))
+            mask &= valid_mask  # hole filling may have reached into the frame
+            if prob is not prob_work:  # (at the working size the probability is already zero outside it)
+                prob = np.where(valid_mask, prob, np.float32(0.0))
         prob_out = np.asarray(np.clip(prob, 0.0, 1.0), dtype=np.float32)
         return SegmentationOutput(mask=np.asarray(mask, dtype=bool), probability=prob_out)
