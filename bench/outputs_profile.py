@@ -160,11 +160,11 @@ def _instrument(timer: Timer) -> None:
     pl.json = _Json  # type: ignore[assignment]
 
 
-def _resnet18_ms(repeats: int = 30) -> float:
+def _resnet18_ms(repeats: int = 30, threads: int = 2) -> float:
     import torch
     import torchvision
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 224, 224)
     times = []
@@ -258,6 +258,7 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
             pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(profile_top)
             profile_text = out.getvalue()
     r18_after = _resnet18_ms()
+    r18_one = _resnet18_ms(threads=1)  # steadier than 2 threads when the cores are shared
     return {
         "images": description,
         "calls": len(per_call["total"]),
@@ -266,6 +267,7 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
         "file_kb": {k: round(statistics.median(v) / 1024, 1) for k, v in sizes.items()},
         "resnet18_ms": round(statistics.median([r18_before, r18_after]), 2),
         "resnet18_before_after_ms": [round(r18_before, 2), round(r18_after, 2)],
+        "resnet18_1_thread_ms": round(r18_one, 2),
         "profile": profile_text,
     }
 
@@ -326,7 +328,11 @@ def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
     r18 = f"resnet18 (224 px, 2 threads) median: after run {r18a:.1f} ms"
     if before is not None:
         r18 += f", before run {before['resnet18_ms']:.1f} ms"
-    lines += [r18 + " (each timed before and after its outputs, same process).", ""]
+    r18 += f" (each timed before and after its outputs, same process); 1 thread: after run " \
+           f"{after['resnet18_1_thread_ms']:.1f} ms"
+    if before is not None and "resnet18_1_thread_ms" in before:
+        r18 += f", before run {before['resnet18_1_thread_ms']:.1f} ms"
+    lines += [r18 + ".", ""]
     lines += ["File sizes (median KB):", "", "| file | before KB | after KB |" if before else "| file | KB |",
               "|---|---:|---:|" if before else "|---|---:|"]
     names = sorted(set(after["file_kb"]) | set(before["file_kb"] if before else {}))
