@@ -27,7 +27,7 @@ With ``--baseline REV`` the same measurement runs first in a subprocess on ``git
 before the change), so *before* and *after* come from one run on the same inputs. A torchvision resnet18
 forward (224 px, 2 threads) is timed in the same run, before and after the outputs, as the yardstick: every
 total is also given as a multiple of it. ``--profile N`` prints the N costliest functions (cProfile, cumulative)
-of the current code. Writes a markdown table to ``--out`` (and the raw numbers next to it as JSON).
+of the current code. Writes a markdown table to ``--out`` (and, with ``--json FILE``, the raw numbers).
 Timings are medians; the machine is shared, so compare within one run.
 """
 
@@ -213,6 +213,7 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
     import dermnode.pipeline as pl
 
     jobs, settings, description = _jobs(n_images)
+    load = os.getloadavg()
     timer = Timer()
     _instrument(timer)
     r18_before = _resnet18_ms()
@@ -262,6 +263,7 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
     return {
         "images": description,
         "calls": len(per_call["total"]),
+        "load_average": [round(x, 2) for x in load],
         "median_ms": {k: round(statistics.median(v), 2) for k, v in per_call.items()},
         "median_cpu_ms": {k: round(statistics.median(v), 2) for k, v in cpu_call.items()},
         "file_kb": {k: round(statistics.median(v) / 1024, 1) for k, v in sizes.items()},
@@ -333,6 +335,11 @@ def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
     if before is not None and "resnet18_1_thread_ms" in before:
         r18 += f", before run {before['resnet18_1_thread_ms']:.1f} ms"
     lines += [r18 + ".", ""]
+    load = f"Load average (1, 5, 15 min) on this {os.cpu_count()}-CPU machine at the start: after run " \
+           f"{', '.join(f'{x:.1f}' for x in after['load_average'])}"
+    if before is not None and "load_average" in before:
+        load += f"; before run {', '.join(f'{x:.1f}' for x in before['load_average'])}"
+    lines += [load + ".", ""]
     lines += ["File sizes (median KB):", "", "| file | before KB | after KB |" if before else "| file | KB |",
               "|---|---:|---:|" if before else "|---|---:|"]
     names = sorted(set(after["file_kb"]) | set(before["file_kb"] if before else {}))
@@ -352,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=None, help="git revision whose src/ gives the 'before' numbers")
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions (cProfile)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "outputs_profile.md")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw numbers to this JSON file")
     ap.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import logging
@@ -368,8 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    raw = {"before": before, "after": {k: v for k, v in after.items() if k != "profile"}}
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2) + "\n")
+    if args.json is not None:
+        raw = {"before": before, "after": {k: v for k, v in after.items() if k != "profile"}}
+        args.json.write_text(json.dumps(raw, indent=2) + "\n")
     return 0
 
 
