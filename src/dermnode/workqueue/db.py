@@ -7,7 +7,10 @@
 * **PostgreSQL** (``state.backend = "postgresql"``, :class:`PostgresState`): many receivers and workers on several
   hosts share one database. Claims take rows with ``FOR UPDATE SKIP LOCKED``; a claimed row carries its owner
   and a lease expiry that the owner renews; the schema is created and migrated here (versioned, under an advisory
-  lock); ``NOTIFY`` wakes idle workers.
+  lock); ``NOTIFY`` wakes idle workers of other processes.
+
+On both backends a commit that queues work also wakes the idle consumers of this process at once
+(:class:`Wakeup`, :meth:`StateDB.wakeup`); polling stays the fallback.
 
 The queue code is written once, in SQLite's dialect with ``?`` placeholders and portable SQL (``ON CONFLICT DO
 NOTHING``, ``RETURNING``); a :class:`StateDB` opens :class:`StateConnection` objects that translate what differs
@@ -529,8 +532,9 @@ class PostgresState(StateDB):
 class Notifier:
     """One thread per process that runs ``LISTEN`` on the queue channels and sets an event per channel.
 
-    Workers wait on :meth:`event` with their poll interval as the timeout, so a lost connection or a missed
-    notification only delays a claim to the next poll.
+    Each notification also sets the channel's in-process :class:`Wakeup` (:meth:`StateDB.wakeup`), on which the
+    worker pool's idle threads wait with their poll interval as the timeout, so a lost connection or a missed
+    notification only delays a claim to the next poll. :meth:`event` stays for callers that wait on one channel.
     """
 
     CHANNELS = (JOBS_CHANNEL, DELIVERIES_CHANNEL)
