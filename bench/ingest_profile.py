@@ -7,8 +7,9 @@ Usage::
 Starts the Store SCP in this process (``dermnode.scp.server.start_server`` with the real spool and job queue,
 fsync on, audit logging to a file as ``dermnode serve`` does), sends N files over one association with
 ``storescu`` (``TCP_NODELAY=1``, after a 4-file warm-up and ``sync``), and reports per image: wall time, CPU time
-of the process (all threads) and the wall time of each step of the C-STORE handler (``pydicom`` decode of the
-dataset, re-encoding it as a file, spool write with fsyncs, SQLite commit). Whatever CPU is not in the handler is
+of the process (all threads) and the wall time of each step of the C-STORE handler (free-space check and job lookup,
+``pydicom`` decode of the dataset, the file meta plus a view of the received bytes, spool write with fsyncs, SQLite
+commit). Whatever CPU is not in the handler is
 pynetdicom's PDU and DIMSE processing in its reactor and DUL threads (pure Python, one GIL).
 """
 
@@ -59,10 +60,9 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def instrument() -> None:
     Spool.store = timed("spool.store: write, fsync, rename, dir fsync", Spool.store)  # type: ignore[method-assign]
-    Spool.check_space = timed("spool.check_space (statvfs)", Spool.check_space)  # type: ignore[method-assign]
     JobQueue.enqueue = timed("queue.enqueue: SQLite commit (WAL, FULL)", JobQueue.enqueue)  # type: ignore[method-assign]
-    JobQueue.contains = timed("queue.contains", JobQueue.contains)  # type: ignore[method-assign]
-    Event.encoded_dataset = timed("event.encoded_dataset(): file bytes", Event.encoded_dataset)  # type: ignore[method-assign]
+    srv.admit = timed("admit: statvfs + job lookup", srv.admit)  # type: ignore[assignment]
+    srv.received_file = timed("received_file(): meta + view of the received bytes", srv.received_file)
     Event.dataset = property(timed("event.dataset: pydicom decode", Event.dataset.fget))  # type: ignore[assignment, arg-type]
     srv.handle_store = timed("handle_store (whole handler)", srv.handle_store)
 
