@@ -2,8 +2,8 @@
 
 Usage::
 
-    .venv/bin/python bench/outputs_profile.py [--images 8] [--repeats 3] [--baseline REV] [--profile N]
-                                             [--out bench/results/outputs_profile.md]
+    .venv/bin/python bench/outputs_profile.py [--images 8] [--repeats 3] [--baseline REV [--rounds 3]]
+                                             [--profile N] [--out bench/results/outputs_profile.md]
 
 Builds ``--images`` realistic 768x576 Dermoscopic Photography Images (the real photographs of
 :func:`common.source_images`, JPEG baseline as a modality sends them, 0.02 mm/pixel, a Patient ID so a FHIR
@@ -23,11 +23,13 @@ pipeline module calls (exclusive times: a nested call is counted once, in the in
 
 Every row has a wall and a CPU column (``time.thread_time`` of the thread that did the work).
 
-With ``--baseline REV`` the same measurement runs first in a subprocess on ``git archive REV src`` (the code
-before the change), so *before* and *after* come from one run on the same inputs. A torchvision resnet18
-forward (224 px, 2 threads) is timed in the same run, before and after the outputs, as the yardstick: every
-total is also given as a multiple of it. ``--profile N`` prints the N costliest functions (cProfile, cumulative)
-of the current code. Writes a markdown table to ``--out`` (and, with ``--json FILE``, the raw numbers).
+With ``--baseline REV`` the same measurement runs on ``git archive REV src`` (the code before the change) and on
+this checkout's ``src``, each in its own subprocess, alternating for ``--rounds`` rounds, so that *before* and
+*after* come from one run on the same inputs and the drifting load of a shared machine weighs on both alike. A
+torchvision resnet18 forward (224 px, 2 threads, and 1 thread) is timed in every run, before and after the
+outputs, as the yardstick: every total is also given as a multiple of it. ``--profile N`` (without
+``--baseline``) prints the N costliest functions (cProfile, cumulative) of the current code. Writes a markdown
+table to ``--out`` (and, with ``--json FILE``, the raw numbers).
 Timings are medians; the machine is shared, so compare within one run.
 """
 
@@ -260,22 +262,63 @@ def measure(n_images: int, repeats: int, profile_top: int = 0) -> dict[str, Any]
             profile_text = out.getvalue()
     r18_after = _resnet18_ms()
     r18_one = _resnet18_ms(threads=1)  # steadier than 2 threads when the cores are shared
-    return {
+    return _summary({
         "images": description,
-        "calls": len(per_call["total"]),
-        "load_average": [round(x, 2) for x in load],
-        "median_ms": {k: round(statistics.median(v), 2) for k, v in per_call.items()},
-        "median_cpu_ms": {k: round(statistics.median(v), 2) for k, v in cpu_call.items()},
-        "file_kb": {k: round(statistics.median(v) / 1024, 1) for k, v in sizes.items()},
-        "resnet18_ms": round(statistics.median([r18_before, r18_after]), 2),
-        "resnet18_before_after_ms": [round(r18_before, 2), round(r18_after, 2)],
-        "resnet18_1_thread_ms": round(r18_one, 2),
+        "load_average": [[round(x, 2) for x in load]],
+        "wall": dict(per_call),
+        "cpu": dict(cpu_call),
+        "sizes": dict(sizes),
+        "resnet18": [r18_before, r18_after],
+        "resnet18_1_thread": [r18_one],
         "profile": profile_text,
+    })
+
+
+def _summary(raw: dict[str, Any]) -> dict[str, Any]:
+    """Medians of the raw per-call numbers of one or more :func:`measure` runs (merged by :func:`_merge`)."""
+    return {
+        **raw,
+        "calls": len(raw["wall"]["total"]),
+        "median_ms": {k: round(statistics.median(v), 2) for k, v in raw["wall"].items()},
+        "median_cpu_ms": {k: round(statistics.median(v), 2) for k, v in raw["cpu"].items()},
+        "file_kb": {k: round(statistics.median(v) / 1024, 1) for k, v in raw["sizes"].items()},
+        "resnet18_ms": round(statistics.median(raw["resnet18"]), 2),
+        "resnet18_1_thread_ms": round(statistics.median(raw["resnet18_1_thread"]), 2),
     }
 
 
-def _baseline(rev: str, n_images: int, repeats: int) -> dict[str, Any]:
-    """:func:`measure` on the ``src`` tree of ``rev``, in a subprocess (that tree first on ``sys.path``)."""
+def _merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several runs of the same code: their per-call numbers pooled."""
+    merged: dict[str, Any] = {"images": runs[0]["images"], "load_average": [], "wall": defaultdict(list),
+                              "cpu": defaultdict(list), "sizes": defaultdict(list), "resnet18": [],
+                              "resnet18_1_thread": [], "profile": ""}
+    for run in runs:
+        merged["load_average"] += run["load_average"]
+        merged["resnet18"] += run["resnet18"]
+        merged["resnet18_1_thread"] += run["resnet18_1_thread"]
+        for key in ("wall", "cpu", "sizes"):
+            for k, v in run[key].items():
+                merged[key][k] += v
+    return _summary(merged)
+
+
+def _run_tree(src: Path, n_images: int, repeats: int) -> dict[str, Any]:
+    """:func:`measure` in a subprocess with ``src`` first on ``sys.path`` (the code of that tree)."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--images", str(n_images), "--repeats", str(repeats), "--json-only"],
+        env=env, check=True, capture_output=True, text=True,
+    )
+    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return doc
+
+
+def _before_after(rev: str, n_images: int, repeats: int, rounds: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Before (``git archive REV src``) and after (this checkout's ``src``), measured in alternating subprocesses.
+
+    ``rounds`` rounds of one before run and one after run each, so that the load of a shared machine, which
+    drifts over minutes, weighs on both alike; the per-call numbers of each side are pooled.
+    """
     with tempfile.TemporaryDirectory(prefix="dermnode-baseline-") as tmp:
         archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True,
                                  capture_output=True).stdout
@@ -284,15 +327,14 @@ def _baseline(rev: str, n_images: int, repeats: int) -> dict[str, Any]:
         if models.is_symlink():
             models.unlink()
             models.symlink_to(REPO / "models", target_is_directory=True)
-        env = dict(os.environ, PYTHONPATH=str(Path(tmp) / "src"))
-        proc = subprocess.run(
-            [sys.executable, __file__, "--images", str(n_images), "--repeats", str(repeats), "--json-only"],
-            env=env, check=True, capture_output=True, text=True,
-        )
-    doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    doc["revision"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
-                                     capture_output=True, text=True).stdout.strip()
-    return doc
+        befores, afters = [], []
+        for _ in range(rounds):
+            befores.append(_run_tree(Path(tmp) / "src", n_images, repeats))
+            afters.append(_run_tree(REPO / "src", n_images, repeats))
+    before = _merge(befores)
+    before["revision"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True,
+                                        capture_output=True, text=True).stdout.strip()
+    return before, _merge(afters)
 
 
 def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
@@ -300,8 +342,10 @@ def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
         "# Outputs stage: per-output cost (bench/outputs_profile.py)",
         "",
         f"Inputs: {after['images']}; `write_outputs` with the default settings (fsync on, FHIR bundle with "
-        f"the overlay), {after['calls']} calls, medians in ms. Exclusive times per output (see the script's "
-        "docstring); `total` is the wall time of one `write_outputs` call.",
+        f"the overlay), {after['calls']} calls per side"
+        + (f" in {len(after['load_average'])} alternating before/after subprocess runs" if before else "")
+        + ", medians in ms. Exclusive times per output (see the script's docstring); `total` is the wall time "
+        "of one `write_outputs` call.",
         "",
     ]
     r18a = after["resnet18_ms"]
@@ -327,19 +371,16 @@ def _markdown(after: dict[str, Any], before: dict[str, Any] | None) -> str:
               "`overlay (thread)`); `total` CPU is the calling thread's, `process CPU` (wall column) the whole "
               "process's CPU time during one call, every thread. On a machine shared with other work CPU time "
               "moves much less than wall time.", ""]
-    r18 = f"resnet18 (224 px, 2 threads) median: after run {r18a:.1f} ms"
+    r18 = f"resnet18 (224 px) median, 2 threads: {r18a:.1f} ms in the after runs"
     if before is not None:
-        r18 += f", before run {before['resnet18_ms']:.1f} ms"
-    r18 += f" (each timed before and after its outputs, same process); 1 thread: after run " \
-           f"{after['resnet18_1_thread_ms']:.1f} ms"
-    if before is not None and "resnet18_1_thread_ms" in before:
-        r18 += f", before run {before['resnet18_1_thread_ms']:.1f} ms"
-    lines += [r18 + ".", ""]
-    load = f"Load average (1, 5, 15 min) on this {os.cpu_count()}-CPU machine at the start: after run " \
-           f"{', '.join(f'{x:.1f}' for x in after['load_average'])}"
-    if before is not None and "load_average" in before:
-        load += f"; before run {', '.join(f'{x:.1f}' for x in before['load_average'])}"
-    lines += [load + ".", ""]
+        r18 += f", {before['resnet18_ms']:.1f} ms in the before runs"
+    r18 += f" (timed before and after the outputs in each run); 1 thread: {after['resnet18_1_thread_ms']:.1f} ms"
+    if before is not None:
+        r18 += f" / {before['resnet18_1_thread_ms']:.1f} ms"
+    lines += [r18 + ". The ratios use the 2-thread median of the same runs.", ""]
+    loads = "; ".join(", ".join(f"{x:.1f}" for x in la) for la in after["load_average"])
+    lines += [f"Load average (1, 5, 15 min) on this {os.cpu_count()}-CPU machine at the start of each after run: "
+              f"{loads}.", ""]
     lines += ["File sizes (median KB):", "", "| file | before KB | after KB |" if before else "| file | KB |",
               "|---|---:|---:|" if before else "|---|---:|"]
     names = sorted(set(after["file_kb"]) | set(before["file_kb"] if before else {}))
@@ -357,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline", default=None, help="git revision whose src/ gives the 'before' numbers")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating before/after runs with --baseline")
     ap.add_argument("--profile", type=int, default=0, help="print the N costliest functions (cProfile)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "outputs_profile.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw numbers to this JSON file")
@@ -368,8 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_only:
         print(json.dumps(measure(args.images, args.repeats)))
         return 0
-    before = _baseline(args.baseline, args.images, args.repeats) if args.baseline else None
-    after = measure(args.images, args.repeats, args.profile)
+    if args.baseline:
+        before, after = _before_after(args.baseline, args.images, args.repeats, args.rounds)
+    else:
+        before, after = None, measure(args.images, args.repeats, args.profile)
     if after["profile"]:
         print(after["profile"])
     text = _markdown(after, before)
@@ -377,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     if args.json is not None:
-        raw = {"before": before, "after": {k: v for k, v in after.items() if k != "profile"}}
+        raw = {"before": before, "after": after}
         args.json.write_text(json.dumps(raw, indent=2) + "\n")
     return 0
 
