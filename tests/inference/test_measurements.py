@@ -241,12 +241,14 @@ def test_colour_table_covers_every_8bit_lab_value() -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 49, 50, 51, 1000])
 def test_histogram_median_equals_numpy_median(n: int) -> None:
-    from dermnode.inference.measurements import _median_u8
+    from dermnode.inference.imaging import median_u8
 
     rng = np.random.default_rng(n)
     for _ in range(20):
         v = rng.integers(0, 256, size=n).astype(np.uint8)
-        assert _median_u8(v, n) == float(np.median(v))
+        assert median_u8(v) == float(np.median(v))
+    with pytest.raises(ValueError):
+        median_u8(np.zeros(0, np.uint8))
 
 
 def test_measurement_box_holds_every_pixel_measure_reads() -> None:

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from dermnode.inference.imaging import max_side_scale, resize_by
+from dermnode.inference.imaging import max_side_scale, median_u8, resize_by
 from dermnode.settings import AnalysisSettings
 
 logger = logging.getLogger(__name__)
@@ -278,8 +278,10 @@ def fill_frame(rgb: RGBImage, frame_mask: BoolMask) -> RGBImage:
     ring = (
         np.asarray(cv2.dilate(frame_mask.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))) > 0
     ) & ~frame_mask
-    source = rgb[ring] if ring.any() else rgb[~frame_mask]
-    out[frame_mask] = np.median(source, axis=0).astype(np.uint8)
+    source = ring if ring.any() else ~frame_mask
+    # per-channel medians from histograms (numpy.median's value, without sorting ~10^5 pixels per channel)
+    colour = np.array([median_u8(np.ascontiguousarray(rgb[..., c])[source]) for c in range(3)])
+    out[frame_mask] = colour.astype(np.uint8)
     return out
 
 

@@ -123,6 +123,27 @@ def shades_of_gray_u8(
     return np.asarray(cv2.LUT(np.ascontiguousarray(rgb), lut), dtype=np.uint8)
 
 
+def median_u8(values: npt.NDArray[np.generic]) -> float:
+    """``numpy.median`` of uint8 values (1-D), from their 256-bin histogram: the same value, without a sort.
+
+    For an even count it is the mean of the two middle values, as :func:`numpy.median`.
+
+    Raises
+    ------
+    ValueError
+        When ``values`` is empty.
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("median of no values")
+    cum = np.cumsum(np.bincount(np.asarray(values, dtype=np.uint8), minlength=256))
+    upper = int(np.searchsorted(cum, n // 2, side="right"))  # the (n // 2)-th smallest, 0-based
+    if n % 2:
+        return float(upper)
+    lower = int(np.searchsorted(cum, n // 2 - 1, side="right"))
+    return (lower + upper) / 2.0
+
+
 def max_side_scale(shape: tuple[int, ...], max_side: float) -> float:
     """The factor (at most 1) that brings the longer side of an ``(H, W, ...)`` shape down to ``max_side``."""
     return min(1.0, max_side / max(shape[0], shape[1]))

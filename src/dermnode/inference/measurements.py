@@ -72,7 +72,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from dermnode.inference.imaging import resize_by
+from dermnode.inference.imaging import median_u8, resize_by
 from dermnode.vocabulary import DERMOSCOPIC_COLOURS, Measurements, PixelSpacing
 
 logger = logging.getLogger(__name__)
@@ -395,23 +395,13 @@ def skin_normalised(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> npt.NDArray[
     # the median of 8-bit values from a 256-bin histogram (the mean of the two middle values for an even count,
     # as numpy.median), and the gains applied through a per-channel lookup table: the same values as
     # numpy.median and the float64 multiply of the whole image, in a fraction of the time
-    skin = np.array([_median_u8(ch[ring], n) for ch in channels]) + 1.0
+    skin = np.array([median_u8(ch[ring]) for ch in channels]) + 1.0
     ref = np.asarray(REFERENCE_SKIN_RGB, dtype=np.float64)
     gain = np.array([ref[0] / ref[1] * skin[1] / skin[0], 1.0, ref[2] / ref[1] * skin[1] / skin[2]])
     gain = np.clip(gain, 0.6, 1.6)
     levels = np.arange(256, dtype=np.float64)[:, None]
     lut = np.asarray(np.clip(levels * gain + 0.5, 0, 255), dtype=np.uint8).reshape(1, 256, 3)
     return np.asarray(cv2.LUT(rgb, lut), dtype=np.uint8)
-
-
-def _median_u8(values: npt.NDArray[np.generic], n: int) -> float:
-    """``numpy.median`` of ``n`` uint8 values, from their histogram."""
-    cum = np.cumsum(np.bincount(values, minlength=256))
-    upper = int(np.searchsorted(cum, n // 2, side="right"))  # the (n // 2)-th smallest, 0-based
-    if n % 2:
-        return float(upper)
-    lower = int(np.searchsorted(cum, n // 2 - 1, side="right"))
-    return (lower + upper) / 2.0
 
 
 def color_fractions(rgb: npt.NDArray[np.uint8], mask: BoolArray) -> dict[str, float]:
