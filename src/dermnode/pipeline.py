@@ -30,7 +30,7 @@ from dermnode.dicom_io.sr import build_report
 from dermnode.dicom_io.uids import content_digest, derived_uid, is_valid_uid
 from dermnode.drift import DeviceDrift, DriftMonitor
 from dermnode.errors import DecodeError, OutputError, StorageError
-from dermnode.fhir.bundle import DerivedInstance, encode_bundle, has_patient_id
+from dermnode.fhir.bundle import DerivedInstance, build_bundle, encode_bundle, has_patient_id
 from dermnode.inference.analyzer import Analyzer
 from dermnode.inference.calibration import BandCalibration
 from dermnode.inference.overlay import OVERLAY_MIN_SIDE, encode_jpeg, encode_png, render_overlay
@@ -308,7 +308,7 @@ def write_outputs(
     no_bundle_reason = None
     if has_patient_id(ds):
         attach = settings.fhir.include_overlay and result.status is AnalysisStatus.ANALYSED
-        bundle = encode_bundle(
+        bundle = encode_bundle(build_bundle(
             ds,
             result,
             sr_sop_instance_uid=str(sr.SOPInstanceUID),
@@ -319,7 +319,7 @@ def write_outputs(
             seg_series_instance_uid=None if seg is None else str(seg.SeriesInstanceUID),
             sr_sop_class_uid=str(sr.SOPClassUID),
             derived_instances=derived,
-        )
+        ))
         bundle_path = directory / "diagnostic-report.json"
         files.append((bundle_path.name, bundle))
     else:

@@ -264,9 +264,10 @@ def test_encode_bundle_is_the_validated_json_of_build_bundle(version: str) -> No
         "settings": FhirSettings(version=version), "issued": ISSUED,
     }
     result = make_result(ds, "calibrated")
-    data = encode_bundle(ds, result, **kwargs)
+    bundle = build_bundle(ds, result, **kwargs)
+    data = encode_bundle(bundle)
     assert isinstance(data, bytes) and b"\n" not in data
-    assert json.loads(data) == build_bundle(ds, result, **kwargs)
+    assert json.loads(data) == bundle == build_bundle(ds, result, **kwargs)
 
 
 def test_jpeg_overlay_is_attached_as_jpeg() -> None:

@@ -559,58 +559,6 @@ def _validate(bundle: JsonDict, version: str) -> None:
         raise OutputError(f"the FHIR {version} bundle failed model validation: {exc}") from exc
 
 
-def _build(
-    source: Dataset,
-    result: AnalysisResult,
-    *,
-    sr_sop_instance_uid: str | None,
-    seg_sop_instance_uid: str | None,
-    overlay_png: bytes | None,
-    overlay_jpeg: bytes | None,
-    settings: FhirSettings,
-    issued: dt.datetime | None,
-    sr_series_instance_uid: str | None,
-    seg_series_instance_uid: str | None,
-    sr_sop_class_uid: str,
-    derived_instances: Sequence[DerivedInstance],
-) -> JsonDict:
-    """The validated bundle (see :func:`build_bundle`).
-
-    It is validated by the fhir.resources models once and then used as built: it holds nothing the models would
-    write otherwise (no ``None``, instants as the models write them; ``tests/fhir`` checks that the models'
-    serialisation of every kind of bundle is the bundle itself), so no model serialisation is needed.
-    """
-    if settings.version not in ("R4", "R5"):
-        raise OutputError(f"unsupported FHIR version {settings.version!r} (R4 or R5)")
-    when = issued or dt.datetime.now(dt.UTC)
-    b = _Builder(source, result, settings, sr_sop_instance_uid, seg_sop_instance_uid, when)
-    b.patient()
-    if result.status is AnalysisStatus.ANALYSED:
-        b.device()
-    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid, derived_instances)
-    results = b.observations() if result.status is AnalysisStatus.ANALYSED else []
-    if overlay_jpeg is not None:
-        b.report(results, overlay_jpeg, "image/jpeg")
-    else:
-        b.report(results, overlay_png, "image/png")
-    bundle: JsonDict = {
-        "resourceType": "Bundle",
-        "identifier": {"system": C.URI_SYSTEM, "value": _urn(b.src_uid, f"bundle|{b.digest}")},
-        "type": "transaction",
-        "timestamp": b.issued,
-        "entry": b.entries,
-    }
-    _validate(bundle, settings.version)
-    logger.info(
-        "built FHIR %s transaction bundle for %s: %d entries, report %s",
-        settings.version,
-        b.src_uid,
-        len(b.entries),
-        b.entries[-1]["resource"]["status"],
-    )
-    return bundle
-
-
 def build_bundle(
     source: Dataset,
     result: AnalysisResult,
@@ -665,48 +613,51 @@ def build_bundle(
     OutputError
         When the source has no Patient ID, the version is unknown or the bundle fails model validation.
     """
-    return _build(
-        source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
-        overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
-        sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
-        sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
+    if settings.version not in ("R4", "R5"):
+        raise OutputError(f"unsupported FHIR version {settings.version!r} (R4 or R5)")
+    when = issued or dt.datetime.now(dt.UTC)
+    b = _Builder(source, result, settings, sr_sop_instance_uid, seg_sop_instance_uid, when)
+    b.patient()
+    if result.status is AnalysisStatus.ANALYSED:
+        b.device()
+    b.imaging_study(seg_series_instance_uid, sr_series_instance_uid, sr_sop_class_uid, derived_instances)
+    results = b.observations() if result.status is AnalysisStatus.ANALYSED else []
+    if overlay_jpeg is not None:
+        b.report(results, overlay_jpeg, "image/jpeg")
+    else:
+        b.report(results, overlay_png, "image/png")
+    bundle: JsonDict = {
+        "resourceType": "Bundle",
+        "identifier": {"system": C.URI_SYSTEM, "value": _urn(b.src_uid, f"bundle|{b.digest}")},
+        "type": "transaction",
+        "timestamp": b.issued,
+        "entry": b.entries,
+    }
+    _validate(bundle, settings.version)
+    logger.info(
+        "built FHIR %s transaction bundle for %s: %d entries, report %s",
+        settings.version,
+        b.src_uid,
+        len(b.entries),
+        b.entries[-1]["resource"]["status"],
     )
+    return bundle
 
 
-def encode_bundle(
-    source: Dataset,
-    result: AnalysisResult,
-    *,
-    sr_sop_instance_uid: str | None,
-    seg_sop_instance_uid: str | None,
-    overlay_png: bytes | None = None,
-    settings: FhirSettings,
-    issued: dt.datetime | None = None,
-    sr_series_instance_uid: str | None = None,
-    seg_series_instance_uid: str | None = None,
-    sr_sop_class_uid: str = COMPREHENSIVE_3D_SR_STORAGE,
-    derived_instances: Sequence[DerivedInstance] = (),
-    overlay_jpeg: bytes | None = None,
-) -> bytes:
+def encode_bundle(bundle: JsonDict) -> bytes:
     """The bundle of :func:`build_bundle` as the UTF-8 JSON file the pipeline writes and the outbox posts.
 
-    Validated once (by the fhir.resources models) and serialised once (compact ``json.dumps``): no model
-    serialisation, no parse and re-serialisation. Parameters as :func:`build_bundle`.
+    :func:`build_bundle` validated it once (by the fhir.resources models) and it is used as built: serialised once
+    (compact ``json.dumps``), no model serialisation, no parse and re-serialisation.
+
+    Parameters
+    ----------
+    bundle:
+        What :func:`build_bundle` returned.
 
     Returns
     -------
     bytes
         The bundle's JSON text, UTF-8.
-
-    Raises
-    ------
-    OutputError
-        When the source has no Patient ID, the version is unknown or the bundle fails model validation.
     """
-    bundle = _build(
-        source, result, sr_sop_instance_uid=sr_sop_instance_uid, seg_sop_instance_uid=seg_sop_instance_uid,
-        overlay_png=overlay_png, overlay_jpeg=overlay_jpeg, settings=settings, issued=issued,
-        sr_series_instance_uid=sr_series_instance_uid, seg_series_instance_uid=seg_series_instance_uid,
-        sr_sop_class_uid=sr_sop_class_uid, derived_instances=derived_instances,
-    )
     return json.dumps(bundle, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
