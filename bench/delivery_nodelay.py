@@ -13,7 +13,6 @@ against Orthanc started with DCMTK's defaults (Nagle on) and with ``TCP_NODELAY=
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import source_images, write_dicoms
+from common import environment, source_images, write_dicoms
 from pynetdicom import AE, evt
 
 from dermnode.dicom_io.sender import send_files
@@ -61,16 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         analyze_files(load_settings(None), [src.path], work / "out")
         out = next((work / "out").iterdir())
         for orthanc_env in ({}, {"TCP_NODELAY": "1"}):
-            saved = {k: os.environ.get(k) for k in orthanc_env}
-            os.environ.update(orthanc_env)
-            try:
+            with environment(orthanc_env):
                 orthanc = start_orthanc(work / f"orthanc{len(orthanc_env)}")
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             try:
                 dest = PacsDestination(name="o", ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port)
                 variants = (("dermnode as is", original), ("dermnode TCP_NODELAY", patched_associate(original)))
