@@ -250,9 +250,6 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "while PostgreSQL is down, each analyze/deliver process logs its failed take-over of orphaned work with a full "
-    "traceback every lease_s / 3 (proposal: /tmp/scale-out-proposals/lease-loop-db-down.patch, one warning line)"))
 def test_postgresql_outage_is_logged_without_tracebacks(farm: Farm) -> None:
     if not OUTAGE:
         pytest.skip("no PostgreSQL outage in this run (test_postgresql_restart_under_load did not run)")

@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from dermnode.errors import DecodeError, OutputError
+from dermnode.errors import DecodeError, OutputError, StorageError
 from dermnode.settings import WorkerSettings
 from dermnode.workqueue.base import StateUpdateAbandonedError, retry_state_update
-from dermnode.workqueue.db import Wakeup
+from dermnode.workqueue.db import DB_ERRORS, Wakeup
 from dermnode.workqueue.jobs import Job, JobQueue
 from dermnode.workqueue.outbox import Deliverer, Outbox
 
@@ -309,6 +309,8 @@ class WorkerPool:
             for q in (self.queue, self.outbox):
                 try:
                     q.renew_held()
+                except (StorageError, *DB_ERRORS) as exc:  # the database is away: one line, retried next period
+                    logger.warning("lease renewal of %s failed, will retry: %s", q.table, exc)
                 except Exception:
                     logger.exception("lease renewal of %s failed", q.table)
             if self._stop.is_set():
@@ -318,6 +320,8 @@ class WorkerPool:
                     self.queue.recover()
                 if self.deliver:
                     self.outbox.recover()
+            except (StorageError, *DB_ERRORS) as exc:  # the database is away: one line, retried next period
+                logger.warning("taking over orphaned work failed, will retry: %s", exc)
             except Exception:
                 logger.exception("taking over orphaned work failed")
 
