@@ -311,3 +311,19 @@ def test_hausdorff_matches_brute_force_near_and_far() -> None:
         expected = max(_brute_directed(a, b), _brute_directed(b, a))
         assert hausdorff_px(a, b) == pytest.approx(expected, rel=1e-9, abs=1e-9)
     assert hausdorff_px([[1.0, 1.0]], [[4.0, 5.0]]) == pytest.approx(5.0)
+
+
+def test_frame_filling_lesion_outline_is_exact() -> None:
+    """A lesion that fills the frame gives outline edges as long as the image side, each beside hundreds of border
+    edges: the check stays exact there (it once paired every sample of such an edge with all of them)."""
+    mask = np.ones((120, 160), dtype=np.uint8)
+    mask[:2, :3] = 0
+    mask[60:63, 157:] = 0
+    outline = lesion_outline(mask)
+    assert outline.bbox == (0.0, 0.0, 160.0, 120.0)
+    assert len(outline.polyline) < 20 and outline.hausdorff_px <= 1.0
+    expected = max(_brute_directed(outline.polyline, outline.border), _brute_directed(outline.border, outline.polyline))
+    assert outline.hausdorff_px == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    shifted = outline.polyline + np.array([0.0, 1.5])  # 1.5 px off the border: found by the candidate search
+    assert hausdorff_px(shifted, outline.border) == pytest.approx(
+        max(_brute_directed(shifted, outline.border), _brute_directed(outline.border, shifted)), rel=1e-9, abs=1e-9)
