@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import analysis_budget
 import end_to_end
 import ingest
 from common import REPO, busy_processes, machine_info
@@ -56,6 +57,10 @@ def report_md(res: dict[str, Any], json_name: str) -> str:
         parts += ["## End to end (storescu → dermnode → Orthanc + FHIR)", "", end_to_end.markdown(res["end_to_end"])]
     else:
         parts += ["## End to end", "", f"Not run: {res.get('end_to_end_skipped', 'skipped')}", ""]
+    budget = res.get("analysis_budget")
+    if budget:
+        parts += [budget["markdown"].split("### cProfile", 1)[0].rstrip(), "",
+                  f"Profiles (cProfile, cumulative and own time) of this run: `{budget['file']}`.", ""]
     parts += [f"Raw numbers: `bench/results/{json_name}`.", ""]
     return "\n".join(parts)
 
@@ -146,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, help="models folder (default: the shipped models/)")
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-budget", action="store_true", help="skip the per-image analysis budget (target 1)")
+    ap.add_argument("--budget-threads", type=int, default=1,
+                    help="torch threads of the analyser and of resnet18 in the budget run (default 1)")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results", help="folder of the raw JSON")
     ap.add_argument("--doc", type=Path, help="Markdown to (re)write (default: docs/performance.md, "
                     "not with --quick)")
@@ -166,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         res["ingest"] = ingest.run(args.ingest_n, args.ingest_repeats, (1, 4), no_fsync=True,
                                    senders=args.ingest_senders, log=log)
     models = args.models or REPO / "models"
+    if not args.skip_budget and args.models is None and not args.quick and end_to_end.models_present(models):
+        out = args.results / "analysis_budget.md"
+        before = args.results / "analysis_budget-before.json"
+        log(f"per-image analysis budget ({args.budget_threads} torch thread(s)) -> {out}")
+        analysis_budget.budget(20, 3, args.budget_threads, 25, out, before if before.is_file() else None,
+                               label=res["machine"]["git_commit"])
+        res["analysis_budget"] = {
+            **json.loads(out.with_suffix(".json").read_text()),
+            "markdown": out.read_text(),
+            "file": str(out.relative_to(REPO)),
+        }
     if args.skip_e2e:
         res["end_to_end_skipped"] = "--skip-e2e"
     elif not end_to_end.models_present(models):
