@@ -24,9 +24,14 @@ C-STORE any other status (0xA9xx, 0xC0xx, 0x01xx, 0x02xx...) True
 file missing/unreadable, SOP class not accepted by the peer  True
 ============================================================ =========
 
-The first failing file ends the call (files sent before it stay stored; a retry resends them, which the
-deterministic UIDs make idempotent). Logs carry AE titles, host, SOP classes, UIDs and status codes, never
-patient attributes.
+:func:`send_files` raises the failure of the first failing file, which ends the call (files sent before it stay
+stored; a retry resends them, which the deterministic UIDs make idempotent). :func:`send_each` (the outbox sends
+all due deliveries of one destination with it, over one association) answers one outcome per file instead: a
+file refused for good (an unreadable file, a SOP class the peer does not accept, a permanent C-STORE status) fails
+alone and the next file is sent; a transient failure of a file (an A-ABORT, no response, 0xA7xx, 0xFE00) ends the
+association, and each file not sent yet fails as transient too; a failure of the association itself (it cannot
+be opened, is rejected, accepts no context) is every file's outcome. Files stored before a failure count as
+stored. Logs carry AE titles, host, SOP classes, UIDs and status codes, never patient attributes.
 """
 
 from __future__ import annotations
@@ -214,7 +219,7 @@ def _context_for(assoc: Association, ds: pydicom.Dataset) -> PresentationContext
 
 
 def send_files(destination: PacsDestination, calling_aet: str, paths: list[Path], *, timeout_s: float = 30.0) -> None:
-    """Store ``paths`` on ``destination`` over one association.
+    """Store ``paths`` on ``destination`` over one association; the first failing file ends the call.
 
     Parameters
     ----------
@@ -231,52 +236,142 @@ def send_files(destination: PacsDestination, calling_aet: str, paths: list[Path]
     ------
     DeliveryError
         When a file could not be stored; ``permanent`` tells whether retrying can help (see the module
-        docstring for the mapping).
+        docstring for the mapping). No association is opened when a file cannot be read.
     """
     if not paths:
         return
     datasets = _read(paths)
+    files = list(zip(paths, datasets, strict=True))
+    for outcome in _store(destination, calling_aet, files, timeout_s, keep_going=False):
+        if outcome is not None:
+            raise outcome
+
+
+def send_each(
+    destination: PacsDestination, calling_aet: str, paths: Sequence[Path], *, timeout_s: float = 30.0
+) -> list[DeliveryError | None]:
+    """Store ``paths`` on ``destination`` over one association and tell each file's outcome.
+
+    A permanent failure of one file does not stop the others; a transient one ends the association and the files
+    not sent yet fail as transient too (see the module docstring). Never raises for a failed store.
+
+    Parameters
+    ----------
+    destination:
+        The peer: AE title, host, port and optional TLS.
+    calling_aet:
+        Our AE title.
+    paths:
+        DICOM files (with file meta information) to store, in order.
+    timeout_s:
+        Connection, ACSE, DIMSE and network timeout in seconds.
+
+    Returns
+    -------
+    list of DeliveryError or None
+        One per path, in order: ``None`` when the file is stored (or was already: duplicate, warning status),
+        otherwise why not, ``permanent`` telling whether retrying can help. No association is opened when no
+        file can be read.
+    """
+    outcomes: list[DeliveryError | None] = [None] * len(paths)
+    readable: list[tuple[int, Path, pydicom.Dataset]] = []
+    for i, path in enumerate(paths):
+        try:
+            readable.append((i, path, read_for_sending(path)))
+        except DeliveryError as exc:
+            outcomes[i] = exc
+    if not readable:
+        return outcomes
+    try:
+        stored = _store(destination, calling_aet, [(p, ds) for _, p, ds in readable], timeout_s, keep_going=True)
+    except DeliveryError as exc:  # the association itself failed: every file's outcome
+        stored = [exc] * len(readable)
+    for (i, _, _), outcome in zip(readable, stored, strict=True):
+        outcomes[i] = outcome
+    return outcomes
+
+
+def _store(
+    destination: PacsDestination,
+    calling_aet: str,
+    files: list[tuple[Path, pydicom.Dataset]],
+    timeout_s: float,
+    *,
+    keep_going: bool,
+) -> list[DeliveryError | None]:
+    """C-STORE ``files`` over one association; one outcome per file.
+
+    The first failure ends the association unless ``keep_going`` and it is permanent (the association is still
+    fine); each file not sent then gets a transient failure naming the one that ended it.
+
+    Raises
+    ------
+    DeliveryError
+        When the association cannot be used at all (TLS certificates, connection, rejection, no context).
+    """
     ae = AE(ae_title=calling_aet)
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
-    for sop_class, ts in _contexts(datasets):
+    for sop_class, ts in _contexts([ds for _, ds in files]):
         ae.add_requested_context(sop_class, [ts])
     tls = tls_context(destination.tls) if destination.tls.enabled else None
 
     assoc = _associate(ae, destination, tls)
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    outcomes: list[DeliveryError | None] = []
     try:
-        for path, ds in zip(paths, datasets, strict=True):
-            cx = _context_for(assoc, ds)
-            if cx is None:
-                raise DeliveryError(f"{where} does not accept SOP class {ds.SOPClassUID.name}", permanent=True)
-            if cx.transfer_syntax[0] != ds.file_meta.TransferSyntaxUID and ds.file_meta.TransferSyntaxUID.is_compressed:
-                try:
-                    ds.decompress()
-                except (RuntimeError, ValueError, NotImplementedError) as exc:
-                    raise DeliveryError(
-                        f"{where} only accepts {cx.transfer_syntax[0].name} and {path.name} cannot be decompressed",
-                        permanent=True,
-                    ) from exc
+        for path, ds in files:
             try:
-                status_ds = assoc.send_c_store(ds)
-            except (RuntimeError, ValueError, OSError) as exc:
-                raise DeliveryError(f"C-STORE of {path.name} to {where} failed: {exc}", permanent=False) from exc
-            if "Status" not in status_ds:
-                raise DeliveryError(
-                    f"no C-STORE response from {where} for {path.name} (aborted or timed out)", permanent=False
+                _store_one(assoc, where, path, ds)
+            except DeliveryError as exc:
+                outcomes.append(exc)
+                if keep_going and exc.permanent:
+                    continue
+                unsent = DeliveryError(
+                    f"not sent: the association with {where} ended when {path.name} failed ({exc})", permanent=False
                 )
-            status = int(status_ds.Status)
-            if status not in SUCCESS_STATUSES:
-                raise DeliveryError(
-                    f"{where} answered C-STORE status 0x{status:04X} for {path.name}",
-                    permanent=not is_transient_status(status),
-                )
-            if status != 0x0000:
-                logger.warning("%s stored %s with status 0x%04X", where, ds.SOPInstanceUID, status)
-            logger.info("stored %s %s on %s", ds.SOPClassUID.name, ds.SOPInstanceUID, where)
+                outcomes += [unsent] * (len(files) - len(outcomes))
+                break
+            outcomes.append(None)
     finally:
         if assoc.is_established:
             assoc.release()
+    return outcomes
+
+
+def _store_one(assoc: Association, where: str, path: Path, ds: pydicom.Dataset) -> None:
+    """C-STORE one file on an established association.
+
+    Raises
+    ------
+    DeliveryError
+        When the file is not stored (see the module docstring for ``permanent``).
+    """
+    cx = _context_for(assoc, ds)
+    if cx is None:
+        raise DeliveryError(f"{where} does not accept SOP class {ds.SOPClassUID.name}", permanent=True)
+    if cx.transfer_syntax[0] != ds.file_meta.TransferSyntaxUID and ds.file_meta.TransferSyntaxUID.is_compressed:
+        try:
+            ds.decompress()
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            raise DeliveryError(
+                f"{where} only accepts {cx.transfer_syntax[0].name} and {path.name} cannot be decompressed",
+                permanent=True,
+            ) from exc
+    try:
+        status_ds = assoc.send_c_store(ds)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise DeliveryError(f"C-STORE of {path.name} to {where} failed: {exc}", permanent=False) from exc
+    if "Status" not in status_ds:
+        raise DeliveryError(f"no C-STORE response from {where} for {path.name} (aborted or timed out)", permanent=False)
+    status = int(status_ds.Status)
+    if status not in SUCCESS_STATUSES:
+        raise DeliveryError(
+            f"{where} answered C-STORE status 0x{status:04X} for {path.name}",
+            permanent=not is_transient_status(status),
+        )
+    if status != 0x0000:
+        logger.warning("%s stored %s with status 0x%04X", where, ds.SOPInstanceUID, status)
+    logger.info("stored %s %s on %s", ds.SOPClassUID.name, ds.SOPInstanceUID, where)
