@@ -1,4 +1,5 @@
-"""The ``dermnode`` command line: serve, status, replay, prune, wrap, send, analyze, evaluate, calibrate, train."""
+"""The ``dermnode`` command line: serve, status, replay, prune, wrap, send, analyze, evaluate, calibrate, train,
+export-onnx."""
 
 from __future__ import annotations
 
@@ -385,6 +386,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from dermnode.training.onnx_export import export_onnx
+
+    models = Path(args.models)
+    for name in args.name:
+        path = export_onnx(models, name)
+        print(f"{name}: wrote {path} and its onnx_sha256 in {models / (name + '.json')}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data = [Path(d) for d in args.data]
@@ -553,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the malignant cut-off's promise: at least this fraction of other lesions stay out of the "
                         "malignant band")
     s.set_defaults(func=cmd_calibrate)
+
+    s = command("export-onnx", "export trained models to ONNX, which the service then runs on ONNX Runtime")
+    s.add_argument("--models", required=True, metavar="DIR", help="folder of the model files (<name>.pt, .json)")
+    s.add_argument("name", nargs="+", help="model names (file stems), e.g. segmentation classifier")
+    s.set_defaults(func=cmd_export_onnx)
 
     s = command("train", "train a model with the project's own training code")
     s.add_argument("task", choices=["segmentation", "classification", "pseudo-labels"],

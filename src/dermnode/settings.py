@@ -98,7 +98,9 @@ class AnalysisSettings:
     hair_removal: str = "multiscale"  # "none" | "blackhat" | "multiscale" (see models/segmentation.md)
     clahe: bool = False
     calibrations: tuple[DeviceCalibration, ...] = ()
-    torch_threads: int = 1  # intra-op threads per process; 0: torch's default (stalls on a busy 2-core host)
+    torch_threads: int = 1  # intra-op threads of the networks' runtime; 0: its default (stalls on a busy 2-core host)
+    # "auto": ONNX Runtime for a model shipped with its .onnx file, PyTorch otherwise; "onnx" (required) | "torch"
+    network_runtime: str = "auto"
     # band calibration file (cut-offs for a stated miss rate, see `dermnode calibrate`): empty = the one shipped
     # beside the classifier (<classifier_model>.calibration.json) when present; "none" = the band_* values above
     calibration: str = ""
@@ -284,6 +286,7 @@ _POSITIVE: tuple[str, ...] = (
 _MAX_DURATION_S = 86_400.0
 _CHOICES: dict[str, tuple[str, ...]] = {
     "analysis.hair_removal": ("none", "blackhat", "multiscale"),
+    "analysis.network_runtime": ("auto", "onnx", "torch"),
     "fhir.version": ("R4", "R5"),
     "state.backend": ("sqlite", "postgresql"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),

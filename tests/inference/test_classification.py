@@ -150,12 +150,14 @@ def test_shipped_classifier_ranks_melanomas_above_benign_lesions() -> None:
 
 def test_ensemble_bundle_roundtrip(tmp_path: Path) -> None:
     from dermnode.inference.classifier_models import DermNetEnsemble
+    from dermnode.inference.networks import TorchNetwork
 
     torch.manual_seed(1)
     ens = DermNetEnsemble(["dermnet-xs", "dermnet-xs"]).eval()
     save_classifier(ens, tmp_path, input_size=64, temperatures=(1.0, 1.0), version="0.0.1")
     clf = Classifier(tmp_path)
-    assert isinstance(clf.bundle.model, DermNetEnsemble)
+    assert isinstance(clf.network, TorchNetwork) and isinstance(clf.network.module, DermNetEnsemble)  # no .onnx
+    assert clf.runtime.startswith("torch ")
     rgb, mask = _lesion()
     x = torch.randn(2, 3, 64, 64)
     mel, diag = ens(x)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +34,8 @@ from dermnode.inference.artefacts import remove_artefacts
 from dermnode.inference.classification import Classifier
 from dermnode.inference.imaging import resize_max_side
 from dermnode.inference.measurements import measure, measurement_box
+from dermnode.inference.networks import load_network
 from dermnode.inference.quality import assess_quality
-from dermnode.inference.registry import load_model_bundle
 from dermnode.inference.segmentation import Segmenter
 from dermnode.settings import AnalysisSettings
 from dermnode.vocabulary import (
@@ -137,12 +138,16 @@ class Analyzer:
         directory = models_dir(settings)
         if not directory.is_dir():
             raise ModelError(f"models folder {directory} does not exist")
-        if settings.torch_threads > 0:
+        segmentation = load_network(
+            directory, settings.segmentation_model, threads=settings.torch_threads, runtime=settings.network_runtime,
+            channels_last=True,
+        )
+        self.segmenter = Segmenter(segmentation)
+        self.classifier = Classifier(directory, settings, name=settings.classifier_model)
+        if settings.torch_threads > 0 and "torch" in sys.modules:  # a model runs on PyTorch (or torch was loaded)
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        self.segmenter = Segmenter(load_model_bundle(directory, settings.segmentation_model))
-        self.classifier = Classifier(directory, settings, name=settings.classifier_model)
         self.models: tuple[ModelIdentity, ...] = (self.segmenter.identity, self.classifier.identity)
         logger.info(
             "models loaded: %s",

@@ -1,12 +1,13 @@
 """Calibrated lesion classification: melanoma probability, confidence band and 9-class diagnosis.
 
-:class:`Classifier` loads the ``classifier`` bundle (sha256-verified, see
-:mod:`dermnode.inference.classifier_models`) and classifies the lesion crop:
+:class:`Classifier` loads the ``classifier`` model (sha256-verified, on the runtime
+:func:`~dermnode.inference.networks.load_network` chooses; its calibration values from
+:mod:`dermnode.inference.classifier_spec`) and classifies the lesion crop:
 
 1. crop = bounding box of the (predicted) mask + the manifest's margin (30 % for the shipped model) on every side,
    squared, resized to the network input size — the
-   same function as at training time (:func:`~dermnode.inference.classifier_models.lesion_crop_box` and
-   :func:`~dermnode.inference.classifier_models.warp_crop`); Shades-of-Gray colour constancy; normalisation;
+   same function as at training time (:func:`~dermnode.inference.lesion_crop.lesion_crop_box` and
+   :func:`~dermnode.inference.lesion_crop.warp_crop`); Shades-of-Gray colour constancy; normalisation;
 2. logits averaged over the four flips (test-time augmentation; about 4x a single pass of a ~0.2 M parameter
    network on a 160 px crop, a few milliseconds);
 3. temperature scaling (temperatures fitted on validation logits, stored in the manifest):
@@ -31,14 +32,11 @@ import numpy as np
 import numpy.typing as npt
 
 from dermnode.inference.calibration import BandCalibration, load_calibration
-from dermnode.inference.classifier_models import (
-    lesion_crop_box,
-    load_classifier,
-    predict_logits,
-    preprocess_crop,
-    warp_crop,
-)
+from dermnode.inference.classifier_spec import ClassifierSpec, classifier_logits, classifier_spec
 from dermnode.inference.imaging import sigmoid_scalar, softmax
+from dermnode.inference.lesion_crop import lesion_crop_box, preprocess_crop, warp_crop
+from dermnode.inference.manifest import ModelManifest
+from dermnode.inference.networks import load_network
 from dermnode.settings import AnalysisSettings
 from dermnode.vocabulary import Band, Classification, ModelIdentity
 
@@ -79,6 +77,12 @@ def _band_calibration(
     return load_calibration(shipped, model) if shipped.is_file() else None
 
 
+def _head_size(manifest: ModelManifest) -> int | None:
+    """Size of the diagnosis head as the manifest's architecture arguments give it (``None``: not stated)."""
+    n = manifest.arch_kwargs.get("n_classes")
+    return int(n) if isinstance(n, int) else None
+
+
 class Classifier:
     """Melanoma / diagnosis classifier on the lesion crop.
 
@@ -108,8 +112,13 @@ class Classifier:
         tta: bool | None = None,
         name: str = "classifier",
     ) -> None:
-        self.bundle = load_classifier(Path(models_dir), name)
         self.settings = settings if settings is not None else AnalysisSettings()
+        loaded = load_network(
+            Path(models_dir), name, threads=self.settings.torch_threads, runtime=self.settings.network_runtime
+        )
+        self.network = loaded.network
+        self.runtime = loaded.runtime
+        self.bundle: ClassifierSpec = classifier_spec(loaded.manifest, _head_size(loaded.manifest))
         self.tta = self.bundle.tta if tta is None else tta
         self.calibration = _band_calibration(Path(models_dir), name, self.settings, self.bundle.identity)
 
@@ -168,7 +177,7 @@ class Classifier:
             When the image or the mask has the wrong shape.
         """
         x = preprocess_crop(self.crop(rgb, mask), self.bundle.mean, self.bundle.std)[None]
-        mel, diag = predict_logits(self.bundle.model, x, tta=self.tta)
+        mel, diag = classifier_logits(self.network, x, tta=self.tta)
         return float(mel[0]), diag[0]
 
     def classify(self, rgb: npt.NDArray[np.uint8], mask: npt.NDArray[np.bool_] | None) -> Classification:

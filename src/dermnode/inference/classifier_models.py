@@ -31,11 +31,10 @@ file is missing, corrupt or inconsistent.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -43,15 +42,40 @@ from torch import nn
 
 from dermnode.errors import ModelError
 from dermnode.inference.architectures import EFFICIENTNET_LITE_NORMALISATION
-from dermnode.inference.imaging import shades_of_gray
+from dermnode.inference.classifier_spec import ClassifierSpec, classifier_logits, classifier_spec
+from dermnode.inference.lesion_crop import (  # re-exported: training and evaluation import them from here
+    DEFAULT_MARGIN,
+    MEAN,
+    STD,
+    lesion_crop_box,
+    preprocess_crop,
+    warp_crop,
+)
+from dermnode.inference.networks import TorchNetwork
 from dermnode.inference.registry import load_model_bundle, register_architecture, save_model_bundle
-from dermnode.vocabulary import DIAGNOSIS_CLASSES, ModelIdentity
+from dermnode.vocabulary import DIAGNOSIS_CLASSES
 
 logger = logging.getLogger(__name__)
 
-MEAN = np.array([0.60, 0.50, 0.45], dtype=np.float32)
-STD = np.array([0.20, 0.20, 0.20], dtype=np.float32)
-DEFAULT_MARGIN = 0.2
+__all__ = [
+    "DEFAULT_MARGIN",
+    "MEAN",
+    "STD",
+    "ClassifierBundle",
+    "DermNet",
+    "DermNetEnsemble",
+    "TimmTwoHead",
+    "build_classifier",
+    "classifier_normalisation",
+    "lesion_crop_box",
+    "load_classifier",
+    "n_diagnosis_classes",
+    "predict_logits",
+    "preprocess_crop",
+    "save_classifier",
+    "warp_crop",
+]
+
 
 # arch name -> (stem channels, [(out_channels, stride, repeats), ...])
 ARCHS: dict[str, tuple[int, list[tuple[int, int, int]]]] = {
@@ -282,135 +306,6 @@ def n_diagnosis_classes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# pre-processing shared by training and inference
-
-
-def lesion_crop_box(
-    mask: npt.NDArray[np.bool_] | None, shape: tuple[int, int], margin: float = DEFAULT_MARGIN
-) -> tuple[float, float, float]:
-    """Square crop box around the lesion.
-
-    Parameters
-    ----------
-    mask : ndarray or None
-        Boolean lesion mask (H, W); ``None`` or empty gives the largest centred square.
-    shape : tuple of int
-        ``(H, W)`` of the image.
-    margin : float
-        Fraction of the bounding-box size added on every side.
-
-    Returns
-    -------
-    tuple of float
-        ``(centre_x, centre_y, side)`` in pixels.
-    """
-    h, w = shape
-    if mask is None or not mask.any():
-        return (w - 1) / 2.0, (h - 1) / 2.0, float(min(h, w))
-    ys, xs = np.nonzero(mask)
-    y0, y1 = float(ys.min()), float(ys.max() + 1)
-    x0, x1 = float(xs.min()), float(xs.max() + 1)
-    side = max(y1 - y0, x1 - x0) * (1.0 + 2.0 * margin)
-    side = max(side, 8.0)
-    return (x0 + x1) / 2.0 - 0.5, (y0 + y1) / 2.0 - 0.5, side
-
-
-def warp_crop(
-    rgb: npt.NDArray[np.uint8],
-    box: tuple[float, float, float],
-    out_size: int,
-    *,
-    angle_deg: float = 0.0,
-    scale_x: float = 1.0,
-    scale_y: float = 1.0,
-) -> npt.NDArray[np.uint8]:
-    """Extract the (optionally rotated / anisotropically scaled) square ``box`` resized to ``out_size``.
-
-    Parameters
-    ----------
-    rgb : ndarray
-        uint8 image (H, W, 3).
-    box : tuple of float
-        ``(centre_x, centre_y, side)`` from :func:`lesion_crop_box`.
-    out_size : int
-        Output side in pixels.
-    angle_deg : float
-        Rotation of the sampling grid (augmentation only).
-    scale_x, scale_y : float
-        Extra zoom along the output axes (augmentation only; > 1 zooms in).
-
-    Returns
-    -------
-    ndarray
-        uint8 crop (out_size, out_size, 3); outside pixels are reflected.
-    """
-    cx, cy, side = box
-    s = out_size / side
-    if angle_deg == 0.0 and scale_x == 1.0 and scale_y == 1.0:
-        # plain crop + resize (area interpolation when shrinking gives an anti-aliased crop)
-        half = side / 2.0
-        x0 = int(np.floor(cx + 0.5 - half))
-        y0 = int(np.floor(cy + 0.5 - half))
-        n = round(side)
-        h, w = rgb.shape[:2]
-        pad_l, pad_t = max(0, -x0), max(0, -y0)
-        pad_r, pad_b = max(0, x0 + n - w), max(0, y0 + n - h)
-        if pad_l or pad_t or pad_r or pad_b:
-            big = max(pad_l, pad_t, pad_r, pad_b)
-            if big >= min(h, w):
-                src = cv2.copyMakeBorder(rgb, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REPLICATE)
-            else:
-                src = cv2.copyMakeBorder(rgb, pad_t, pad_b, pad_l, pad_r, cv2.BORDER_REFLECT_101)
-            region = src[y0 + pad_t : y0 + pad_t + n, x0 + pad_l : x0 + pad_l + n]
-        else:
-            region = rgb[y0 : y0 + n, x0 : x0 + n]
-        interp = cv2.INTER_AREA if n > out_size else cv2.INTER_LINEAR
-        return np.ascontiguousarray(cv2.resize(region, (out_size, out_size), interpolation=interp))
-    a = np.deg2rad(angle_deg)
-    cos, sin = np.cos(a), np.sin(a)
-    # output -> source: p_src = c + R @ diag(1/(s*sx), 1/(s*sy)) @ (p_out - o)
-    o = (out_size - 1) / 2.0
-    m_inv = np.array([[cos, -sin], [sin, cos]]) @ np.diag([1.0 / (s * scale_x), 1.0 / (s * scale_y)])
-    t = np.array([cx, cy]) - m_inv @ np.array([o, o])
-    m = np.hstack([m_inv, t[:, None]]).astype(np.float64)
-    if s * min(scale_x, scale_y) < 0.5:
-        # strong shrink: pre-blur to limit aliasing
-        k = int(2 * round(0.5 / (s * min(scale_x, scale_y))) + 1)
-        rgb = np.asarray(cv2.GaussianBlur(rgb, (k, k), 0), dtype=np.uint8)
-    out = cv2.warpAffine(
-        rgb,
-        m,
-        (out_size, out_size),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REFLECT_101,
-    )
-    return np.ascontiguousarray(out)
-
-
-def preprocess_crop(
-    crop: npt.NDArray[np.uint8],
-    mean: npt.ArrayLike = MEAN,
-    std: npt.ArrayLike = STD,
-) -> npt.NDArray[np.float32]:
-    """Colour-normalise a crop and return the CHW float32 network input.
-
-    Parameters
-    ----------
-    crop : ndarray
-        uint8 crop (S, S, 3).
-    mean, std : array-like
-        Per-channel normalisation of the colour-corrected 0..1 values (the network's own).
-
-    Returns
-    -------
-    ndarray
-        float32 (3, S, S).
-    """
-    x = (shades_of_gray(crop) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # bundle (stored with the project's generic model registry, see dermnode.inference.registry)
 
 
@@ -483,21 +378,11 @@ def build_dermnet_ensemble(variants: list[str], n_classes: int = len(DIAGNOSIS_C
     return DermNetEnsemble(list(variants), n_classes=n_classes)
 
 
-@dataclass
-class ClassifierBundle:
-    """A loaded classifier and its calibration/pre-processing parameters."""
+@dataclass(frozen=True, kw_only=True)
+class ClassifierBundle(ClassifierSpec):
+    """A classifier loaded on PyTorch (training, evaluation): the module and its :class:`ClassifierSpec`."""
 
     model: ClassifierNet
-    identity: ModelIdentity
-    input_size: int
-    margin: float
-    temperature_melanoma: float
-    temperature_diagnosis: float
-    classes: tuple[str, ...] = field(default=DIAGNOSIS_CLASSES)
-    extra: dict[str, Any] = field(default_factory=dict)
-    mean: tuple[float, float, float] = (float(MEAN[0]), float(MEAN[1]), float(MEAN[2]))
-    std: tuple[float, float, float] = (float(STD[0]), float(STD[1]), float(STD[2]))
-    tta: bool = True
 
 
 def save_classifier(
@@ -607,35 +492,8 @@ def load_classifier(models_dir: Path, name: str = "classifier") -> ClassifierBun
     bundle = load_model_bundle(Path(models_dir), name)
     if not isinstance(bundle.module, DermNet | DermNetEnsemble | TimmTwoHead):
         raise ModelError(f"model {name} is a {type(bundle.module).__name__}, not a two-headed classifier")
-    ex = bundle.manifest.extra
-    try:
-        temps = ex.get("temperatures", {})
-        t_mel = float(temps.get("melanoma", 1.0))
-        t_diag = float(temps.get("diagnosis", 1.0))
-        classes = tuple(str(c) for c in ex.get("classes", DIAGNOSIS_CLASSES))
-        margin = float(ex.get("margin", DEFAULT_MARGIN))
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ModelError(f"classifier manifest of {name} has invalid calibration values: {exc}") from exc
-    if not (t_mel > 0 and t_diag > 0):
-        raise ModelError(f"classifier {name}: temperatures must be positive")
-    if len(classes) != n_diagnosis_classes(bundle.module):
-        raise ModelError(f"classifier {name}: {len(classes)} classes but the head has a different size")
-    h, w = bundle.manifest.input_size
-    if h != w:
-        raise ModelError(f"classifier {name}: input_size must be square, got {h}x{w}")
-    return ClassifierBundle(
-        model=bundle.module,
-        identity=bundle.identity,
-        input_size=int(h),
-        margin=margin,
-        temperature_melanoma=t_mel,
-        temperature_diagnosis=t_diag,
-        classes=classes,
-        extra=dict(ex),
-        mean=bundle.manifest.mean,
-        std=bundle.manifest.std,
-        tta=str(ex.get("tta", "mean logits over 4 flips")) != "none",
-    )
+    spec = classifier_spec(bundle.manifest, n_diagnosis_classes(bundle.module))
+    return ClassifierBundle(model=bundle.module, **{f.name: getattr(spec, f.name) for f in fields(spec)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -663,15 +521,4 @@ def predict_logits(
     tuple of ndarray
         ``(melanoma_logits (N,), diagnosis_logits (N, K))`` as float64.
     """
-    x = torch.from_numpy(np.ascontiguousarray(batch))
-    views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)] if tta else [x]
-    mel = torch.zeros(x.shape[0])
-    diag: torch.Tensor | None = None
-    with torch.inference_mode():
-        for v in views:
-            m, d = model(v)
-            mel = mel + m
-            diag = d if diag is None else diag + d
-    assert diag is not None
-    n = float(len(views))
-    return (mel / n).double().numpy(), (diag / n).double().numpy()
+    return classifier_logits(TorchNetwork(model), batch, tta=tta)

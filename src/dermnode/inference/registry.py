@@ -38,7 +38,7 @@ import io
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +46,20 @@ import torch
 from torch import nn
 
 from dermnode.errors import ModelError
+from dermnode.inference.manifest import ModelManifest, read_manifest, sha256_file
 from dermnode.vocabulary import ModelIdentity
+
+__all__ = [
+    "ModelBundle",
+    "ModelManifest",
+    "available_architectures",
+    "build_architecture",
+    "load_model_bundle",
+    "read_manifest",
+    "register_architecture",
+    "save_model_bundle",
+    "sha256_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,107 +141,12 @@ def build_architecture(arch: str, arch_kwargs: Mapping[str, Any] | None = None) 
 
 
 @dataclass(frozen=True)
-class ModelManifest:
-    """Contents of ``<name>.json``."""
-
-    name: str
-    version: str
-    arch: str
-    sha256: str
-    input_size: tuple[int, int]  # (height, width) the network works at
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # normalisation of 0..1 RGB input
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    arch_module: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON document of the manifest (``normalisation`` nested as in the file format)."""
-        d = asdict(self)
-        d["input_size"] = list(self.input_size)
-        d["normalisation"] = {"mean": list(d.pop("mean")), "std": list(d.pop("std"))}
-        if d["arch_module"] is None:
-            del d["arch_module"]
-        return d
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], where: str = "manifest") -> ModelManifest:
-        """Parse a manifest document.
-
-        Parameters
-        ----------
-        data:
-            The decoded JSON object.
-        where:
-            File name used in error messages.
-
-        Returns
-        -------
-        ModelManifest
-            The parsed manifest.
-
-        Raises
-        ------
-        ModelError
-            When a required key is missing or has the wrong type.
-        """
-        try:
-            norm = data.get("normalisation", {}) or {}
-            size = data["input_size"]
-            if isinstance(size, int):
-                size = [size, size]
-            mean = tuple(float(v) for v in norm.get("mean", (0.0, 0.0, 0.0)))
-            std = tuple(float(v) for v in norm.get("std", (1.0, 1.0, 1.0)))
-            if len(mean) != 3 or len(std) != 3 or len(size) != 2:
-                raise ValueError("normalisation needs 3 values, input_size 2")
-            return cls(
-                name=str(data["name"]),
-                version=str(data["version"]),
-                arch=str(data["arch"]),
-                sha256=str(data["sha256"]).lower(),
-                input_size=(int(size[0]), int(size[1])),
-                mean=(mean[0], mean[1], mean[2]),
-                std=(std[0], std[1], std[2]),
-                arch_kwargs=dict(data.get("arch_kwargs", {}) or {}),
-                extra=dict(data.get("extra", {}) or {}),
-                arch_module=data.get("arch_module"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model manifest {where} is invalid: {exc!r}") from exc
-
-
-@dataclass(frozen=True)
 class ModelBundle:
     """A loaded, verified model: the network (float32, eval mode), its identity and its manifest."""
 
     module: nn.Module
     identity: ModelIdentity
     manifest: ModelManifest
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes.
-
-    Parameters
-    ----------
-    path:
-        The file.
-
-    Returns
-    -------
-    str
-        64 lowercase hex digits.
-
-    Raises
-    ------
-    OSError
-        When the file cannot be read.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model_bundle(
@@ -292,43 +210,12 @@ def save_model_bundle(
         out_dir.mkdir(parents=True, exist_ok=True)
         pt = out_dir / f"{name}.pt"
         pt.write_bytes(data)
+        (out_dir / f"{name}.onnx").unlink(missing_ok=True)  # an export of earlier weights (the manifest drops it)
         (out_dir / f"{name}.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     except OSError as exc:
         raise ModelError(f"cannot write model {name} to {out_dir}: {exc}") from exc
     logger.info("exported model %s %s (%d bytes, sha256 %s)", name, version, len(data), digest)
     return pt
-
-
-def read_manifest(models_dir: Path, name: str) -> ModelManifest:
-    """Read and parse ``models_dir/<name>.json``.
-
-    Parameters
-    ----------
-    models_dir:
-        Folder holding the model files.
-    name:
-        Model name.
-
-    Returns
-    -------
-    ModelManifest
-        The manifest.
-
-    Raises
-    ------
-    ModelError
-        When the manifest is missing, unreadable or invalid.
-    """
-    path = Path(models_dir) / f"{name}.json"
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError(f"model manifest {path} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"model manifest {path} cannot be read: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelError(f"model manifest {path} is not a JSON object")
-    return ModelManifest.from_json(raw, where=str(path))
 
 
 def load_model_bundle(models_dir: Path, name: str) -> ModelBundle:

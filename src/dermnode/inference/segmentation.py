@@ -1,8 +1,8 @@
 """Lesion segmentation at inference time.
 
-:class:`Segmenter` wraps a loaded :class:`~dermnode.inference.registry.ModelBundle` (normally
-``models/segmentation.*``) and turns an RGB image of any size into a boolean lesion mask plus a probability
-map, both at the source resolution.
+:class:`Segmenter` wraps a loaded network (:func:`dermnode.inference.networks.load_network`, normally
+``models/segmentation.*``; a PyTorch :class:`~dermnode.inference.registry.ModelBundle` is accepted too) and turns
+an RGB image of any size into a boolean lesion mask plus a probability map, both at the source resolution.
 
 Preprocessing resizes the whole image to the network's working size (``input_size`` of the manifest). A model
 trained in a landscape frame (manifest ``extra.frame_follows_orientation``, e.g. 192x256 for 4:3 images; its
@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from dermnode.inference.imaging import max_side_scale
-from dermnode.inference.registry import ModelBundle
+from dermnode.inference.networks import LoadedNetwork, Network, TorchNetwork
 from dermnode.vocabulary import ModelIdentity
+
+if TYPE_CHECKING:  # torch only where a caller passes a PyTorch bundle
+    from dermnode.inference.registry import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +226,13 @@ def upsample_mask(mask: npt.NDArray[np.bool_], shape: tuple[int, int]) -> npt.ND
 
 
 class Segmenter:
-    """Lesion segmenter built from a loaded model bundle.
+    """Lesion segmenter built from a loaded segmentation model.
 
     Parameters
     ----------
     bundle:
-        A segmentation model loaded with :func:`dermnode.inference.registry.load_model_bundle`.
+        A segmentation model loaded with :func:`dermnode.inference.networks.load_network` (any runtime) or
+        :func:`dermnode.inference.registry.load_model_bundle` (PyTorch, run channels-last).
     threshold:
         Probability threshold; default: the manifest's ``extra["threshold"]``, else 0.5.
     tta:
@@ -236,9 +240,15 @@ class Segmenter:
         ``extra["tta"]``, else ``False``).
     """
 
-    def __init__(self, bundle: ModelBundle, *, threshold: float | None = None, tta: bool | None = None) -> None:
-        # channels-last is markedly faster for the depthwise convolutions on CPU (converts in place)
-        self._module = bundle.module.to(memory_format=torch.channels_last).eval()
+    def __init__(
+        self, bundle: LoadedNetwork | ModelBundle, *, threshold: float | None = None, tta: bool | None = None
+    ) -> None:
+        if isinstance(bundle, LoadedNetwork):
+            self._network: Network = bundle.network
+            self.runtime = bundle.runtime
+        else:  # channels-last is markedly faster for the depthwise convolutions on CPU (converts in place)
+            self._network = TorchNetwork(bundle.module.eval(), channels_last=True)
+            self.runtime = "torch"
         self._manifest = bundle.manifest
         self.identity: ModelIdentity = bundle.identity
         extra = bundle.manifest.extra
@@ -268,15 +278,14 @@ class Segmenter:
         """
         m = self._manifest
         size = self.working_size(rgb.shape[0], rgb.shape[1])
-        x = torch.from_numpy(preprocess(rgb, size, m.mean, m.std))[None]
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            if self.tta:
-                logits = self._module(torch.cat([x, x.flip(-1)], dim=0))
-                logits = 0.5 * (logits[0:1] + logits[1:2].flip(-1))
-            else:
-                logits = self._module(x)
-            prob = torch.sigmoid(logits)[0, 0].float().numpy()
+        x = preprocess(rgb, size, m.mean, m.std)[None]
+        if self.tta:
+            both = self._network(np.concatenate([x, x[..., ::-1]], axis=0))[0]
+            logits = 0.5 * (both[0, 0] + both[1, 0, :, ::-1])
+        else:
+            logits = self._network(x)[0][0, 0]
+        # the logistic function through tanh: no overflow for large |logits|
+        prob = 0.5 + 0.5 * np.tanh(0.5 * logits.astype(np.float32))
         return np.ascontiguousarray(prob, dtype=np.float32)
 
     def segment(

@@ -38,6 +38,9 @@ from dermnode.workqueue.jobs import Job, JobQueue
 from dermnode.workqueue.outbox import Deliverer, Outbox
 
 logger = logging.getLogger(__name__)
+
+#: What the state database raises while it cannot be reached (the lease loop logs one line and retries).
+_DATABASE_AWAY: tuple[type[Exception], ...] = (StorageError, *DB_ERRORS)
 audit = logging.getLogger("dermnode.audit")
 
 #: A processor runs the pipeline for one job and returns a short outcome (e.g. ``"analysed"``).
@@ -309,7 +312,7 @@ class WorkerPool:
             for q in (self.queue, self.outbox):
                 try:
                     q.renew_held()
-                except (StorageError, *DB_ERRORS) as exc:  # the database is away: one line, retried next period
+                except _DATABASE_AWAY as exc:  # the database is away: one line, retried next period
                     logger.warning("lease renewal of %s failed, will retry: %s", q.table, exc)
                 except Exception:
                     logger.exception("lease renewal of %s failed", q.table)
@@ -320,7 +323,7 @@ class WorkerPool:
                     self.queue.recover()
                 if self.deliver:
                     self.outbox.recover()
-            except (StorageError, *DB_ERRORS) as exc:  # the database is away: one line, retried next period
+            except _DATABASE_AWAY as exc:  # the database is away: one line, retried next period
                 logger.warning("taking over orphaned work failed, will retry: %s", exc)
             except Exception:
                 logger.exception("taking over orphaned work failed")
