@@ -491,16 +491,18 @@ class JobProcessor:
         self.results_root = settings.storage_root / "results"
 
     def _queue_deliveries(self, job: Job, files: OutputFiles) -> int:
-        # one delivery per DICOM object and destination, keyed by its (deterministic) SOP Instance UID
-        queued = 0
-        for dest in self.settings.pacs:
-            for uid, path in files.dicom_objects:
-                self.outbox.add(job.id, "dicom", f"pacs:{dest.name}", uid, path)
-                queued += 1
+        # one delivery per DICOM object and destination, keyed by its (deterministic) SOP Instance UID, all queued
+        # in one transaction: a delivery thread woken by the commit finds the job's objects together (one
+        # association per PACS); returns how many deliveries the job has (queued now or already)
+        items: list[tuple[int | None, str, str, str, Path]] = [
+            (job.id, "dicom", f"pacs:{dest.name}", uid, path)
+            for dest in self.settings.pacs
+            for uid, path in files.dicom_objects
+        ]
         if self.settings.fhir.base_url and files.fhir_bundle is not None:
-            self.outbox.add(job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle)
-            queued += 1
-        return queued
+            items.append((job.id, "fhir", "fhir", files.fhir_key, files.fhir_bundle))
+        self.outbox.add_all(items)
+        return len(items)
 
     def _report_undecodable(self, job: Job, ds: pydicom.Dataset, error: DecodeError) -> DecodeError:
         """Write and queue the not-analysable report of an undecodable instance; the error to dead-letter it with."""
