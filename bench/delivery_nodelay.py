@@ -5,7 +5,8 @@ Usage::
     .venv/bin/python bench/delivery_nodelay.py [--repeats 8]
 
 Builds a SEG and an SR with ``dermnode.pipeline.analyze_files`` (shipped models) from one real photograph,
-then times ``dermnode.dicom_io.sender.send_files`` (one association per object, as the outbox does) to Orthanc:
+then times ``dermnode.dicom_io.sender.send_files`` (one association per object, as the outbox did until it sent a
+job's objects together) to Orthanc:
 as shipped, and with an ``EVT_CONN_OPEN`` handler that sets ``TCP_NODELAY`` on the socket (the proposed fix),
 against Orthanc started with DCMTK's defaults (Nagle on) and with ``TCP_NODELAY=1`` in its environment.
 """
