@@ -10,8 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from dermnode.inference.artefacts import detect_frame, remove_artefacts
 from dermnode.inference.classifier_models import load_classifier
-from dermnode.training.classification import load_samples, train_classification
+from dermnode.settings import AnalysisSettings
+from dermnode.training.classification import (
+    Sample,
+    _TrainSet,
+    load_samples,
+    round_field,
+    round_field_surround,
+    train_classification,
+)
 
 
 @pytest.fixture
@@ -86,3 +95,66 @@ def test_heldout_folder_holds_only_validation_images_unstretched(tiny_isic2017: 
     img = cv2.imread(str(out / "images" / "ISIC_0000009.png"))
     mask = cv2.imread(str(out / "masks" / "ISIC_0000009.png"), cv2.IMREAD_GRAYSCALE)
     assert img.shape[:2] == mask.shape == (64, 85)  # back to 4:3
+
+
+def _skin_with_lesion(h: int = 150, w: int = 200, centre: tuple[int, int] | None = None) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    img = np.clip(rng.normal((205, 160, 140), 4.0, (h, w, 3)), 0, 255).astype(np.uint8)
+    cx, cy = centre if centre is not None else (w // 2, h // 2)
+    cv2.circle(img, (cx, cy), 12, (90, 55, 40), -1)
+    return img
+
+
+def test_round_field_with_p_zero_is_the_identity() -> None:
+    img = _skin_with_lesion()
+    for seed in range(5):
+        assert round_field(img, np.random.default_rng(seed), p=0.0) is img
+
+
+def test_round_field_surround_is_filled_as_at_run_time_and_the_lesion_is_untouched() -> None:
+    img = _skin_with_lesion()
+    filled = 0
+    for seed in range(20):
+        out = round_field(img, np.random.default_rng(seed), p=1.0)
+        rng = np.random.default_rng(seed)
+        rng.random()  # the draw that decides whether to apply the field
+        raw = round_field_surround(img, rng)
+        # what the analyser gives the networks for the image seen through that field
+        assert np.array_equal(out, remove_artefacts(raw, AnalysisSettings()).framed)
+        assert detect_frame(out).fraction == 0.0  # no black surround left for the detector
+        assert np.array_equal(out[60:91, 85:116], img[60:91, 85:116])  # lesion and its surroundings untouched
+        frame = detect_frame(raw).frame_mask
+        if frame.mean() > 0.02:
+            filled += 1
+            colours = np.unique(out[frame], axis=0)
+            assert len(colours) == 1 and np.abs(colours[0].astype(int) - (205, 160, 140)).max() <= 8
+    assert filled >= 10  # the field cuts into the image (a radius of 0.5-1.0 half diagonal)
+
+
+def test_round_field_keeps_an_off_centre_lesion_inside_the_field() -> None:
+    img = _skin_with_lesion(centre=(30, 25))
+    for seed in range(20):
+        out = round_field(img, np.random.default_rng(seed), p=1.0, centre=(30.0, 25.0))
+        assert np.array_equal(out[20:31, 25:36], img[20:31, 25:36])
+
+
+def test_round_field_is_deterministic_per_seed_and_applied_with_probability_p() -> None:
+    img = _skin_with_lesion()
+    a = round_field(img, np.random.default_rng(7), p=1.0)
+    b = round_field(img, np.random.default_rng(7), p=1.0)
+    assert np.array_equal(a, b)
+    hits = sum(round_field(img, np.random.default_rng(s), p=0.4) is not img for s in range(200))
+    assert 50 <= hits <= 110
+
+
+def test_training_set_draws_the_field_from_its_own_stream() -> None:
+    img = _skin_with_lesion()
+    sample = Sample("x", "isic2017", "train", img, (100.0, 75.0, 40.0), 0, 4, False)
+    plain = _TrainSet([sample], 32, 0, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    off = _TrainSet([sample], 32, 0, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), round_field_p=0.0)
+    on = _TrainSet([sample], 32, 0, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), round_field_p=1.0)
+    for epoch in range(3):
+        plain.epoch = off.epoch = on.epoch = epoch
+        assert torch.equal(plain[0][0], off[0][0])  # p = 0: the 2.0.0 recipe, draw for draw
+        x1, x2 = on[0][0], on[0][0]
+        assert torch.equal(x1, x2) and x1.shape == (3, 32, 32)

@@ -50,6 +50,7 @@ from dermnode.evaluation.classification_metrics import (
     fit_temperature,
     roc_auc,
 )
+from dermnode.inference.artefacts import detect_frame, fill_frame
 from dermnode.inference.classifier_models import (
     DEFAULT_MARGIN,
     DIAGNOSIS_CLASSES,
@@ -73,6 +74,8 @@ logger = logging.getLogger(__name__)
 
 CLASS_INDEX = {c: i for i, c in enumerate(DIAGNOSIS_CLASSES)}
 NINE_CLASS_VAL_FRACTION = 0.15
+ROUND_FIELD_P = 0.4
+"""Default probability of the simulated round dermoscope field (:func:`round_field`) per training image."""
 
 
 @dataclass
@@ -254,7 +257,101 @@ def load_samples(data_dirs: list[Path], *, seed: int = 0, splits: tuple[str, ...
 # augmentation
 
 
-def augment_crop(sample: Sample, size: int, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+def round_field(
+    rgb: npt.NDArray[np.uint8],
+    rng: np.random.Generator,
+    *,
+    p: float = ROUND_FIELD_P,
+    centre: tuple[float, float] | None = None,
+) -> npt.NDArray[np.uint8]:
+    """Simulate a round dermoscope field of view on the WHOLE image, then detect and fill it as run time does.
+
+    With probability ``p``, :func:`round_field_surround` blackens everything outside a centred-ish ellipse; the
+    result then goes through :func:`~dermnode.inference.artefacts.detect_frame` and
+    :func:`~dermnode.inference.artefacts.fill_frame`, exactly what the analyser feeds the networks
+    (``ArtefactResult.framed``), so the network learns what it will see at run time: a skin-coloured fill, with
+    whatever soft edge or small corner sliver the detection leaves.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 (H, W, 3) whole image.
+    rng : numpy.random.Generator
+        Random source (one draw when the field is not applied).
+    p : float
+        Probability of applying the field.
+    centre : tuple of float, optional
+        ``(x, y)`` of the lesion centre in pixels (default: the image centre).
+
+    Returns
+    -------
+    ndarray
+        ``rgb`` itself (not applied) or a new uint8 (H, W, 3) image.
+    """
+    if p <= 0.0 or rng.random() >= p:
+        return rgb
+    out = round_field_surround(rgb, rng, centre=centre)
+    return fill_frame(out, detect_frame(out).frame_mask)
+
+
+def round_field_surround(
+    rgb: npt.NDArray[np.uint8], rng: np.random.Generator, *, centre: tuple[float, float] | None = None
+) -> npt.NDArray[np.uint8]:
+    """The image seen through a round dermoscope field: a near-black surround outside a centred-ish ellipse.
+
+    The field's centre is the image centre moved by up to 6 % of each side; its mean radius is 0.5-1.0 of the
+    half diagonal (from a circle narrower than the shorter side, which blackens two sides, to one that only
+    clips the corners); its axis ratio is up to 1.2 and its orientation random. It is enlarged when needed so
+    that ``centre`` (the lesion centre) lies within 75 % of its radius. The surround has a level of 0-30, a
+    slight per-channel tint and Gaussian noise; the edge is a linear ramp 0.5-4 % of the radius wide.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        uint8 (H, W, 3) whole image.
+    rng : numpy.random.Generator
+        Random source.
+    centre : tuple of float, optional
+        ``(x, y)`` of the lesion centre in pixels (default: the image centre).
+
+    Returns
+    -------
+    ndarray
+        A new uint8 (H, W, 3) image, not yet frame-filled.
+    """
+    h, w = rgb.shape[:2]
+    half_diag = 0.5 * math.hypot(w, h)
+    fx = w / 2 + float(rng.uniform(-0.06, 0.06)) * w
+    fy = h / 2 + float(rng.uniform(-0.06, 0.06)) * h
+    r = float(rng.uniform(0.5, 1.0)) * half_diag
+    a = float(np.exp(rng.uniform(-0.09, 0.09)))  # axis ratio a^2 <= 1.2
+    theta = float(rng.uniform(0.0, math.pi))
+    edge = float(rng.uniform(0.005, 0.04)) * r  # soft edge width in pixels
+    level = float(rng.uniform(0.0, 30.0))
+    tint = rng.uniform(-4.0, 4.0, size=3)
+    noise = float(rng.uniform(0.0, 4.0))
+    ct, st = math.cos(theta), math.sin(theta)
+
+    def rho(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        u, v = (x - fx) * ct + (y - fy) * st, -(x - fx) * st + (y - fy) * ct
+        out: npt.NDArray[np.float32] = np.sqrt((u / (r * a)) ** 2 + (v / (r / a)) ** 2).astype(np.float32)
+        return out
+
+    lx, ly = centre if centre is not None else (w / 2, h / 2)
+    d = float(rho(np.array([lx], np.float32), np.array([ly], np.float32))[0])
+    if d > 0.75:
+        r *= d / 0.75
+        edge *= d / 0.75
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # signed distance to the field's edge, approximately in pixels; 0 inside, 1 in the surround
+    t = np.clip((rho(xx, yy) - 1.0) * r / edge + 0.5, 0.0, 1.0)[..., None]
+    surround = level + tint + noise * rng.standard_normal((h, w, 3))
+    return np.clip(rgb.astype(np.float32) * (1.0 - t) + surround * t, 0, 255).astype(np.uint8)
+
+
+def augment_crop(
+    sample: Sample, size: int, rng: np.random.Generator, rgb: npt.NDArray[np.uint8] | None = None
+) -> npt.NDArray[np.uint8]:
     """Random training crop of ``sample`` (geometry only).
 
     Parameters
@@ -265,6 +362,8 @@ def augment_crop(sample: Sample, size: int, rng: np.random.Generator) -> npt.NDA
         Output side.
     rng : numpy.random.Generator
         Random source.
+    rgb : ndarray, optional
+        The image to crop instead of ``sample.rgb`` (same size; e.g. after :func:`round_field`).
 
     Returns
     -------
@@ -280,7 +379,12 @@ def augment_crop(sample: Sample, size: int, rng: np.random.Generator) -> npt.NDA
     cy += rng.uniform(-0.08, 0.08) * side
     a = float(np.exp(rng.uniform(-0.15, 0.15)))
     crop = warp_crop(
-        sample.rgb, (cx, cy, side), size, angle_deg=float(rng.uniform(-180, 180)), scale_x=a, scale_y=1.0 / a
+        sample.rgb if rgb is None else rgb,
+        (cx, cy, side),
+        size,
+        angle_deg=float(rng.uniform(-180, 180)),
+        scale_x=a,
+        scale_y=1.0 / a,
     )
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
@@ -334,13 +438,19 @@ def colour_jitter(
 
 class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     def __init__(
-        self, samples: list[Sample], size: int, seed: int, normalisation: tuple[npt.ArrayLike, npt.ArrayLike]
+        self,
+        samples: list[Sample],
+        size: int,
+        seed: int,
+        normalisation: tuple[npt.ArrayLike, npt.ArrayLike],
+        round_field_p: float = 0.0,
     ) -> None:
         self.samples = samples
         self.size = size
         self.seed = seed
         self.epoch = 0
         self.mean, self.std = normalisation
+        self.round_field_p = round_field_p
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -348,8 +458,13 @@ class _TrainSet(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor, torch
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, self.epoch, i))
         s = self.samples[i]
+        rgb = None
+        if self.round_field_p > 0.0:
+            # its own stream: the other augmentations draw what they draw without the field
+            field_rng = np.random.default_rng((self.seed, self.epoch, i, 1))
+            rgb = round_field(s.rgb, field_rng, p=self.round_field_p, centre=(s.box[0], s.box[1]))
         x = colour_jitter(
-            preprocess_crop(augment_crop(s, self.size, rng), self.mean, self.std), rng, self.mean, self.std
+            preprocess_crop(augment_crop(s, self.size, rng, rgb), self.mean, self.std), rng, self.mean, self.std
         )
         return (
             torch.from_numpy(x),
@@ -521,6 +636,7 @@ def train_classification(
     split_seed: int = 0,
     pretrained: bool = True,
     tta: bool = True,
+    round_field_p: float = ROUND_FIELD_P,
 ) -> Path:
     """Train the classifier, calibrate it and export the fp16 bundle.
 
@@ -560,6 +676,9 @@ def train_classification(
         Start a timm backbone from its ImageNet weights (:mod:`dermnode.training.backbones`).
     tta : bool
         Calibrate (and let inference use) the 4-flip test-time augmentation.
+    round_field_p : float
+        Probability of the simulated round dermoscope field (:func:`round_field`) per training image (0: none,
+        the 2.0.0 recipe).
 
     Returns
     -------
@@ -613,7 +732,7 @@ def train_classification(
         load_into(model, arch, prefix="backbone.")
     norm = classifier_normalisation(model)
     model = model.to(memory_format=torch.channels_last)  # much faster depthwise convolutions on CPU
-    dataset = _TrainSet(train, image_size, seed, norm)
+    dataset = _TrainSet(train, image_size, seed, norm, round_field_p)
     steps_per_epoch = len(train) // batch_size
     if steps_per_epoch < 1:
         raise PipelineError(f"{len(train)} training samples do not fill one batch of {batch_size}")
@@ -648,7 +767,19 @@ def train_classification(
     final.load_state_dict(best_state)
     final.eval()
     return _calibrate_and_export(
-        final, arch, image_size, val17, val9, history, out_dir, version, seed, epochs, tta=tta, split_seed=split_seed
+        final,
+        arch,
+        image_size,
+        val17,
+        val9,
+        history,
+        out_dir,
+        version,
+        seed,
+        epochs,
+        tta=tta,
+        split_seed=split_seed,
+        round_field_p=round_field_p,
     )
 
 
@@ -674,6 +805,7 @@ def _calibrate_and_export(
     margin: float = DEFAULT_MARGIN,
     tta: bool = True,
     split_seed: int | None = None,
+    round_field_p: float | None = None,
 ) -> Path:
     """Fit the temperatures on the validation logits (with the inference TTA), report ECE, export the bundle."""
     norm = classifier_normalisation(final)
@@ -714,6 +846,8 @@ def _calibrate_and_export(
         "parameters": int(sum(p.numel() for p in final.parameters())),
         "validation": calib,
     }
+    if round_field_p is not None:
+        extra["round_field_p"] = round_field_p
     path = save_classifier(
         final,
         out_dir,
