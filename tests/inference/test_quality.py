@@ -219,3 +219,97 @@ def test_fast_statistics_equal_their_definitions() -> None:
     assert np.array_equal(t["skin"], (((hue >= 330) | (hue < 60)) & (sat >= 0.05) & (sat <= 0.85)) | (sat < 0.2))
     assert np.array_equal(t["foreign"], (hue >= 75) & (hue < 300) & (sat >= 0.45))
     assert np.array_equal(t["dark"], np.arange(256, dtype=np.float32) / 255.0 < 0.12)
+
+
+def _textured(shape: tuple[int, ...], rgb: tuple[int, int, int]) -> np.ndarray:
+    """A saturated colour with sensor noise (a sticker, cloth), of the given (H, W, 3) shape."""
+    rng = np.random.default_rng(3)
+    return np.clip(np.array(rgb, np.float64) + rng.normal(0, 6, shape), 0, 255).astype(np.uint8)
+
+
+def _with_disc(img: np.ndarray, centre: tuple[int, int], radius: int, rgb: tuple[int, int, int]) -> np.ndarray:
+    """``img`` with a filled disc of a saturated colour (a sticker, a ruler label)."""
+    out = img.copy()
+    disc = np.zeros(img.shape[:2], np.uint8)
+    cv2.circle(disc, centre, radius, 1, -1)
+    out[disc > 0] = _textured(img.shape, rgb)[disc > 0]
+    return out
+
+
+def test_sticker_at_the_edge_of_a_skin_field_is_accepted() -> None:
+    """A green sticker at the edge of a dermoscopy field is not what the analysis reads (issue 11).
+
+    Over the whole field it covers a quarter of the frame, above the 0.20 foreign-colour limit: the whole-field rule
+    refused it. It is a peripheral object, set aside from the colour statistics.
+    """
+    img = _with_disc(synthetic_dermoscopy(450, 600), (600, 225), 210, (40, 170, 60))
+    green = (img[..., 1].astype(int) - img[..., 0] > 80) & (img[..., 1].astype(int) - img[..., 2] > 60)
+    assert green.mean() > 0.20  # what the whole-field rule measured
+    rep = assess_quality(img)
+    assert rep.usable, rep.reason
+    assert rep.scores["object_frac"] == pytest.approx(green.mean(), abs=0.03)
+    assert rep.scores["foreign_frac"] > 0.20  # the whole field fails, the core field passes
+    assert rep.scores["core_foreign_frac"] < 0.05 and rep.scores["core_skin_frac"] > 0.9
+
+
+def test_pink_cloth_in_a_corner_is_set_aside() -> None:
+    """Saturated pink cloth in a corner (as in ISIC_0012127) is a peripheral object: the core field, the rest of
+    the field, is skin (over the whole field 0.76 is skin-coloured)."""
+    img = synthetic_dermoscopy(450, 600).copy()
+    tri = np.array([[0, 60], [0, 449], [330, 449]], np.int32)
+    cloth = np.zeros(img.shape[:2], np.uint8)
+    cv2.fillPoly(cloth, [tri], 1)
+    img[cloth > 0] = _textured(img.shape, (225, 40, 150))[cloth > 0]
+    rep = assess_quality(img)
+    assert rep.usable, rep.reason
+    assert rep.scores["object_frac"] == pytest.approx(float(cloth.mean()), abs=0.03)
+    assert rep.scores["core_skin_frac"] > 0.95 > rep.scores["skin_frac"]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("image", "what"), [("ISIC_0008025", "green sticker"), ("ISIC_0012127", "pink cloth")])
+def test_real_images_with_an_object_at_the_edge_are_accepted(shared_data: Path, image: str, what: str) -> None:
+    """Issue 11: two ISIC 2017 val images refused only for an object at the edge of the field (20-30 % of it)."""
+    f = shared_data / "isic2017" / "images" / f"{image}.jpg"
+    if not f.exists():
+        pytest.skip(f"{f} is absent")
+    rep = assess_quality(cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB))
+    assert rep.usable, (what, rep.reason)
+    assert 0.15 < rep.scores["object_frac"] <= 1 / 3, what
+    assert rep.scores["core_skin_frac"] > 0.9 and rep.scores["core_foreign_frac"] < 0.05, what
+
+
+def _centre_band(img: np.ndarray) -> np.ndarray:
+    out = img.copy()
+    w = img.shape[1]
+    band = slice(int(0.2 * w), int(0.8 * w))
+    out[:, band] = _textured(img.shape, (225, 40, 150))[:, band]  # pink cloth across the centre, top to bottom
+    return out
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _with_disc(synthetic_dermoscopy(450, 600), (300, 225), 160, (40, 170, 60)),  # sticker on the centre
+        lambda: _centre_band(synthetic_dermoscopy(450, 600)),  # cloth through the centre, touching the border
+        lambda: np.concatenate([_foliage_photo()[:, :300], synthetic_dermoscopy(450, 600)[:, 300:]], axis=1),
+    ],
+    ids=["sticker-on-centre", "cloth-through-centre", "half-foliage"],
+)
+def test_foreign_colour_over_the_centre_or_half_the_field_is_refused(make) -> None:  # type: ignore[no-untyped-def]
+    """Only objects at the edge are set aside: one over the centre, or one covering more than a third of the field
+    (half the frame foliage), is judged with the rest and refused."""
+    rep = assess_quality(make())
+    assert not rep.usable and rep.reason is not None and "skin" in rep.reason
+
+
+@pytest.mark.parametrize("make", [_foliage_photo, lambda: np.concatenate([_foliage_photo()] * 2, axis=0)])
+def test_non_skin_photo_sets_nothing_aside(make) -> None:  # type: ignore[no-untyped-def]
+    """A photograph that is not skin is one region over the centre: no peripheral object, refused as before."""
+    rep = assess_quality(make())
+    assert rep.scores["object_frac"] == 0.0
+    assert (rep.scores["core_skin_frac"], rep.scores["core_foreign_frac"]) == (
+        rep.scores["skin_frac"],
+        rep.scores["foreign_frac"],
+    )
+    assert not rep.usable and rep.reason is not None and "skin" in rep.reason
