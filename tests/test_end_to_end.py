@@ -330,12 +330,16 @@ def test_missing_or_corrupt_model_refuses_to_start(tmp_path: Path) -> None:
 
         for f in models_dir().glob("*.json"):
             shutil.copy(f, models / f.name)
-        for f in models_dir().glob("*.pt"):
+        for f in [*models_dir().glob("*.pt"), *models_dir().glob("*.onnx")]:  # weights and their ONNX exports
             blob = bytearray(f.read_bytes())
             blob[len(blob) // 2] ^= 0xFF
             (models / f.name).write_bytes(bytes(blob))
         res = proc.cli("serve", timeout=120)
         assert res.returncode != 0 and "sha256" in res.stderr.lower()
+        for f in models.glob("*.onnx"):  # an export that is gone is named, not a traceback
+            f.unlink()
+        res = proc.cli("serve", timeout=120)
+        assert res.returncode != 0 and ".onnx is missing" in res.stderr and "Traceback" not in res.stderr
 
 
 @needs_models
