@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import cv2
@@ -57,8 +58,10 @@ def test_samples_keep_the_original_aspect_ratio(tiny_isic2017: Path) -> None:
 def test_dermnet_from_scratch_trains_and_exports(tiny_isic2017: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     manifest = train_classification([tiny_isic2017.parent], "dermnet-xs", out, epochs=2, image_size=32,
-                                    batch_size=4, seed=0, resume=False, threads=1, pretrained=False, tta=True)
+                                    batch_size=4, seed=0, resume=False, threads=1, pretrained=False, tta=True,
+                                    round_field_p=0.5)
     bundle = load_classifier(out)
+    assert json.loads(manifest.read_text())["extra"]["round_field_p"] == 0.5
     assert manifest == out / "classifier.json"
     assert bundle.tta and bundle.input_size == 32
     assert bundle.mean == pytest.approx((0.60, 0.50, 0.45))

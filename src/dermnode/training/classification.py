@@ -19,7 +19,8 @@ Recipe: AdamW, cosine learning rate with warm-up, EMA of the weights (evaluated 
 (binary cross-entropy on the melanoma logit with ``pos_weight = sqrt(n_neg / n_pos)``; cross-entropy with
 label smoothing 0.05 and class weights ``~ 1 / sqrt(frequency)`` on the diagnosis logits, weight 0.5),
 augmentations (crop-box scale/shift jitter, rotation, aspect jitter, flips, brightness/contrast/saturation/
-gamma/channel-gain jitter, blur/sharpen, down-up sampling). Temperature scaling of both heads on the
+gamma/channel-gain jitter, blur/sharpen, down-up sampling; optionally a simulated round dermoscope field on the
+whole image, detected and filled as at run time, :func:`round_field`). Temperature scaling of both heads on the
 validation logits (with the same flip test-time augmentation as inference); ECE (10 bins) before/after is
 stored in ``history.json`` and the manifest.
 """
@@ -75,7 +76,9 @@ logger = logging.getLogger(__name__)
 CLASS_INDEX = {c: i for i, c in enumerate(DIAGNOSIS_CLASSES)}
 NINE_CLASS_VAL_FRACTION = 0.15
 ROUND_FIELD_P = 0.4
-"""Default probability of the simulated round dermoscope field (:func:`round_field`) per training image."""
+"""Probability of the simulated round dermoscope field (:func:`round_field`) per training image of the 2.1.0
+experiment (issue 11; not shipped, see models/classifier.md); :func:`train_classification` applies it only when
+asked (``round_field_p``)."""
 
 
 @dataclass
@@ -636,7 +639,7 @@ def train_classification(
     split_seed: int = 0,
     pretrained: bool = True,
     tta: bool = True,
-    round_field_p: float = ROUND_FIELD_P,
+    round_field_p: float = 0.0,
 ) -> Path:
     """Train the classifier, calibrate it and export the fp16 bundle.
 
@@ -677,8 +680,8 @@ def train_classification(
     tta : bool
         Calibrate (and let inference use) the 4-flip test-time augmentation.
     round_field_p : float
-        Probability of the simulated round dermoscope field (:func:`round_field`) per training image (0: none,
-        the 2.0.0 recipe).
+        Probability of the simulated round dermoscope field (:func:`round_field`) per training image (0, the
+        default: none, the 2.0.0 recipe; :data:`ROUND_FIELD_P` for the 2.1.0 experiment).
 
     Returns
     -------
