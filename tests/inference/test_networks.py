@@ -78,3 +78,14 @@ def test_service_analyser_does_not_import_torch_when_every_model_has_onnx() -> N
             "if m == 'torch' or m.startswith(('torch.', 'timm', 'segmentation_models_pytorch', 'torchvision'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout[-500:]
+
+
+def test_model_cards_name_the_shipped_files_digests() -> None:
+    """A reader of the card can check the files: the card of each default model quotes the SHA-256 of its weights
+    and of its ONNX export, as the manifest records them."""
+    for name in ("segmentation", "classifier"):
+        manifest = json.loads((MODELS / f"{name}.json").read_text())
+        card = (MODELS / f"{name}.md").read_text()
+        assert manifest["sha256"] in card, f"{name}.md lacks the sha256 of {name}.pt"
+        if manifest.get("onnx_sha256"):
+            assert manifest["onnx_sha256"] in card, f"{name}.md lacks the sha256 of {name}.onnx"
