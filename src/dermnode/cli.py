@@ -419,6 +419,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.task == "segmentation":
         from dermnode.training.segmentation import train_segmentation
 
+        if args.round_field_p is not None or args.fill_frames:
+            print("error: --round-field-p and --fill-frames apply to classification only", file=sys.stderr)
+            return 2
+
         path = train_segmentation(
             data[0], args.arch or "lite_unet", out, epochs=args.epochs, image_size=args.image_size or 256,
             batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
@@ -436,10 +440,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if given:
             print(f"error: {' and '.join(given)} apply to segmentation only", file=sys.stderr)
             return 2
+        if not 0.0 <= (args.round_field_p or 0.0) <= 1.0:
+            print(f"error: --round-field-p must be between 0 and 1, got {args.round_field_p}", file=sys.stderr)
+            return 2
         path = train_classification(
             data, args.arch, out, epochs=args.epochs, image_size=args.image_size or 160,
             batch_size=args.batch_size, seed=args.seed, resume=args.resume, threads=args.threads,
-            pretrained=not args.no_pretrained, tta=args.tta, **optional,
+            pretrained=not args.no_pretrained, tta=args.tta, round_field_p=args.round_field_p or 0.0,
+            fill_frames=args.fill_frames, **optional,
         )
     print(f"exported {path}")
     return 0
@@ -592,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-pretrained", action="store_true",
                    help="start timm (classification) and smp (segmentation) backbones from random weights "
                         "instead of their ImageNet weights")
+    s.add_argument("--round-field-p", type=float, metavar="P",
+                   help="classification: probability of a simulated round dermoscope field per training image "
+                        "(default: 0, none)")
+    s.add_argument("--fill-frames", action="store_true",
+                   help="classification: train and validate on images with their dermoscope frame filled, as the "
+                        "analyser gives them to the network")
     s.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="classification: calibrate with (and let inference use) the 4-flip test-time augmentation")
     s.add_argument("--version", dest="model_version", metavar="VERSION",

@@ -17,6 +17,7 @@ from dermnode.settings import AnalysisSettings
 from dermnode.training.classification import (
     Sample,
     _TrainSet,
+    frame_filled,
     load_samples,
     round_field,
     round_field_surround,
@@ -106,6 +107,30 @@ def _skin_with_lesion(h: int = 150, w: int = 200, centre: tuple[int, int] | None
     cx, cy = centre if centre is not None else (w // 2, h // 2)
     cv2.circle(img, (cx, cy), 12, (90, 55, 40), -1)
     return img
+
+
+def test_frame_filled_samples_are_what_the_analyser_gives_the_network(tiny_isic2017: Path) -> None:
+    sample = load_samples([tiny_isic2017.parent])[0]
+    assert frame_filled(sample) is sample  # no frame: nothing to do
+    img = _skin_with_lesion()
+    rng = np.random.default_rng(3)
+    rng.random()
+    framed = round_field_surround(img, rng)  # a black round field around the skin
+    assert detect_frame(framed).fraction > 0.02
+    with_frame = Sample(sample.image_id, sample.source, sample.split, framed, sample.box, sample.melanoma,
+                        sample.diagnosis, sample.whole_image)
+    out = frame_filled(with_frame)
+    assert np.array_equal(out.rgb, remove_artefacts(framed, AnalysisSettings()).framed)
+    assert (out.image_id, out.box, out.melanoma, out.diagnosis) == (sample.image_id, sample.box, sample.melanoma,
+                                                                    sample.diagnosis)
+
+
+def test_training_on_frame_filled_images_is_recorded(tiny_isic2017: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    manifest = train_classification([tiny_isic2017.parent], "dermnet-xs", out, epochs=1, image_size=32,
+                                    batch_size=4, seed=0, resume=False, threads=1, pretrained=False, tta=False,
+                                    fill_frames=True)
+    assert json.loads(manifest.read_text())["extra"]["fill_frames"] is True
 
 
 def test_round_field_with_p_zero_is_the_identity() -> None:

@@ -58,10 +58,14 @@ from dermnode.vocabulary import DIAGNOSIS_CLASSES
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ARCHS",
     "DEFAULT_MARGIN",
+    "DIAGNOSIS_CLASSES",
     "MEAN",
     "STD",
+    "TIMM_BACKBONES",
     "ClassifierBundle",
+    "ClassifierNet",
     "DermNet",
     "DermNetEnsemble",
     "TimmTwoHead",

@@ -28,6 +28,7 @@ stored in ``history.json`` and the manifest.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -254,6 +255,26 @@ def load_samples(data_dirs: list[Path], *, seed: int = 0, splits: tuple[str, ...
             samples.append(Sample(iid, "isic-9class", split, rgb, box, int(r["label"] == "MEL"), diag, True))
     logger.info("loaded %d classification samples", len(samples))
     return samples
+
+
+def frame_filled(sample: Sample) -> Sample:
+    """The sample with its image as the analyser gives it to the networks: the dermoscope frame filled.
+
+    Parameters
+    ----------
+    sample : Sample
+        A loaded sample.
+
+    Returns
+    -------
+    Sample
+        The same sample (labels, box, mask) with the frame of its image filled; the sample itself when the image
+        has no frame.
+    """
+    frame = detect_frame(sample.rgb)
+    if not frame.frame_mask.any():
+        return sample
+    return dataclasses.replace(sample, rgb=fill_frame(sample.rgb, frame.frame_mask))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -640,6 +661,7 @@ def train_classification(
     pretrained: bool = True,
     tta: bool = True,
     round_field_p: float = 0.0,
+    fill_frames: bool = False,
 ) -> Path:
     """Train the classifier, calibrate it and export the fp16 bundle.
 
@@ -682,6 +704,11 @@ def train_classification(
     round_field_p : float
         Probability of the simulated round dermoscope field (:func:`round_field`) per training image (0, the
         default: none, the 2.0.0 recipe; :data:`ROUND_FIELD_P` for the 2.1.0 experiment).
+    fill_frames : bool
+        Give every image (training and validation) its dermoscope frame filled, as the analyser gives it to the
+        network at run time (:func:`~dermnode.inference.artefacts.detect_frame`,
+        :func:`~dermnode.inference.artefacts.fill_frame`); the epoch is then chosen and the temperatures fitted on
+        what the service sees. Default ``False``: the 2.0.0 recipe (raw images).
 
     Returns
     -------
@@ -706,6 +733,8 @@ def train_classification(
 
     t0 = time.time()
     samples = load_samples(data_dirs, seed=split_seed, splits=("train", "val"))
+    if fill_frames:
+        samples = [frame_filled(s) for s in samples]
     train = [s for s in samples if s.split == "train"]
     if limit is not None:
         train = train[:: max(1, len(train) // limit)][:limit]
@@ -783,6 +812,7 @@ def train_classification(
         tta=tta,
         split_seed=split_seed,
         round_field_p=round_field_p,
+        fill_frames=fill_frames,
     )
 
 
@@ -809,6 +839,7 @@ def _calibrate_and_export(
     tta: bool = True,
     split_seed: int | None = None,
     round_field_p: float | None = None,
+    fill_frames: bool = False,
 ) -> Path:
     """Fit the temperatures on the validation logits (with the inference TTA), report ECE, export the bundle."""
     norm = classifier_normalisation(final)
@@ -851,6 +882,8 @@ def _calibrate_and_export(
     }
     if round_field_p is not None:
         extra["round_field_p"] = round_field_p
+    if fill_frames:
+        extra["fill_frames"] = True
     path = save_classifier(
         final,
         out_dir,
