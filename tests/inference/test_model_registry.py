@@ -82,7 +82,7 @@ def test_hash_mismatch_in_manifest(exported: Path) -> None:
     doc = json.loads((exported / "toy.json").read_text())
     doc["sha256"] = "0" * 64
     (exported / "toy.json").write_text(json.dumps(doc))
-    with pytest.raises(ModelError, match="do not match"):
+    with pytest.raises(ModelError, match="does not match its manifest"):
         load_model_bundle(exported, "toy")
 
 

@@ -148,3 +148,37 @@ def read_manifest(models_dir: Path, name: str) -> ModelManifest:
     if not isinstance(raw, dict):
         raise ModelError(f"model manifest {path} is not a JSON object")
     return ModelManifest.from_json(raw, where=str(path))
+
+
+def read_verified(path: Path, sha256: str) -> bytes:
+    """The bytes of a model file whose SHA-256 must be ``sha256`` (as its manifest records it).
+
+    Parameters
+    ----------
+    path:
+        The file (``<name>.pt`` or ``<name>.onnx``).
+    sha256:
+        The expected digest, 64 lowercase hex digits.
+
+    Returns
+    -------
+    bytes
+        The file's contents.
+
+    Raises
+    ------
+    ModelError
+        When the file is missing or unreadable, or its digest differs (a corrupt or replaced file).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelError(f"model file {path} is missing") from None
+    except OSError as exc:
+        raise ModelError(f"model file {path} cannot be read: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ModelError(
+            f"model file {path} does not match its manifest: sha256 {digest} != {sha256} (corrupt or replaced file)"
+        )
+    return data

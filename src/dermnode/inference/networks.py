@@ -14,7 +14,6 @@ whichever runtime computes it; :attr:`LoadedNetwork.runtime` says which one did.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dermnode.errors import ModelError
-from dermnode.inference.manifest import ModelManifest, read_manifest
+from dermnode.inference.manifest import ModelManifest, read_manifest, read_verified
 from dermnode.vocabulary import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -142,21 +141,6 @@ class LoadedNetwork:
     runtime: str
 
 
-def _read_verified(path: Path, sha256: str) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"model file {path} is missing") from None
-    except OSError as exc:
-        raise ModelError(f"model file {path} cannot be read: {exc}") from exc
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ModelError(
-            f"model file {path} does not match its manifest: sha256 {digest} != {sha256} (corrupt or replaced file)"
-        )
-    return data
-
-
 def load_network(
     models_dir: Path, name: str, *, threads: int = 1, runtime: str = "auto", channels_last: bool = False
 ) -> LoadedNetwork:
@@ -202,7 +186,7 @@ def load_network(
         import onnxruntime as ort
 
         path = models_dir / f"{name}.onnx"
-        network: Network = OnnxNetwork(_read_verified(path, manifest.onnx_sha256), threads, where=str(path))
+        network: Network = OnnxNetwork(read_verified(path, manifest.onnx_sha256), threads, where=str(path))
         label = f"onnxruntime {ort.__version__}"
     else:
         import torch

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from dermnode.errors import ModelError
-from dermnode.inference.manifest import ModelManifest, read_manifest, sha256_file
+from dermnode.inference.manifest import ModelManifest, read_manifest, read_verified, sha256_file
 from dermnode.vocabulary import ModelIdentity
 
 __all__ = [
@@ -245,18 +245,7 @@ def load_model_bundle(models_dir: Path, name: str) -> ModelBundle:
     models_dir = Path(models_dir)
     manifest = read_manifest(models_dir, name)
     pt = models_dir / f"{name}.pt"
-    try:
-        data = pt.read_bytes()
-    except FileNotFoundError:
-        raise ModelError(f"model weights {pt} are missing") from None
-    except OSError as exc:
-        raise ModelError(f"model weights {pt} cannot be read: {exc}") from exc
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != manifest.sha256:
-        raise ModelError(
-            f"model weights {pt} do not match their manifest: sha256 {digest} != {manifest.sha256} "
-            "(corrupt or replaced file)"
-        )
+    data = read_verified(pt, manifest.sha256)
     if manifest.arch_module is not None:
         if not manifest.arch_module.startswith("dermnode.inference."):
             # only runtime code may be imported by a manifest (never training or evaluation code, nor anything else)
