@@ -14,6 +14,7 @@ import pytest
 from dermnode.errors import DeliveryError
 from dermnode.settings import DeliverySettings, WorkerSettings
 from dermnode.workqueue import base
+from dermnode.workqueue import outbox as outbox_module
 from dermnode.workqueue.base import StateUpdateAbandonedError, retry_state_update
 from dermnode.workqueue.db import StateDB
 from dermnode.workqueue.jobs import JobQueue
@@ -130,6 +131,7 @@ def test_failed_delivery_backs_off_exponentially_up_to_the_cap(
 ) -> None:
     clock = Clock(1000.0)
     monkeypatch.setattr(base, "time", clock)
+    monkeypatch.setattr(outbox_module, "time", clock)  # claims are made there
     ob = Outbox(state_db, DeliverySettings(max_attempts=5, backoff_initial_s=5, backoff_max_s=12))
     ob.add(None, "dicom", "pacs:main", "1.2.3.seg", tmp_path / "seg.dcm")
 

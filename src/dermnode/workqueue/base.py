@@ -238,6 +238,19 @@ class WorkQueue:
             if row_id in self._held and self._held[row_id] == owner:
                 del self._held[row_id]
 
+    def claim_assignments(self, owner: str | None, now: float) -> tuple[str, list[Any]]:
+        """SQL ``SET`` items (each ending in ``", "``) and their arguments that a claim writes besides the state:
+        the owner, and where the state is shared the lease expiry."""
+        sets = ""
+        args: list[Any] = []
+        if owner is not None:
+            sets += "owner = ?, "
+            args.append(owner)
+        if self.state_db.leases:
+            sets += "lease_expires_at = ?, "
+            args.append(now + self.state_db.lease_s)
+        return sets, args
+
     def _claim_row(
         self, returning: str, *, owner: str | None = None, where: str = "", where_args: Sequence[Any] = ()
     ) -> Any:
@@ -252,14 +265,7 @@ class WorkQueue:
         db = self.state_db
         now = time.time()
         owner = self.claim_owner(owner)
-        sets = ""
-        args: list[Any] = []
-        if owner is not None:
-            sets += "owner = ?, "
-            args.append(owner)
-        if db.leases:
-            sets += "lease_expires_at = ?, "
-            args.append(now + db.lease_s)
+        sets, args = self.claim_assignments(owner, now)
         args += [now, now, *where_args]
         try:
             row = (

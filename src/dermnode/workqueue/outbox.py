@@ -198,13 +198,8 @@ class Outbox(WorkQueue):
         exclude:
             Destinations whose deliveries are not taken (those this process is sending to right now).
         """
-        owner = self.claim_owner(owner)
-        skip = sorted(exclude)
-        where = f" AND destination NOT IN ({', '.join('?' for _ in skip)})" if skip else ""
-        row = self._claim_row(_CLAIMED, owner=owner, where=where, where_args=skip)
-        if row is None:
-            return None
-        return _delivery(row, owner)
+        batch = self.claim_batch(owner, exclude=exclude)
+        return batch[0] if batch else None
 
     def claim_batch(
         self, owner: str | None = None, *, exclude: Collection[str] = (), limits: Mapping[str, int] | None = None
@@ -257,14 +252,7 @@ class Outbox(WorkQueue):
                         (now, first["kind"], first["destination"], first["id"], first["job_id"], limit - 1),
                     ).fetchall()
                     ids += [int(r["id"]) for r in more]
-                sets = ""
-                args: list[object] = []
-                if owner is not None:
-                    sets += "owner = ?, "
-                    args.append(owner)
-                if db.leases:
-                    sets += "lease_expires_at = ?, "
-                    args.append(now + db.lease_s)
+                sets, args = self.claim_assignments(owner, now)
                 rows = conn.execute(
                     f"UPDATE deliveries SET state = 'sending', attempts = attempts + 1, {sets}updated_at = ?"
                     f" WHERE state = 'pending' AND id IN ({', '.join('?' for _ in ids)}) RETURNING {_CLAIMED}",
