@@ -906,6 +906,7 @@ def export_from_checkpoint(
     seed: int = 0,
     margin: float = DEFAULT_MARGIN,
     tta: bool = True,
+    fill_frames: bool = False,
 ) -> Path:
     """Calibrate and export the best model of a (finished or interrupted) run from its ``checkpoint.pt``.
 
@@ -923,6 +924,8 @@ def export_from_checkpoint(
         Crop margin used at inference (stored in the manifest; the temperatures are fitted with it).
     tta : bool
         Whether inference uses the 4-flip test-time augmentation (the temperatures are fitted with it).
+    fill_frames : bool
+        Fit the temperatures on frame-filled validation images (as a run trained with ``fill_frames`` was).
 
     Returns
     -------
@@ -945,6 +948,8 @@ def export_from_checkpoint(
     final.load_state_dict(ck["best_state"])
     final.eval()
     samples = load_samples(data_dirs, seed=seed, splits=("val",))
+    if fill_frames:
+        samples = [frame_filled(s) for s in samples]
     val17 = [s for s in samples if s.source == "isic2017"]
     val9 = [s for s in samples if s.source == "isic-9class"]
     history = list(ck["history"])
@@ -961,6 +966,7 @@ def export_from_checkpoint(
         int(ck.get("epochs", len(history))),
         margin,
         tta,
+        fill_frames=fill_frames,
     )
 
 
