@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydicom.encaps import generate_frames
 from pydicom.uid import RLELossless
 
 from dermnode.dicom_io.reading import decode_rgb, pixel_spacing, read_dataset, read_dicom_file, to_source_image
@@ -176,6 +177,28 @@ def test_fuzz_byte_corruption_only_raises_decode_error(tmp_path_factory, pos: in
     except DecodeError:
         return
     assert out.rgb.dtype == np.uint8
+
+
+def test_jpeg_header_with_another_size_is_refused_before_decoding(tmp_path: Path) -> None:
+    """A corrupt frame header declaring 60000 x 60000 pixels is refused from the header: decoding it would
+    allocate ~10 GB (the byte-corruption fuzz campaign once took the test process to 24 GB that way)."""
+    blob = bytearray(ENCODED)
+    sof = blob.index(b"\xff\xc0")
+    blob[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big")
+    path = tmp_path / "f.dcm"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(DecodeError, match=r"compressed frame is 60000x60000 pixels but Rows x Columns say"):
+        to_source_image(read_dataset(path))
+
+
+def test_codestream_size_reads_jpeg_and_jpeg2000_headers() -> None:
+    from dermnode.dicom_io.reading import _codestream_size
+
+    frame = next(generate_frames(BASE.PixelData, number_of_frames=1))
+    assert _codestream_size(frame) == (int(BASE.Rows), int(BASE.Columns))
+    siz = b"\xff\x4f\xff\x51" + b"\x00\x29\x00\x00" + (640).to_bytes(4, "big") + (480).to_bytes(4, "big") + bytes(8)
+    assert _codestream_size(siz) == (480, 640)
+    assert _codestream_size(b"\x00\x01\x02") is None
 
 
 def test_read_dicom_file_decides_by_content_not_by_name(tmp_path: Path) -> None:

@@ -298,15 +298,17 @@ def check_pixel_data_complete(ds: Dataset) -> None:
 
 
 def _check_end_of_image(ds: Dataset) -> None:
-    """A JPEG (ISO 10918) or JPEG 2000 frame must end with its EOI/EOC marker ``FF D9``.
+    """A JPEG (ISO 10918) or JPEG 2000 frame must end with its EOI/EOC marker ``FF D9`` and declare the image size
+    of Rows x Columns.
 
     libjpeg silently fills a truncated stream with grey, so a cut-off image would be analysed as if it were
-    whole; the marker check catches it before decoding.
+    whole; the marker check catches it before decoding. The size check keeps a corrupt frame header from making
+    the decoder allocate gigabytes.
 
     Raises
     ------
     DecodeError
-        When the first frame lacks the end marker.
+        When the first frame lacks the end marker or its header declares another size than Rows x Columns.
     """
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsyntax is None:
@@ -326,6 +328,51 @@ def _check_end_of_image(ds: Dataset) -> None:
         raise DecodeError(f"encapsulated pixel data cannot be split into frames: {exc}") from exc
     if not frame.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise DecodeError("compressed frame is truncated (no end-of-image marker)")
+    size = _codestream_size(frame)
+    if size is not None:
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+        except (AttributeError, TypeError, ValueError):
+            return  # decode_rgb reports the missing attribute
+        if size != (rows, cols):
+            # the decoder would allocate the stream's own size (up to 65535 x 65535 x 3 bytes from a few corrupt
+            # header bytes) before the shape check after decoding could refuse it
+            raise DecodeError(
+                f"compressed frame is {size[0]}x{size[1]} pixels but Rows x Columns say {rows}x{cols}"
+            )
+
+
+#: Start-of-frame markers of ISO 10918 (JPEG) and ISO 14495 (JPEG-LS, FF F7) streams.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """``(rows, columns)`` a JPEG / JPEG-LS / JPEG 2000 frame header declares, ``None`` when it has none we read.
+
+    JPEG and JPEG-LS: the first start-of-frame segment before the scan (height, width); JPEG 2000: the SIZ segment
+    after SOC (``Ysiz - YOsiz``, ``Xsiz - XOsiz``).
+    """
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # JPEG 2000 codestream: SOC, SIZ
+        xsiz, ysiz, xo, yo = (int.from_bytes(frame[i : i + 4], "big") for i in (8, 12, 16, 20))
+        return max(0, ysiz - yo), max(0, xsiz - xo)
+    if frame[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(frame):
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF_MARKERS:
+            if i + 9 > len(frame):
+                return None
+            return int.from_bytes(frame[i + 5 : i + 7], "big"), int.from_bytes(frame[i + 7 : i + 9], "big")
+        if marker == 0xDA:  # start of scan without a frame header
+            return None
+        i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
+    return None
 
 
 def to_source_image(ds: Dataset, calibrations: Sequence[DeviceCalibration] = ()) -> SourceImage:
