@@ -199,6 +199,9 @@ def test_codestream_size_reads_jpeg_and_jpeg2000_headers() -> None:
     siz = b"\xff\x4f\xff\x51" + b"\x00\x29\x00\x00" + (640).to_bytes(4, "big") + (480).to_bytes(4, "big") + bytes(8)
     assert _codestream_size(siz) == (480, 640)
     assert _codestream_size(b"\x00\x01\x02") is None
+    sof = frame.index(b"\xff\xc0")
+    dnl = frame[: sof + 5] + b"\x00\x00" + frame[sof + 7 :]  # height 0: given by a DNL segment, not checked here
+    assert _codestream_size(dnl) is None
 
 
 def test_read_dicom_file_decides_by_content_not_by_name(tmp_path: Path) -> None:

@@ -349,8 +349,9 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 def _codestream_size(frame: bytes) -> tuple[int, int] | None:
     """``(rows, columns)`` a JPEG / JPEG-LS / JPEG 2000 frame header declares, ``None`` when it has none we read.
 
-    JPEG and JPEG-LS: the first start-of-frame segment before the scan (height, width); JPEG 2000: the SIZ segment
-    after SOC (``Ysiz - YOsiz``, ``Xsiz - XOsiz``).
+    JPEG and JPEG-LS: the first start-of-frame segment before the scan (height, width; ``None`` for a height of 0,
+    which a DNL segment after the scan gives); JPEG 2000: the SIZ segment after SOC (``Ysiz - YOsiz``,
+    ``Xsiz - XOsiz``).
     """
     if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # JPEG 2000 codestream: SOC, SIZ
         xsiz, ysiz, xo, yo = (int.from_bytes(frame[i : i + 4], "big") for i in (8, 12, 16, 20))
@@ -368,7 +369,10 @@ def _codestream_size(frame: bytes) -> tuple[int, int] | None:
         if marker in _SOF_MARKERS:
             if i + 9 > len(frame):
                 return None
-            return int.from_bytes(frame[i + 5 : i + 7], "big"), int.from_bytes(frame[i + 7 : i + 9], "big")
+            height = int.from_bytes(frame[i + 5 : i + 7], "big")
+            if height == 0:  # the height comes later, in a DNL segment: not read here
+                return None
+            return height, int.from_bytes(frame[i + 7 : i + 9], "big")
         if marker == 0xDA:  # start of scan without a frame header
             return None
         i += 2 + int.from_bytes(frame[i + 2 : i + 4], "big")
